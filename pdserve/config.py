@@ -32,7 +32,8 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16"] = "float32"
     # Largest prompt + max_tokens a request may ask for (also capped by the model's own limit).
     max_context_tokens: int = Field(default=2048, ge=16, le=1_048_576)
-    # Where the embedded model is converted to; None = the user cache dir (~/.cache/pdserve).
+    # Root folder the embedded model is converted into (once, keyed by its sha256);
+    # None = ~/.cache/pdserve/models.
     cache_dir: str | None = None
 
 
@@ -62,6 +63,8 @@ class PrefillPoolConfig(_Section):
     max_batch_tokens: int = Field(default=4096, ge=16)
     # Largest number of prompts in one batched forward pass.
     max_batch_size: int = Field(default=16, ge=1)
+    # Prompts waiting for a forward pass; more are rejected with RESOURCE_EXHAUSTED.
+    max_waiting_requests: int = Field(default=256, ge=1)
     # How long finished KV waits for the decode side before it is freed.
     lease_ttl_s: float = Field(default=30.0, gt=0)
 
@@ -78,8 +81,10 @@ class KVTransferConfig(_Section):
     """How KV moves from a prefill to a decode replica."""
 
     transport: Literal["grpc"] = "grpc"
-    # Interface the decode replicas' KV servers bind to. "auto" = the node's Ray IP.
-    host: str = "127.0.0.1"
+    # Address the decode replicas' KV servers bind to and advertise to prefill replicas.
+    # "127.0.0.1" keeps KV on one machine; "auto" uses the IP Ray knows each node by
+    # (`ray.util.get_node_ip_address()`), which multi-node clusters need.
+    host: str = Field(default="127.0.0.1", min_length=1)
     # Target payload bytes per chunk (a chunk never exceeds max_message_bytes).
     chunk_bytes: int = Field(default=4 * 1024 * 1024, ge=4096)
     # Largest gRPC message either side accepts.
@@ -90,12 +95,16 @@ class KVTransferConfig(_Section):
     @model_validator(mode="after")
     def _chunk_fits_message(self) -> KVTransferConfig:
         if self.chunk_bytes + 65536 > self.max_message_bytes:
-            raise ValueError("chunk_bytes must be at least 64 KiB below max_message_bytes")
+            raise ValueError(
+                f"kv_transfer.chunk_bytes ({self.chunk_bytes}) must be at least 64 KiB below "
+                f"kv_transfer.max_message_bytes ({self.max_message_bytes})"
+            )
         return self
 
 
 class RouterConfig(_Section):
-    host: str = "127.0.0.1"
+    # Interface the public gRPC server binds to; "0.0.0.0" accepts remote clients.
+    host: str = Field(default="127.0.0.1", min_length=1)
     # 0 picks a free port (tests).
     port: int = Field(default=50051, ge=0, le=65535)
     # Requests admitted and not yet finished; more are rejected with RESOURCE_EXHAUSTED.
@@ -128,7 +137,10 @@ class TimeoutsConfig(_Section):
     @model_validator(mode="after")
     def _default_within_max(self) -> TimeoutsConfig:
         if self.default_deadline_s > self.max_deadline_s:
-            raise ValueError("default_deadline_s must not exceed max_deadline_s")
+            raise ValueError(
+                f"timeouts.default_deadline_s ({self.default_deadline_s}) must not exceed "
+                f"timeouts.max_deadline_s ({self.max_deadline_s})"
+            )
         return self
 
 
@@ -157,7 +169,10 @@ class PdserveConfig(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> PdserveConfig:
         if self.limits.max_tokens >= self.model.max_context_tokens:
-            raise ValueError("limits.max_tokens must be below model.max_context_tokens")
+            raise ValueError(
+                f"limits.max_tokens ({self.limits.max_tokens}) must be below "
+                f"model.max_context_tokens ({self.model.max_context_tokens})"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,25 +193,72 @@ def parse_config(raw: Any, origin: str = "<config>") -> PdserveConfig:
 
 
 def load_config(path: str | Path) -> PdserveConfig:
-    """Reads and validates one YAML file."""
+    """Reads and validates one YAML file. Raises ConfigError naming the file and the key."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # safe: a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse_config(raw, origin=str(path))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _describe(exc: ValidationError, origin: str) -> str:
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"]) or "<top level>"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key")
-        else:
-            lines.append(f"{key}: {err['msg']}")
+    lines = [_describe_one(err) for err in exc.errors()]
     return f"{origin}: invalid config\n  " + "\n  ".join(lines)
+
+
+def _describe_one(err: Any) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(part) for part in loc) or "<top level>"
+    if err["type"] == "extra_forbidden":
+        valid = ", ".join(_section_keys(loc[:-1]))
+        return f"{key}: unknown key; valid keys: {valid}"
+    if err["type"] == "value_error":
+        # Our validators write messages that already name the full key paths.
+        return str(err["ctx"]["error"])
+    if err["type"] in ("model_type", "dict_type"):
+        valid = ", ".join(_section_keys(loc))
+        return f"{key}: expected a mapping with keys {valid}, got {_show(err['input'])}"
+    return f"{key}: {err['msg']} (got {_show(err['input'])})"
+
+
+def _section_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Valid keys of the section at `loc` (empty if `loc` is not a section)."""
+    section: type[BaseModel] = PdserveConfig
+    for part in loc:
+        field = section.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        section = annotation
+    return sorted(section.model_fields)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, (dict, list)):
+        return f"a {'mapping' if isinstance(value, dict) else 'list'}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -141,6 +141,9 @@ class LoadReport:
     # Lifetime totals, for tests and metrics.
     total_kv_bytes: int = 0
     total_requests: int = 0
+    # Decode: forward steps run and tokens they produced (tokens > steps means batching).
+    total_decode_steps: int = 0
+    total_decode_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,114 @@
+"""Continuous batching: the running set of a decode replica and the step loop over it.
+
+Owns the running set. Each step takes up to `max_batch_size` running sequences (the ones that
+waited longest first), runs ONE batched forward (each sequence feeds its last token) in a
+worker thread, samples, and hands every token to its sequence's event queue. Sequences join
+and leave between steps; a sequence removed during a step is skipped when the step returns,
+and `on_step_exit` is called for it so its owner can free its blocks. Event loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from decode_worker.sequence import DecodeSequence, SequenceState
+from engine.model_runner import ModelRunner, SequenceChunk
+from engine.sampler import sample
+from engine.stopping import finish_reason
+from pdserve.errors import DeadlineExceeded, Internal
+from pdserve.messages import DecodeEvent
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeBatchLoop:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        max_batch_size: int,
+        on_step_exit: Callable[[DecodeSequence], None],
+    ) -> None:
+        self._runner = runner
+        self._max_batch_size = max_batch_size
+        self._on_step_exit = on_step_exit
+        # Insertion order = how long a sequence has waited for its next step.
+        self._running: dict[str, DecodeSequence] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.num_steps = 0
+        self.num_step_tokens = 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def add(self, seq: DecodeSequence) -> None:
+        self._running[seq.transfer_id] = seq
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def remove(self, seq: DecodeSequence) -> None:
+        self._running.pop(seq.transfer_id, None)
+
+    async def _loop(self) -> None:
+        while self._running:
+            batch = list(self._running.values())[: self._max_batch_size]
+            for seq in batch:
+                # Move to the back: the next step starts with those that waited.
+                self._running.pop(seq.transfer_id)
+                self._running[seq.transfer_id] = seq
+                seq.in_step = True
+            try:
+                token_ids = await asyncio.to_thread(self._step, batch)
+            except Exception as exc:  # a failed step fails its sequences, not the replica
+                logger.exception("decode step failed for %d sequences", len(batch))
+                self._fail(batch, Internal(f"decode step failed: {exc}"))
+                continue
+            finally:
+                for seq in batch:
+                    seq.in_step = False
+            self.num_steps += 1
+            self.num_step_tokens += len(batch)
+            self._deliver(batch, token_ids)
+
+    def _step(self, batch: list[DecodeSequence]) -> list[int]:
+        chunks = [
+            SequenceChunk([seq.token_ids[-1]], seq.num_context_tokens - 1, seq.block_table)
+            for seq in batch
+        ]
+        logits = self._runner.forward(chunks)
+        params = [seq.request.sampling for seq in batch if seq.request is not None]
+        return sample(logits, params, [seq.num_generated for seq in batch])
+
+    def _deliver(self, batch: list[DecodeSequence], token_ids: list[int]) -> None:
+        now = time.time()
+        for seq, token in zip(batch, token_ids):
+            if seq.state is not SequenceState.RUNNING:
+                self._on_step_exit(seq)
+                continue
+            assert seq.request is not None, "running sequences are attached"
+            seq.token_ids.append(token)
+            reason = finish_reason(
+                token, seq.num_generated, seq.request.sampling, seq.request.eos_token_ids
+            )
+            if reason:
+                self._finish(seq, DecodeEvent(token_ids=[token], finish_reason=reason))
+            elif now > seq.request.deadline:
+                error = DeadlineExceeded("deadline passed during decode").to_info()
+                self._finish(seq, DecodeEvent(token_ids=[token], error=error))
+            else:
+                seq.events.put_nowait(DecodeEvent(token_ids=[token]))
+
+    def _finish(self, seq: DecodeSequence, event: DecodeEvent) -> None:
+        self.remove(seq)
+        seq.events.put_nowait(event)
+
+    def _fail(self, batch: list[DecodeSequence], error: Internal) -> None:
+        for seq in batch:
+            seq.in_step = False
+            if seq.state is SequenceState.RUNNING:
+                self._finish(seq, DecodeEvent(error=error.to_info()))
+            else:
+                self._on_step_exit(seq)

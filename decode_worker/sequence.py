@@ -1,0 +1,53 @@
+"""State of one request on a decode replica."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+from pdserve.messages import DecodeEvent, DecodeRequest
+
+
+class SequenceState(Enum):
+    # Blocks reserved; the KV transfer may be on its way.
+    RESERVED = "reserved"
+    # The router's generate call is waiting for the KV to land.
+    AWAITING_KV = "awaiting_kv"
+    # In the running batch.
+    RUNNING = "running"
+    # Finished or aborted; blocks are freed once no step reads them.
+    DONE = "done"
+
+
+@dataclass
+class DecodeSequence:
+    transfer_id: str
+    request_id: str
+    num_prompt_tokens: int
+    block_table: list[int]
+    # Resolved with the first token id when the KV transfer commits (or with an error).
+    kv_ready: asyncio.Future[int]
+    state: SequenceState = SequenceState.RESERVED
+    request: DecodeRequest | None = None
+    # Generated token ids, starting with the first token sampled by prefill.
+    token_ids: list[int] = field(default_factory=list)
+    events: asyncio.Queue[DecodeEvent] = field(default_factory=asyncio.Queue)
+    # True while a decode step may read or write this sequence's blocks.
+    in_step: bool = False
+    reserved_at: float = field(default_factory=time.monotonic)
+    started_at: float = 0.0
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_context_tokens(self) -> int:
+        """Tokens whose KV is (or after this step will be) in the cache, plus the last token."""
+        return self.num_prompt_tokens + len(self.token_ids)
+
+    def seconds_left(self) -> float:
+        assert self.request is not None, "only attached sequences have a deadline"
+        return self.request.deadline - time.time()

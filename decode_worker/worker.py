@@ -1,0 +1,192 @@
+"""The decode replica: paged KV cache, KV receiver, continuous batching.
+
+Life cycle of a request on a decode replica
+-------------------------------------------
+1. **Reserve.** Before prefill starts, the router calls `reserve()`: blocks for
+   prompt + max_tokens are allocated under the router-minted transfer id (back-pressure comes
+   from here: RESOURCE_EXHAUSTED when they do not fit) and the `KVReceiver` is told to expect the
+   transfer and write it straight into those blocks. A reservation that no `generate()` claims
+   within the KV timeout is freed.
+2. **Receive.** The prefill replica pushes the prompt's KV; the receiver validates every chunk
+   and, on commit, reports the first token (sampled by prefill). A failed transfer fails the
+   request; partial KV is never used.
+3. **Join.** `generate()` waits for the commit (bounded by the deadline and the KV timeout),
+   then the sequence joins the running batch at the next step.
+4. **Decode.** Each step of the batch loop is ONE batched forward over the running sequences
+   (off the event loop); every sampled token is streamed to the router as a `DecodeEvent`.
+5. **Finish.** On EOS / stop id / max_tokens / deadline the sequence leaves the batch and its
+   blocks are freed. `abort()` (router cancel, stop string, client gone) or the router dropping
+   the stream does the same at any stage; blocks are freed only when no step and no receiver
+   write can touch them any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from decode_worker.batch_loop import DecodeBatchLoop
+from decode_worker.sequence import DecodeSequence, SequenceState
+from engine.kv_io import PagedKVSink
+from engine.replica_engine import ReplicaEngine
+from engine.stopping import finish_reason
+from kvtransfer import KVReceiver, TransferResult
+from pdserve.config import PdserveConfig
+from pdserve.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    NotFound,
+    PdserveError,
+    error_from_info,
+)
+from pdserve.messages import DecodeEvent, DecodeRequest, LoadReport, ReserveReply, ReserveRequest
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeWorker:
+    def __init__(
+        self, config: PdserveConfig, replica_id: str, engine: ReplicaEngine, receiver: KVReceiver
+    ) -> None:
+        self.replica_id = replica_id
+        self._config = config
+        self._engine = engine
+        self._receiver = receiver
+        self._sequences: dict[str, DecodeSequence] = {}
+        self._batch = DecodeBatchLoop(engine.runner, config.decode.max_batch_size, self._on_done)
+        self._total_requests = 0
+
+    @property
+    def kv_address(self) -> str:
+        return self._receiver.address
+
+    def reserve(self, request: ReserveRequest) -> ReserveReply:
+        """Reserves blocks for one request and arms the KV receiver for its transfer."""
+        blocks = self._engine.block_manager
+        if request.transfer_id in self._sequences:
+            return ReserveReply(ok=False, error=NotFound("duplicate transfer id").to_info())
+        num_slots = request.num_prompt_tokens + request.max_tokens
+        try:
+            block_table = blocks.allocate(request.transfer_id, num_slots)
+        except PdserveError as exc:
+            return ReserveReply(ok=False, error=exc.to_info())
+        loop = asyncio.get_running_loop()
+        seq = DecodeSequence(
+            transfer_id=request.transfer_id, request_id=request.request_id,
+            num_prompt_tokens=request.num_prompt_tokens, block_table=block_table,
+            kv_ready=loop.create_future(),
+        )
+        self._sequences[seq.transfer_id] = seq
+        self._total_requests += 1
+        sink = PagedKVSink(self._engine.kv_cache, block_table, request.num_prompt_tokens)
+        self._receiver.expect(
+            seq.transfer_id, request.num_prompt_tokens, sink,
+            lambda result: loop.call_soon_threadsafe(self._on_kv_done, result),
+        )
+        loop.call_later(self._config.kv_transfer.timeout_s, self._expire_unclaimed, seq)
+        return ReserveReply(ok=True, kv_address=self.kv_address)
+
+    async def generate(self, request: DecodeRequest) -> AsyncIterator[DecodeEvent]:
+        """Streams the tokens after the first one; the last event has finish_reason or error."""
+        seq = self._sequences.get(request.transfer_id)
+        if seq is None or seq.request is not None:
+            yield DecodeEvent(error=NotFound(f"no reservation {request.transfer_id}").to_info())
+            return
+        seq.request = request
+        seq.state = SequenceState.AWAITING_KV
+        waited_from = time.monotonic()
+        try:
+            first_token = await self._await_kv(seq)
+            kv_wait_s = time.monotonic() - waited_from
+            seq.token_ids.append(first_token)
+            seq.started_at = time.monotonic()
+            reason = finish_reason(first_token, 1, request.sampling, request.eos_token_ids)
+            if reason:
+                yield DecodeEvent(finish_reason=reason, kv_wait_s=kv_wait_s)
+                return
+            seq.state = SequenceState.RUNNING
+            self._batch.add(seq)
+            while True:
+                event = await seq.events.get()
+                if event.finish_reason or event.error:
+                    event = DecodeEvent(
+                        token_ids=event.token_ids, finish_reason=event.finish_reason,
+                        error=event.error, kv_wait_s=kv_wait_s,
+                        decode_s=time.monotonic() - seq.started_at,
+                    )
+                    yield event
+                    return
+                yield event
+        except PdserveError as exc:
+            yield DecodeEvent(error=exc.to_info())
+        finally:
+            self._release(seq)
+
+    def abort(self, transfer_id: str) -> bool:
+        """Ends a request at any stage (idempotent). Returns whether it was known."""
+        seq = self._sequences.get(transfer_id)
+        if seq is None:
+            return False
+        if not seq.kv_ready.done():
+            seq.kv_ready.set_exception(Cancelled(f"transfer {transfer_id} aborted"))
+        if seq.state is SequenceState.RUNNING:
+            seq.events.put_nowait(DecodeEvent(error=Cancelled("aborted").to_info()))
+        if seq.request is None:
+            self._release(seq)  # no generate() will come to clean up
+        return True
+
+    def load(self, node_id: str, pid: int) -> LoadReport:
+        blocks = self._engine.block_manager
+        waiting = sum(1 for s in self._sequences.values() if s.state is not SequenceState.RUNNING)
+        return LoadReport(
+            replica_id=self.replica_id, role="decode", pid=pid, node_id=node_id,
+            num_active_requests=len(self._sequences), num_waiting_requests=waiting,
+            num_free_blocks=blocks.num_free_blocks, num_total_blocks=blocks.num_total_blocks,
+            kv_address=self.kv_address, num_transfers=self._receiver.num_pending,
+            total_kv_bytes=self._receiver.total_bytes_received,
+            total_requests=self._total_requests,
+            total_decode_steps=self._batch.num_steps,
+            total_decode_tokens=self._batch.num_step_tokens,
+        )
+
+    async def _await_kv(self, seq: DecodeSequence) -> int:
+        timeout_s = min(self._config.kv_transfer.timeout_s, seq.seconds_left())
+        try:
+            return await asyncio.wait_for(asyncio.shield(seq.kv_ready), max(0.0, timeout_s))
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("KV transfer did not complete in time") from None
+
+    def _on_kv_done(self, result: TransferResult) -> None:
+        seq = self._sequences.get(result.transfer_id)
+        if seq is None or seq.kv_ready.done():
+            return
+        if result.ok:
+            seq.kv_ready.set_result(result.first_token_id)
+        else:
+            assert result.error is not None, "a failed transfer carries its error"
+            seq.kv_ready.set_exception(error_from_info(result.error))
+
+    def _on_done(self, seq: DecodeSequence) -> None:
+        """Called by the batch loop after the step in which `seq` left the batch."""
+        self._free_if_idle(seq)
+
+    def _expire_unclaimed(self, seq: DecodeSequence) -> None:
+        if seq.request is None and self._sequences.get(seq.transfer_id) is seq:
+            logger.warning("reservation %s expired unclaimed", seq.transfer_id)
+            self._release(seq)
+
+    def _release(self, seq: DecodeSequence) -> None:
+        # After cancel() returns the receiver writes nothing more into these blocks.
+        self._receiver.cancel(seq.transfer_id)
+        if not seq.kv_ready.done():
+            seq.kv_ready.cancel()
+        seq.state = SequenceState.DONE
+        self._batch.remove(seq)
+        self._sequences.pop(seq.transfer_id, None)
+        self._free_if_idle(seq)
+
+    def _free_if_idle(self, seq: DecodeSequence) -> None:
+        if seq.state is SequenceState.DONE and not seq.in_step:
+            self._engine.block_manager.free(seq.transfer_id)

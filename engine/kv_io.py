@@ -1,0 +1,61 @@
+"""Byte views of one sequence's KV in the paged cache, for the KV transports.
+
+`kvtransfer` moves bytes and never sees tensors; these adapters turn a transfer chunk
+(a layer range x token range) into bytes on the prefill side and bytes back into cache slots
+on the decode side. Chunk bytes are keys then values, each `[layers, tokens, heads, dim]`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Protocol
+
+import torch
+
+from engine.kv_cache import PagedKVCache
+
+
+class ChunkRange(Protocol):
+    layer_start: int
+    layer_end: int
+    token_start: int
+    token_end: int
+
+
+class PagedKVSource:
+    """Reads a sequence's KV chunk by chunk (prefill side). The blocks must stay allocated
+    until the transfer using this source has finished."""
+
+    def __init__(self, cache: PagedKVCache, block_table: list[int], num_tokens: int) -> None:
+        self._cache = cache
+        self._slots = cache.slots(block_table, 0, num_tokens)
+
+    def read(self, chunk: ChunkRange) -> memoryview:
+        slots = self._slots[chunk.token_start : chunk.token_end]
+        kv = self._cache.read(chunk.layer_start, chunk.layer_end, slots).contiguous()
+        return memoryview(kv.view(torch.uint8).numpy()).cast("B")
+
+
+class PagedKVSink:
+    """Writes received chunks into a sequence's reserved blocks (decode side)."""
+
+    def __init__(self, cache: PagedKVCache, block_table: list[int], num_tokens: int) -> None:
+        self._cache = cache
+        self._slots = cache.slots(block_table, 0, num_tokens)
+
+    def write(self, chunk: ChunkRange, data: memoryview) -> None:
+        spec = self._cache.spec
+        shape = (
+            2,
+            chunk.layer_end - chunk.layer_start,
+            chunk.token_end - chunk.token_start,
+            spec.num_kv_heads,
+            spec.head_dim,
+        )
+        with warnings.catch_warnings():
+            # The received buffer is read-only; we only read from it before copying.
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(data, dtype=torch.uint8)
+        kv = raw.view(spec.dtype).view(shape)
+        slots = self._slots[chunk.token_start : chunk.token_end]
+        self._cache.write(chunk.layer_start, slots, kv)

@@ -1,0 +1,124 @@
+"""Loads a transformers causal LM for serving and describes it (shapes, tokenizer, fingerprint)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from engine.attention import register_paged_attention
+from engine.embedded import resolve_model_source
+from pdserve.config import ModelConfig
+from pdserve.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Architectures whose attention is standard (full causal, rotary inside the module) and
+# whose KV is per layer [kv_heads, head_dim]. Others are refused rather than served wrongly.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for `ModelRunner`, with what the rest of pdserve needs to know about it."""
+
+    model: torch.nn.Module
+    source: str
+    model_type: str
+    dtype_name: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context_tokens: int
+    eos_token_ids: list[int]
+    tokenizer_json: str
+    # Identity of architecture + shapes + a sample of the weights: equal on both sides of a
+    # KV hand-off or the KV would be meaningless to the receiver.
+    fingerprint: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    """Resolves `config.source`, loads weights in `config.dtype` and installs paged attention.
+
+    Raises ConfigError for unsupported architectures (e.g. sliding-window attention)."""
+    path = resolve_model_source(config.source, config.cache_dir)
+    hf_config = AutoConfig.from_pretrained(path)
+    _check_supported(hf_config)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[config.dtype])
+    model.eval()
+    model.config._attn_implementation = register_paged_attention()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    num_heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+    max_positions = getattr(hf_config, "max_position_embeddings", config.max_context_tokens)
+    loaded = LoadedModel(
+        model=model,
+        source=config.source,
+        model_type=hf_config.model_type,
+        dtype_name=config.dtype,
+        num_layers=hf_config.num_hidden_layers,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        vocab_size=hf_config.vocab_size,
+        max_context_tokens=min(config.max_context_tokens, max_positions),
+        eos_token_ids=_eos_token_ids(path, hf_config),
+        tokenizer_json=tokenizer.backend_tokenizer.to_str(),
+        fingerprint=_fingerprint(model, hf_config),
+    )
+    logger.info(
+        "loaded %s (%s, %s): %d layers, %d KV heads x %d dims",
+        config.source, loaded.model_type, config.dtype,
+        loaded.num_layers, loaded.num_kv_heads, loaded.head_dim,
+    )
+    return loaded
+
+
+def _check_supported(hf_config: object) -> None:
+    model_type = getattr(hf_config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"model.source: architecture {model_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if getattr(hf_config, "use_sliding_window", False):
+        raise ConfigError("model.source: sliding-window attention is not supported")
+
+
+def _eos_token_ids(path: str, hf_config: object) -> list[int]:
+    ids: set[int] = set()
+    sources = [getattr(hf_config, "eos_token_id", None)]
+    try:
+        sources.append(GenerationConfig.from_pretrained(path).eos_token_id)
+    except OSError:
+        pass  # no generation_config.json: the model config's EOS is all there is
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return sorted(ids)
+
+
+def _fingerprint(model: torch.nn.Module, hf_config: object) -> str:
+    shape_keys = (
+        "model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "hidden_size", "intermediate_size", "vocab_size", "head_dim", "rope_theta",
+    )
+    described = {key: getattr(hf_config, key, None) for key in shape_keys}
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
+    # A few rows of the embedding tell two fine-tunes of one architecture apart, cheaply.
+    embedding = model.get_input_embeddings().weight[:4].detach().float().contiguous()
+    digest.update(embedding.numpy().tobytes())
+    return digest.hexdigest()[:32]

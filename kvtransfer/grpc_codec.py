@@ -1,0 +1,83 @@
+"""Conversion between stream messages and their protobuf form, and between TransferErrors and
+gRPC statuses. The only place besides the two gRPC classes that knows about protobuf messages.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from kvtransfer.errors import TransferError, TransferFailedPrecondition, transfer_error
+from kvtransfer.layout import ChunkSpec, KVLayout
+from kvtransfer.stream import Chunk, Commit, Header, Message
+from pdserve.errors import StatusCode
+from pdserve.internal.v1 import kv_transfer_pb2
+
+
+def message_to_proto(message: Message) -> kv_transfer_pb2.KVMessage:
+    if isinstance(message, Header):
+        return kv_transfer_pb2.KVMessage(header=kv_transfer_pb2.KVHeader(
+            transfer_id=message.transfer_id,
+            layout=message.layout.to_proto(),
+            num_tokens=message.num_tokens,
+            num_chunks=message.num_chunks,
+        ))
+    if isinstance(message, Chunk):
+        spec = message.spec
+        data = message.data if isinstance(message.data, bytes) else bytes(message.data)
+        return kv_transfer_pb2.KVMessage(chunk=kv_transfer_pb2.KVChunk(
+            seq=spec.seq,
+            layer_start=spec.layer_start,
+            layer_end=spec.layer_end,
+            token_start=spec.token_start,
+            token_end=spec.token_end,
+            crc32c=message.crc32c,
+            data=data,
+        ))
+    return kv_transfer_pb2.KVMessage(commit=kv_transfer_pb2.KVCommit(
+        num_chunks=message.num_chunks, first_token_id=message.first_token_id
+    ))
+
+
+def message_from_proto(proto: kv_transfer_pb2.KVMessage) -> Message:
+    """Raises TransferError: FAILED_PRECONDITION for an invalid layout, DATA_LOSS for a
+    message with no kind set."""
+    kind = proto.WhichOneof("kind")
+    if kind == "header":
+        header = proto.header
+        return Header(
+            transfer_id=header.transfer_id,
+            layout=layout_from_proto(header.layout),
+            num_tokens=header.num_tokens,
+            num_chunks=header.num_chunks,
+        )
+    if kind == "chunk":
+        chunk = proto.chunk
+        spec = ChunkSpec(
+            chunk.seq, chunk.layer_start, chunk.layer_end, chunk.token_start, chunk.token_end
+        )
+        return Chunk(spec=spec, crc32c=chunk.crc32c, data=chunk.data)
+    if kind == "commit":
+        return Commit(num_chunks=proto.commit.num_chunks,
+                      first_token_id=proto.commit.first_token_id)
+    raise transfer_error(StatusCode.DATA_LOSS, "a KVMessage with no kind set")
+
+
+def layout_from_proto(proto: kv_transfer_pb2.KVLayoutProto) -> KVLayout:
+    """Raises FAILED_PRECONDITION naming the field when the peer's layout is invalid here."""
+    try:
+        return KVLayout.from_proto(proto)
+    except ValueError as exc:
+        raise TransferFailedPrecondition(f"layout mismatch: {exc}") from exc
+
+
+def grpc_status(code: StatusCode) -> grpc.StatusCode:
+    return grpc.StatusCode[code.value]
+
+
+def error_from_rpc(err: grpc.RpcError, doing: str) -> TransferError:
+    """The TransferError for a failed call; `doing` says what the sender was doing."""
+    status: grpc.StatusCode | None = err.code() if isinstance(err, grpc.Call) else None
+    details = err.details() if isinstance(err, grpc.Call) else str(err)
+    name = status.name if status is not None else StatusCode.INTERNAL.value
+    code = StatusCode(name) if name in StatusCode.__members__ else StatusCode.INTERNAL
+    return transfer_error(code, f"{doing}: {details}")

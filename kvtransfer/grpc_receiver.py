@@ -1,0 +1,158 @@
+"""The decode replica's KV server: the KVTransfer gRPC service over a TransferTable.
+
+One sync `grpc.server` with a small thread pool; each Push occupies one pool thread for its
+duration and runs a ReceiveSession, which writes chunks into the sink from that thread and
+calls `on_done` from it. `receiver.cancel` cancels the call from the caller's thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+
+from kvtransfer.base import KVReceiver, KVSink, TransferResult
+from kvtransfer.errors import (
+    TransferCancelled,
+    TransferDeadlineExceeded,
+    TransferError,
+    TransferFailedPrecondition,
+)
+from kvtransfer.grpc_codec import grpc_status, layout_from_proto, message_from_proto
+from kvtransfer.layout import KVLayout
+from kvtransfer.receive_session import ReceiveSession
+from kvtransfer.transfer_table import Expectation, TransferTable
+from pdserve.config import KVTransferConfig
+from pdserve.internal.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
+
+# Pushes served at once; more wait in gRPC's queue. A decode replica rarely receives more
+# transfers concurrently than it has prefill peers.
+_NUM_SERVER_THREADS = 8
+
+
+class _KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
+    """Thin adapter: protobuf in, session calls, status out."""
+
+    def __init__(self, table: TransferTable, layout: KVLayout) -> None:
+        self._table = table
+        self._layout = layout
+
+    def Handshake(
+        self, request: kv_transfer_pb2.HandshakeRequest, context: grpc.ServicerContext
+    ) -> kv_transfer_pb2.HandshakeReply:
+        try:
+            mismatch = layout_from_proto(request.layout).mismatch(self._layout)
+            if mismatch is not None:
+                raise TransferFailedPrecondition(f"layout mismatch: {mismatch}")
+        except TransferError as err:
+            context.abort(grpc_status(err.code), err.message)
+        return kv_transfer_pb2.HandshakeReply(layout=self._layout.to_proto())
+
+    def Push(
+        self,
+        request_iterator: Iterator[kv_transfer_pb2.KVMessage],
+        context: grpc.ServicerContext,
+    ) -> kv_transfer_pb2.PushReply:
+        session = ReceiveSession(self._table, self._layout, abort_stream=context.cancel)
+        try:
+            return kv_transfer_pb2.PushReply(num_bytes=_receive(session, request_iterator, context))
+        except TransferError as err:
+            # No-op when the session already reported it; covers decode and transport errors.
+            session.abort(err)
+            context.abort(grpc_status(err.code), err.message)
+            raise  # context.abort raises; this only tells readers and type checkers
+
+
+def _receive(
+    session: ReceiveSession,
+    request_iterator: Iterator[kv_transfer_pb2.KVMessage],
+    context: grpc.ServicerContext,
+) -> int:
+    try:
+        for proto in request_iterator:
+            session.handle(message_from_proto(proto))
+    except grpc.RpcError as exc:
+        raise _broken_stream_error(context) from exc
+    # gRPC ends the iteration quietly when the call died underneath it.
+    if not context.is_active():
+        raise _broken_stream_error(context)
+    return session.end()
+
+
+def _broken_stream_error(context: grpc.ServicerContext) -> TransferError:
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return TransferDeadlineExceeded("the push passed its deadline")
+    return TransferCancelled("the push was cancelled (sender cancelled, disconnected, or the "
+                             "receiver cancelled the transfer)")
+
+
+class GrpcReceiver(KVReceiver):
+    """KVReceiver serving KVTransfer on `config.host`, on a port picked by the OS."""
+
+    transport = "grpc"
+
+    def __init__(self, layout: KVLayout, config: KVTransferConfig) -> None:
+        self._layout = layout
+        self._config = config
+        self._table = TransferTable()
+        self._server: grpc.Server | None = None
+        self._address = ""
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    def start(self) -> None:
+        """Raises RuntimeError when already started or the host cannot be bound, ValueError
+        when config.host is "auto" (the caller resolves it: kvtransfer never imports Ray)."""
+        if self._server is not None:
+            raise RuntimeError("the KV receiver is already started")
+        host = self._config.host
+        if host == "auto":
+            raise ValueError("host: resolve 'auto' to an IP address before starting")
+        limit = self._config.max_message_bytes
+        server = grpc.server(
+            futures.ThreadPoolExecutor(_NUM_SERVER_THREADS, thread_name_prefix="kv-receiver"),
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ],
+        )
+        kv_transfer_pb2_grpc.add_KVTransferServicer_to_server(
+            _KVTransferServicer(self._table, self._layout), server
+        )
+        bracketed = f"[{host}]" if ":" in host else host
+        port = server.add_insecure_port(f"{bracketed}:0")
+        if port == 0:
+            raise RuntimeError(f"cannot bind the KV receiver to {host}")
+        server.start()
+        self._server = server
+        self._address = f"{bracketed}:{port}"
+
+    def stop(self) -> None:
+        # Fail the table first so in-flight transfers end as UNAVAILABLE, not as cancelled.
+        self._table.close()
+        if self._server is not None:
+            self._server.stop(grace=None).wait()
+
+    def expect(
+        self,
+        transfer_id: str,
+        num_tokens: int,
+        sink: KVSink,
+        on_done: Callable[[TransferResult], None],
+    ) -> None:
+        self._table.expect(Expectation(transfer_id, num_tokens, sink, on_done))
+
+    def cancel(self, transfer_id: str) -> None:
+        self._table.cancel(transfer_id)
+
+    @property
+    def num_pending(self) -> int:
+        return self._table.num_pending
+
+    @property
+    def total_bytes_received(self) -> int:
+        return self._table.num_bytes_written

@@ -1,0 +1,189 @@
+"""The prefill replica's KV client: Handshake once per (address, layout), then one
+client-streaming Push per transfer, fed lazily from the KVSource.
+
+gRPC consumes the request iterator on its own thread; the calling thread waits for the reply
+while watching the cancel event, and cancels the call itself so the receiver sees a
+cancellation rather than a truncated stream.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from kvtransfer.base import KVSender, KVSource, TransferStats
+from kvtransfer.errors import TransferCancelled, TransferError, as_transfer_error
+from kvtransfer.grpc_codec import error_from_rpc, message_to_proto
+from kvtransfer.layout import KVLayout, plan_chunks
+from kvtransfer.stream import Header, Message, check_chunks_fit, outgoing_messages
+from pdserve.config import KVTransferConfig
+from pdserve.errors import StatusCode
+from pdserve.internal.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
+
+# How often a waiting send looks at its cancel event: the bound on cancel latency.
+_POLL_S = 0.02
+
+
+class _Feeder:
+    """The request iterator of one Push. Stops when cancelled or when the source fails; then it
+    holds the stream open (ending it would look like a truncated push) until released."""
+
+    def __init__(self, messages: Iterator[Message], cancel: threading.Event, hold_s: float):
+        self._messages = messages
+        self._cancel = cancel
+        self._hold_s = hold_s
+        self._released = threading.Event()
+        self.stopped = threading.Event()
+        self.error: TransferError | None = None
+
+    def __iter__(self) -> Iterator[kv_transfer_pb2.KVMessage]:
+        try:
+            for message in self._messages:
+                yield message_to_proto(message)
+        except Exception as exc:
+            self.error = as_transfer_error(exc, "sending KV")
+        if self.error is None and not self._cancel.is_set():
+            return
+        self.stopped.set()
+        self._released.wait(self._hold_s)
+
+    def release(self) -> None:
+        self._released.set()
+
+
+class GrpcSender(KVSender):
+    """KVSender over gRPC; one cached channel per receiver address."""
+
+    transport = "grpc"
+
+    def __init__(self, config: KVTransferConfig) -> None:
+        self._config = config
+        self._lock = threading.Lock()
+        self._channels: dict[str, tuple[grpc.Channel, kv_transfer_pb2_grpc.KVTransferStub]] = {}
+        self._handshaken: set[tuple[str, KVLayout]] = set()
+
+    def send(
+        self,
+        *,
+        address: str,
+        transfer_id: str,
+        layout: KVLayout,
+        num_tokens: int,
+        source: KVSource,
+        first_token_id: int,
+        cancel: threading.Event | None = None,
+        timeout_s: float | None = None,
+    ) -> TransferStats:
+        start = time.monotonic()
+        deadline = start + (self._config.timeout_s if timeout_s is None else timeout_s)
+        cancel = cancel if cancel is not None else threading.Event()
+        chunks = plan_chunks(layout, num_tokens, self._config.chunk_bytes)
+        check_chunks_fit(layout, chunks, self._config.max_message_bytes)
+        if cancel.is_set():
+            raise TransferCancelled(f"transfer {transfer_id} was cancelled before it started")
+        stub = self._stub(address)
+        try:
+            self._handshake(stub, address, layout, deadline, cancel)
+            header = Header(transfer_id, layout, num_tokens, len(chunks))
+            messages = outgoing_messages(header, chunks, source, first_token_id, cancel.is_set)
+            reply = self._push(stub, messages, deadline, cancel)
+        except TransferError as err:
+            if err.code in (StatusCode.UNAVAILABLE, StatusCode.FAILED_PRECONDITION):
+                # The peer may have restarted with another layout: handshake again next time.
+                with self._lock:
+                    self._handshaken.discard((address, layout))
+            raise
+        return TransferStats(
+            transfer_id=transfer_id,
+            num_bytes=reply.num_bytes,
+            num_chunks=len(chunks),
+            elapsed_s=time.monotonic() - start,
+            transport=self.transport,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            channels = [channel for channel, _ in self._channels.values()]
+            self._channels.clear()
+            self._handshaken.clear()
+        for channel in channels:
+            channel.close()
+
+    def _stub(self, address: str) -> kv_transfer_pb2_grpc.KVTransferStub:
+        with self._lock:
+            if address not in self._channels:
+                limit = self._config.max_message_bytes
+                channel = grpc.insecure_channel(
+                    address,
+                    options=[
+                        ("grpc.max_send_message_length", limit),
+                        ("grpc.max_receive_message_length", limit),
+                    ],
+                )
+                self._channels[address] = (channel, kv_transfer_pb2_grpc.KVTransferStub(channel))
+            return self._channels[address][1]
+
+    def _handshake(
+        self,
+        stub: kv_transfer_pb2_grpc.KVTransferStub,
+        address: str,
+        layout: KVLayout,
+        deadline: float,
+        cancel: threading.Event,
+    ) -> None:
+        with self._lock:
+            if (address, layout) in self._handshaken:
+                return
+        request = kv_transfer_pb2.HandshakeRequest(layout=layout.to_proto())
+        call = stub.Handshake.future(request, timeout=_remaining(deadline))
+        _await(call, cancel, None, f"handshake with {address}")
+        with self._lock:
+            self._handshaken.add((address, layout))
+
+    def _push(
+        self,
+        stub: kv_transfer_pb2_grpc.KVTransferStub,
+        messages: Iterator[Message],
+        deadline: float,
+        cancel: threading.Event,
+    ) -> kv_transfer_pb2.PushReply:
+        feeder = _Feeder(messages, cancel, hold_s=_remaining(deadline))
+        try:
+            call = stub.Push.future(iter(feeder), timeout=_remaining(deadline))
+            reply: kv_transfer_pb2.PushReply = _await(call, cancel, feeder, "push")
+            return reply
+        finally:
+            feeder.release()
+
+
+def _remaining(deadline: float) -> float:
+    # gRPC treats a non-positive timeout as already expired, which is what we want.
+    return max(deadline - time.monotonic(), 0.0)
+
+
+def _await(call: Any, cancel: threading.Event, feeder: _Feeder | None, doing: str) -> Any:
+    """Waits for a call's reply; cancels the call when `cancel` is set or the feeder stopped.
+    Raises TransferError (the feeder's own error first: it explains the receiver's)."""
+    while True:
+        try:
+            return call.result(timeout=_POLL_S)
+        except grpc.FutureTimeoutError:
+            if cancel.is_set() or (feeder is not None and feeder.stopped.is_set()):
+                call.cancel()
+                raise _stop_error(cancel, feeder, doing) from None
+        except grpc.FutureCancelledError:
+            raise _stop_error(cancel, feeder, doing) from None
+        except grpc.RpcError as err:
+            if cancel.is_set() or (feeder is not None and feeder.error is not None):
+                raise _stop_error(cancel, feeder, doing) from err
+            raise error_from_rpc(err, doing) from err
+
+
+def _stop_error(cancel: threading.Event, feeder: _Feeder | None, doing: str) -> TransferError:
+    if feeder is not None and feeder.error is not None:
+        return feeder.error
+    return TransferCancelled(f"{doing}: cancelled by the sender")

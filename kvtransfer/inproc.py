@@ -1,0 +1,284 @@
+"""The in-process transport, for tests and warm-up: same stream, same ReceiveSession, no gRPC.
+
+Receivers register in a process-local registry under "inproc://<n>" (the one piece of
+module state here: it plays the role of the network). Each push runs on its own receiver
+thread fed through a small bounded pipe, so sinks and `on_done` run on a receiver thread as
+with gRPC, and a slow sink slows the sender down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+
+from kvtransfer.base import KVReceiver, KVSender, KVSink, KVSource, TransferResult, TransferStats
+from kvtransfer.errors import (
+    TransferCancelled,
+    TransferDeadlineExceeded,
+    TransferError,
+    TransferFailedPrecondition,
+    TransferUnavailable,
+)
+from kvtransfer.layout import KVLayout, plan_chunks
+from kvtransfer.receive_session import ReceiveSession
+from kvtransfer.stream import Chunk, Header, Message, check_chunks_fit, outgoing_messages
+from kvtransfer.transfer_table import Expectation, TransferTable
+from pdserve.config import KVTransferConfig
+
+# How often a waiting sender looks at its cancel event and deadline.
+_POLL_S = 0.02
+# Messages in flight between one sender and its receiver thread.
+_PIPE_CAPACITY = 2
+# Bound on waiting for one receiver thread at stop.
+_STOP_JOIN_S = 5.0
+
+
+class _Pipe:
+    """A bounded queue from one sender thread to one receiver thread; either side may close it
+    with an error, which the reader raises and which makes further puts fail."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._items: deque[Message] = deque()
+        self._ended = False
+        self.error: TransferError | None = None
+
+    def put(self, message: Message, timeout: float) -> bool:
+        """False when not enqueued within `timeout` or the pipe is closed."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self.error is not None or len(self._items) < _PIPE_CAPACITY, timeout
+            )
+            if self.error is not None or len(self._items) >= _PIPE_CAPACITY:
+                return False
+            self._items.append(message)
+            self._cond.notify_all()
+            return True
+
+    def end(self) -> None:
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    def close(self, error: TransferError) -> None:
+        with self._cond:
+            if self.error is None:
+                self.error = error
+            self._cond.notify_all()
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self.error is not None or self._items or self._ended)
+                if self.error is not None:
+                    raise self.error
+                if not self._items:
+                    return
+                message = self._items.popleft()
+                self._cond.notify_all()
+            yield message
+
+
+class _PushCall:
+    """The outcome of one push as the sender sees it: payload bytes or an error."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.num_bytes = 0
+        self.error: TransferError | None = None
+
+    def finish(self, num_bytes: int, error: TransferError | None) -> None:
+        self.num_bytes, self.error = num_bytes, error
+        self.done.set()
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._receivers: dict[str, InprocReceiver] = {}
+
+    def register(self, receiver: InprocReceiver) -> str:
+        with self._lock:
+            address = f"inproc://{next(self._ids)}"
+            self._receivers[address] = receiver
+            return address
+
+    def unregister(self, address: str) -> None:
+        with self._lock:
+            self._receivers.pop(address, None)
+
+    def lookup(self, address: str) -> InprocReceiver:
+        with self._lock:
+            receiver = self._receivers.get(address)
+        if receiver is None:
+            raise TransferUnavailable(f"no in-process KV receiver at {address}")
+        return receiver
+
+
+_REGISTRY = _Registry()
+
+
+class InprocReceiver(KVReceiver):
+    transport = "inproc"
+
+    def __init__(self, layout: KVLayout, config: KVTransferConfig) -> None:
+        self.layout = layout
+        self._table = TransferTable()
+        self._address = ""
+        self._threads: set[threading.Thread] = set()
+        self._threads_lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    def start(self) -> None:
+        if self._address:
+            raise RuntimeError("the KV receiver is already started")
+        self._address = _REGISTRY.register(self)
+
+    def stop(self) -> None:
+        _REGISTRY.unregister(self._address)
+        self._table.close()
+        with self._threads_lock:
+            threads = list(self._threads)
+        # Closing the table closed every active pipe, so these threads are finishing.
+        for thread in threads:
+            thread.join(_STOP_JOIN_S)
+
+    def expect(
+        self,
+        transfer_id: str,
+        num_tokens: int,
+        sink: KVSink,
+        on_done: Callable[[TransferResult], None],
+    ) -> None:
+        self._table.expect(Expectation(transfer_id, num_tokens, sink, on_done))
+
+    def cancel(self, transfer_id: str) -> None:
+        self._table.cancel(transfer_id)
+
+    @property
+    def num_pending(self) -> int:
+        return self._table.num_pending
+
+    @property
+    def total_bytes_received(self) -> int:
+        return self._table.num_bytes_written
+
+    def accept(self, pipe: _Pipe) -> _PushCall:
+        """Starts a receiver thread for one push. Called by InprocSender."""
+        call = _PushCall()
+        thread = threading.Thread(target=self._serve, args=(pipe, call), daemon=True,
+                                  name="kv-inproc-receiver")
+        with self._threads_lock:
+            self._threads.add(thread)
+        thread.start()
+        return call
+
+    def _serve(self, pipe: _Pipe, call: _PushCall) -> None:
+        def abort_stream() -> None:
+            pipe.close(TransferCancelled("push: cancelled by the receiver"))
+
+        session = ReceiveSession(self._table, self.layout, abort_stream)
+        try:
+            for message in pipe:
+                session.handle(message)
+            call.finish(session.end(), None)
+        except TransferError as err:
+            session.abort(err)
+            pipe.close(err)
+            call.finish(0, err)
+        finally:
+            with self._threads_lock:
+                self._threads.discard(threading.current_thread())
+
+
+class InprocSender(KVSender):
+    """KVSender to InprocReceivers of this process. The handshake is a direct layout check on
+    every send (nothing to cache)."""
+
+    transport = "inproc"
+
+    def __init__(self, config: KVTransferConfig) -> None:
+        self._config = config
+
+    def send(
+        self,
+        *,
+        address: str,
+        transfer_id: str,
+        layout: KVLayout,
+        num_tokens: int,
+        source: KVSource,
+        first_token_id: int,
+        cancel: threading.Event | None = None,
+        timeout_s: float | None = None,
+    ) -> TransferStats:
+        start = time.monotonic()
+        deadline = start + (self._config.timeout_s if timeout_s is None else timeout_s)
+        cancel = cancel if cancel is not None else threading.Event()
+        chunks = plan_chunks(layout, num_tokens, self._config.chunk_bytes)
+        check_chunks_fit(layout, chunks, self._config.max_message_bytes)
+        if cancel.is_set():
+            raise TransferCancelled(f"transfer {transfer_id} was cancelled before it started")
+        receiver = _REGISTRY.lookup(address)
+        mismatch = layout.mismatch(receiver.layout)
+        if mismatch is not None:
+            raise TransferFailedPrecondition(f"layout mismatch: {mismatch}")
+        pipe = _Pipe()
+        call = receiver.accept(pipe)
+        header = Header(transfer_id, layout, num_tokens, len(chunks))
+        messages = outgoing_messages(header, chunks, source, first_token_id,
+                                     lambda: pipe.error is not None)
+        # Reading on a thread of its own keeps cancel and the deadline prompt while the
+        # source blocks, as gRPC's request thread does.
+        threading.Thread(target=_feed, args=(pipe, messages), daemon=True,
+                         name="kv-inproc-sender").start()
+        try:
+            num_bytes = _wait(call, cancel, deadline)
+        except TransferError as err:
+            pipe.close(err)
+            raise
+        return TransferStats(transfer_id, num_bytes, len(chunks), time.monotonic() - start,
+                             self.transport)
+
+    def close(self) -> None:
+        pass
+
+
+def _detached(message: Message) -> Message:
+    # The source may reuse its buffer once the next chunk is read; the pipe holds copies.
+    if isinstance(message, Chunk) and not isinstance(message.data, bytes):
+        return dataclasses.replace(message, data=bytes(message.data))
+    return message
+
+
+def _feed(pipe: _Pipe, messages: Iterator[Message]) -> None:
+    """Moves the stream into the pipe until it ends or either side closes the pipe."""
+    try:
+        for message in messages:
+            while not pipe.put(_detached(message), _POLL_S):
+                if pipe.error is not None:
+                    return
+        pipe.end()
+    except TransferError as err:
+        # The receiver fails the push with this error, which the sender then reports.
+        pipe.close(err)
+
+
+def _wait(call: _PushCall, cancel: threading.Event, deadline: float) -> int:
+    """The receiver's payload bytes; raises its error, or CANCELLED / DEADLINE_EXCEEDED."""
+    while not call.done.wait(_POLL_S):
+        if cancel.is_set():
+            raise TransferCancelled("push: cancelled by the sender")
+        if time.monotonic() >= deadline:
+            raise TransferDeadlineExceeded("push: the transfer passed its deadline")
+    if call.error is not None:
+        raise call.error
+    return call.num_bytes

@@ -1,0 +1,189 @@
+"""The receiver's validation of one push stream, independent of the transport.
+
+A transport thread creates one ReceiveSession per incoming stream and drives it:
+`handle(message)` for each message, then `end()` when the stream closes, or `abort(error)`
+when the transport itself fails (sender gone, deadline). Every check runs before the sink is
+touched; the rules are written down in kvtransfer/README.md ("Validation").
+
+Whatever raises has already reported the failure to the transfer's `on_done` (once, via the
+TransferTable), so the transport only turns the TransferError into its own status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kvtransfer.checksum import checksum
+from kvtransfer.errors import (
+    TransferCancelled,
+    TransferDataLoss,
+    TransferError,
+    TransferFailedPrecondition,
+    TransferInternal,
+)
+from kvtransfer.layout import ChunkSpec, KVLayout
+from kvtransfer.stream import Chunk, Commit, Header, Message
+from kvtransfer.transfer_table import ActiveTransfer, TransferTable
+
+
+class ReceiveSession:
+    """State of one push stream: awaiting header -> receiving chunks -> committed -> ended.
+
+    Not thread-safe: one transport thread drives it. `abort_stream` is how the receiver's
+    `cancel` stops the stream from another thread (e.g. cancels the gRPC call).
+    """
+
+    def __init__(
+        self, table: TransferTable, layout: KVLayout, abort_stream: Callable[[], None]
+    ) -> None:
+        self._table = table
+        self._layout = layout
+        self._abort_stream = abort_stream
+        self._header: Header | None = None
+        self._active: ActiveTransfer | None = None
+        self._commit: Commit | None = None
+        self._error: TransferError | None = None
+        self._ended = False
+        # Where the next chunk must start in the canonical tiling, and its seq.
+        self._next_seq = 0
+        self._next_layer = 0
+        self._next_token = 0
+
+    @property
+    def transfer_id(self) -> str | None:
+        return None if self._header is None else self._header.transfer_id
+
+    def handle(self, message: Message) -> None:
+        """Validates one message and, for a chunk, writes it to the sink. Raises TransferError
+        (already reported) when the stream is invalid; the stream must then stop."""
+        if self._error is not None:
+            raise self._error
+        try:
+            self._dispatch(message)
+        except TransferError as err:
+            self._fail(err)
+            raise
+        except Exception as exc:
+            internal = TransferInternal(f"receiving transfer {self.transfer_id}: {exc!r}")
+            self._fail(internal)
+            raise internal from exc
+
+    def end(self) -> int:
+        """The sender closed the stream. Reports success and returns the payload bytes written,
+        or raises (already reported) when no commit came or the receiver cancelled."""
+        if self._error is not None:
+            raise self._error
+        if self._commit is None or self._active is None:
+            err = TransferDataLoss("the stream ended before the commit")
+            self._fail(err)
+            raise err
+        self._ended = True
+        result = self._active.result(None, self._commit.first_token_id)
+        if not self._table.finish(self._active, result):
+            raise TransferCancelled(f"transfer {self.transfer_id} was cancelled by the receiver")
+        return self._active.num_bytes
+
+    def abort(self, error: TransferError) -> None:
+        """The transport failed (sender gone, deadline): fails the transfer unless it ended."""
+        if self._error is None and not self._ended:
+            self._fail(error)
+
+    def _fail(self, error: TransferError) -> None:
+        self._error = error
+        if self._active is not None:
+            self._table.finish(self._active, self._active.result(error))
+
+    def _dispatch(self, message: Message) -> None:
+        if self._commit is not None:
+            raise TransferDataLoss("a message arrived after the commit")
+        if isinstance(message, Header):
+            self._on_header(message)
+        elif self._header is None:
+            raise TransferDataLoss("the stream must start with a header")
+        elif isinstance(message, Chunk):
+            self._on_chunk(message)
+        elif isinstance(message, Commit):
+            self._on_commit(message)
+        else:
+            raise TransferDataLoss(f"unknown message {type(message).__name__}")
+
+    def _on_header(self, header: Header) -> None:
+        if self._header is not None:
+            raise TransferDataLoss("a second header arrived")
+        # Claims the reservation first: an unknown or busy id fails without touching others.
+        self._active = self._table.begin(header.transfer_id, self._abort_stream)
+        self._header = header
+        mismatch = header.layout.mismatch(self._layout)
+        if mismatch is not None:
+            raise TransferFailedPrecondition(f"layout mismatch: {mismatch}")
+        reserved = self._active.expectation.num_tokens
+        if header.num_tokens != reserved:
+            raise TransferFailedPrecondition(
+                f"num_tokens: sender {header.num_tokens}, receiver reserved {reserved}"
+            )
+        max_chunks = self._layout.num_layers * header.num_tokens
+        if not 1 <= header.num_chunks <= max_chunks:
+            raise TransferDataLoss(f"num_chunks: {header.num_chunks} is not in [1, {max_chunks}]")
+
+    def _on_chunk(self, chunk: Chunk) -> None:
+        assert self._header is not None and self._active is not None, "header handled first"
+        spec = chunk.spec
+        if spec.seq != self._next_seq:
+            raise TransferDataLoss(f"chunk seq {spec.seq}: expected {self._next_seq}")
+        if spec.seq >= self._header.num_chunks:
+            raise TransferDataLoss(f"chunk seq {spec.seq}: the header announced fewer chunks")
+        self._check_position(spec)
+        expected_bytes = spec.num_bytes(self._layout)
+        data = memoryview(chunk.data).cast("B")
+        if data.nbytes != expected_bytes:
+            raise TransferDataLoss(
+                f"chunk {spec.seq}: {data.nbytes} data bytes, expected {expected_bytes}"
+            )
+        if checksum(data) != chunk.crc32c:
+            raise TransferDataLoss(f"chunk {spec.seq}: crc32c mismatch")
+        self._active.write(spec, data)
+        self._table.add_bytes_written(data.nbytes)
+        self._advance(spec)
+
+    def _check_position(self, spec: ChunkSpec) -> None:
+        assert self._header is not None, "header handled first"
+        num_layers, num_tokens = self._layout.num_layers, self._header.num_tokens
+        if (spec.layer_start, spec.token_start) != (self._next_layer, self._next_token):
+            raise TransferDataLoss(
+                f"chunk {spec.seq} starts at layer {spec.layer_start} token {spec.token_start},"
+                f" expected layer {self._next_layer} token {self._next_token}"
+            )
+        if not spec.layer_start < spec.layer_end <= num_layers:
+            raise TransferDataLoss(
+                f"chunk {spec.seq}: layers [{spec.layer_start}, {spec.layer_end})"
+                f" not within [0, {num_layers})"
+            )
+        if not spec.token_start < spec.token_end <= num_tokens:
+            raise TransferDataLoss(
+                f"chunk {spec.seq}: tokens [{spec.token_start}, {spec.token_end})"
+                f" not within [0, {num_tokens})"
+            )
+        if spec.num_layers > 1 and spec.num_tokens != num_tokens:
+            raise TransferDataLoss(f"chunk {spec.seq}: a multi-layer chunk must cover all tokens")
+
+    def _advance(self, spec: ChunkSpec) -> None:
+        assert self._header is not None, "header handled first"
+        self._next_seq += 1
+        if spec.token_end == self._header.num_tokens:
+            self._next_layer, self._next_token = spec.layer_end, 0
+        else:
+            self._next_token = spec.token_end
+
+    def _on_commit(self, commit: Commit) -> None:
+        assert self._header is not None, "header handled first"
+        if commit.num_chunks != self._next_seq or commit.num_chunks != self._header.num_chunks:
+            raise TransferDataLoss(
+                f"commit num_chunks {commit.num_chunks}: received {self._next_seq},"
+                f" header announced {self._header.num_chunks}"
+            )
+        if self._next_layer != self._layout.num_layers:
+            raise TransferDataLoss(
+                f"commit after layer {self._next_layer} token {self._next_token}:"
+                f" the KV of {self._layout.num_layers} layers is incomplete"
+            )
+        self._commit = commit

@@ -1,0 +1,94 @@
+"""The messages of one push stream (header, chunks, commit) as plain objects, and the
+sender-side generator that produces them lazily from a KVSource.
+
+Transports convert these to their own wire form at the boundary (grpc_codec.py for gRPC);
+inproc passes them as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from kvtransfer.base import KVSource
+from kvtransfer.checksum import checksum
+from kvtransfer.errors import TransferFailedPrecondition, TransferInternal, as_transfer_error
+from kvtransfer.layout import ChunkSpec, KVLayout
+
+# Room for the protobuf framing of a chunk message around its data.
+MESSAGE_OVERHEAD_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class Header:
+    transfer_id: str
+    layout: KVLayout
+    num_tokens: int
+    num_chunks: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    spec: ChunkSpec
+    crc32c: int
+    # 1-D unsigned-byte view (or bytes) of exactly spec.num_bytes(layout) bytes.
+    data: bytes | memoryview
+
+
+@dataclass(frozen=True)
+class Commit:
+    num_chunks: int
+    first_token_id: int
+
+
+Message = Header | Chunk | Commit
+
+
+def check_chunks_fit(
+    layout: KVLayout, chunks: list[ChunkSpec], max_message_bytes: int
+) -> None:
+    """Raises FAILED_PRECONDITION when a chunk could not fit one message (a single token row of
+    one layer larger than the message limit), before anything is sent."""
+    largest = max(chunk.num_bytes(layout) for chunk in chunks)
+    if largest + MESSAGE_OVERHEAD_BYTES > max_message_bytes:
+        raise TransferFailedPrecondition(
+            f"max_message_bytes: a chunk of {largest} bytes does not fit {max_message_bytes}"
+        )
+
+
+def outgoing_messages(
+    header: Header,
+    chunks: list[ChunkSpec],
+    source: KVSource,
+    first_token_id: int,
+    should_stop: Callable[[], bool],
+) -> Iterator[Message]:
+    """Yields the header, each chunk read from `source` only when it is due, then the commit.
+
+    Returns early (without a commit) as soon as `should_stop()` is true. Raises a TransferError
+    when the source fails or returns the wrong number of bytes.
+    """
+    yield header
+    for spec in chunks:
+        if should_stop():
+            return
+        data = _read_chunk(source, spec, header.layout)
+        if should_stop():
+            return
+        yield Chunk(spec=spec, crc32c=checksum(data), data=data)
+    yield Commit(num_chunks=len(chunks), first_token_id=first_token_id)
+
+
+def _read_chunk(source: KVSource, spec: ChunkSpec, layout: KVLayout) -> bytes | memoryview:
+    try:
+        raw = source.read(spec)
+        view = memoryview(raw).cast("B")
+    except Exception as exc:
+        raise as_transfer_error(exc, f"reading chunk {spec.seq}") from exc
+    expected = spec.num_bytes(layout)
+    if view.nbytes != expected:
+        raise TransferInternal(
+            f"source returned {view.nbytes} bytes for chunk {spec.seq}, expected {expected}"
+        )
+    # Plain bytes go on a protobuf message without another copy.
+    return raw if isinstance(raw, bytes) else view

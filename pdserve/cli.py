@@ -1,0 +1,196 @@
+"""The `pdserve` command: `serve` runs the service, `generate` and `info` talk to it.
+
+Exit codes: 0 success, 1 a failed call or service error, 2 a bad config or bad arguments.
+`RAY_ADDRESS` is read here, and only here, to pass it to the service explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from pdserve.client import GenerationClient, collect
+from pdserve.config import load_config
+from pdserve.errors import ConfigError, PdserveError
+from pdserve.v1 import pdserve_pb2
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+_INT32_MAX = 2**31 - 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except PdserveError as exc:
+        print(f"error: {exc.code.value}: {exc.message}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdserve", description="Disaggregated prefill/decode LLM serving on Ray."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the service in the foreground")
+    serve.add_argument("--config", required=True, help="YAML config (see configs/local.yaml)")
+    serve.add_argument(
+        "--ray-address",
+        help="Ray cluster to join; default: $RAY_ADDRESS, else the config's ray.address",
+    )
+    serve.set_defaults(run=_serve)
+
+    generate = commands.add_parser("generate", help="stream a completion of one prompt")
+    _add_address(generate)
+    generate.add_argument("prompt", help="prompt text")
+    generate.add_argument("--max-tokens", type=_int_in(1, _INT32_MAX), default=128)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    generate.add_argument("--top-p", type=float, default=0.0, help="0 = no nucleus filter")
+    generate.add_argument("--top-k", type=_int_in(0, _INT32_MAX), default=0, help="0 = off")
+    generate.add_argument("--seed", type=_int_in(0, 2**64 - 1), default=None)
+    generate.add_argument(
+        "--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)"
+    )
+    generate.add_argument(
+        "--stop-token-id",
+        dest="stop_token_ids",
+        action="append",
+        type=_int_in(0, _INT32_MAX),
+        default=[],
+        metavar="ID",
+        help="stop token id (repeatable)",
+    )
+    generate.add_argument("--ignore-eos", action="store_true", help="generate past EOS")
+    generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    generate.set_defaults(run=_generate)
+
+    info = commands.add_parser("info", help="describe a running service")
+    _add_address(info)
+    info.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The `GenerationClient.generate` keyword arguments given by `generate`'s flags."""
+    return {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": tuple(args.stop),
+        "stop_token_ids": tuple(args.stop_token_ids),
+        "ignore_eos": args.ignore_eos,
+    }
+
+
+def resolve_ray_address(flag: str | None, config_address: str | None) -> str | None:
+    """`--ray-address`, else `$RAY_ADDRESS`, else the config's `ray.address`."""
+    return flag or os.environ.get("RAY_ADDRESS") or config_address
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    ray_address = resolve_ray_address(args.ray_address, config.ray.address)
+    from pdserve.serve import Service  # imports Ray; only `serve` needs it
+
+    service = Service(config, ray_address=ray_address)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        service.start()
+        print(f"pdserve: listening on {service.address}", flush=True)
+        service.wait()
+    except KeyboardInterrupt:
+        print("pdserve: shutting down...", file=sys.stderr, flush=True)
+    finally:
+        service.stop()
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM takes the same clean path as Ctrl-C.
+    raise KeyboardInterrupt
+
+
+def _generate(args: argparse.Namespace) -> int:
+    with GenerationClient(args.address, timeout_s=args.timeout) as client:
+        stream = client.generate(args.prompt, **sampling_kwargs(args))
+        try:
+            result = collect(stream, on_text=_write_out)
+        finally:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    print(result.summary(), file=sys.stderr)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    with GenerationClient(args.address, timeout_s=args.timeout) as client:
+        print(format_info(client.info()))
+    return 0
+
+
+def format_info(info: pdserve_pb2.InfoResponse) -> str:
+    """Human-readable form of an Info response."""
+    lines = [
+        f"model       {info.model} ({info.dtype})",
+        f"version     {info.version}",
+        f"mode        {info.mode}, KV transport {info.kv_transport}",
+        f"limits      KV block {info.kv_block_size} tokens, "
+        f"max context {info.max_context_tokens} tokens",
+    ]
+    for name, pool in (("prefill", info.prefill), ("decode", info.decode)):
+        lines.append(f"{name:<11} {len(pool.replicas)}/{pool.configured_replicas} replicas")
+        lines.extend(f"  {_format_replica(replica)}" for replica in pool.replicas)
+    return "\n".join(lines)
+
+
+def _format_replica(replica: pdserve_pb2.ReplicaInfo) -> str:
+    state = pdserve_pb2.ReplicaState.Name(replica.state).removeprefix("REPLICA_STATE_")
+    return (
+        f"{replica.replica_id:<12} {state:<12} active={replica.num_active_requests} "
+        f"free_blocks={replica.num_free_blocks}/{replica.num_total_blocks} "
+        f"node={replica.node_id[:12]}"
+    )
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address", default=DEFAULT_ADDRESS, help=f"router host:port (default {DEFAULT_ADDRESS})"
+    )
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high}]")
+        return value
+
+    parse.__name__ = "integer"  # argparse shows this name in "invalid integer value"
+    return parse
+
+
+def _write_out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""A small synchronous client of the public `pdserve.v1.Generation` gRPC service.
+
+Used by the `pdserve` CLI, the demo and tests. gRPC failures surface as `grpc.RpcError` with
+the server's status code and details; this module adds no error types of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.v1 import pdserve_pb2, pdserve_pb2_grpc
+
+
+def make_request(
+    prompt: str | Sequence[int],
+    *,
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+) -> pdserve_pb2.GenerateRequest:
+    """Builds a GenerateRequest; a str prompt is sent as text, a list of ints as token ids."""
+    sampling = pdserve_pb2.SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        stop=list(stop),
+        stop_token_ids=list(stop_token_ids),
+        ignore_eos=ignore_eos,
+    )
+    if seed is not None:
+        sampling.seed = seed
+    if isinstance(prompt, str):
+        return pdserve_pb2.GenerateRequest(text=prompt, sampling=sampling)
+    token_ids = pdserve_pb2.TokenIds(ids=list(prompt))
+    return pdserve_pb2.GenerateRequest(token_ids=token_ids, sampling=sampling)
+
+
+class GenerationClient:
+    """One insecure channel to a pdserve router at `address` ("host:port").
+
+    `timeout_s` is the deadline of every call (None: no client deadline, the server's default
+    applies). Not thread-safe to close while calls run; otherwise calls may run concurrently.
+    """
+
+    def __init__(self, address: str, timeout_s: float | None = None) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address)
+        self._stub = pdserve_pb2_grpc.GenerationStub(self._channel)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+    ) -> Iterator[pdserve_pb2.GenerateResponse]:
+        """Streams the responses of one Generate call.
+
+        The call starts on the first `next()` and is cancelled if the iterator is closed or
+        dropped before the stream ends. Iterating raises `grpc.RpcError` on a failed call.
+        """
+        request = make_request(
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+        )
+        return self._stream(request)
+
+    def _stream(
+        self, request: pdserve_pb2.GenerateRequest
+    ) -> Iterator[pdserve_pb2.GenerateResponse]:
+        call = self._stub.Generate(request, timeout=self.timeout_s)
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    def info(self) -> pdserve_pb2.InfoResponse:
+        """Describes the service (blocks; raises `grpc.RpcError`)."""
+        return self._stub.Info(pdserve_pb2.InfoRequest(), timeout=self.timeout_s)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> GenerationClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@dataclass
+class GenerationResult:
+    """One finished Generate stream, with what the client measured."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    # The final message's summary; None if the stream ended without one (a server bug).
+    final: pdserve_pb2.FinalInfo | None = None
+    # From the call's start until the first message carrying a token.
+    ttft_s: float = 0.0
+    # From the call's start until the stream ended.
+    total_s: float = 0.0
+    # Time between the first and the last token-carrying message.
+    decode_s: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Streaming rate after the first token (0 when fewer than two tokens arrived)."""
+        if self.num_tokens < 2 or self.decode_s <= 0:
+            return 0.0
+        return (self.num_tokens - 1) / self.decode_s
+
+    def summary(self) -> str:
+        """One line: finish reason, token counts, timings and which path served it."""
+        parts = [f"ttft={self.ttft_s:.3f}s", f"tokens/s={self.tokens_per_s:.1f}"]
+        final = self.final
+        if final is None:
+            return " ".join(["finish=NONE (stream ended without a final message)", *parts])
+        reason = pdserve_pb2.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_")
+        served = final.served_by
+        return " ".join(
+            [
+                f"finish={reason}",
+                f"prompt_tokens={final.usage.prompt_tokens}",
+                f"completion_tokens={final.usage.completion_tokens}",
+                *parts,
+                f"mode={served.mode}",
+                f"transport={served.kv_transport}",
+                f"replicas={served.prefill_replica}->{served.decode_replica}",
+                f"kv_bytes={served.kv_bytes}",
+                f"request_id={final.request_id}",
+            ]
+        )
+
+
+def collect(
+    stream: Iterable[pdserve_pb2.GenerateResponse],
+    on_text: Callable[[str], None] | None = None,
+) -> GenerationResult:
+    """Drains a Generate stream into a GenerationResult, timing it from the first `next()`.
+
+    `on_text` is called with each non-empty text piece as it arrives (for live printing).
+    Raises `grpc.RpcError` if the call fails.
+    """
+    result = GenerationResult()
+    start = time.perf_counter()
+    first_token_at = last_token_at = start
+    for response in stream:
+        now = time.perf_counter()
+        if response.token_ids:
+            if not result.token_ids:
+                first_token_at = now
+            last_token_at = now
+            result.token_ids.extend(response.token_ids)
+        if response.text:
+            result.text += response.text
+            if on_text is not None:
+                on_text(response.text)
+        if response.HasField("final"):
+            result.final = response.final
+    result.total_s = time.perf_counter() - start
+    result.ttft_s = first_token_at - start if result.token_ids else 0.0
+    result.decode_s = last_token_at - first_token_at
+    return result

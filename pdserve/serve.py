@@ -1,0 +1,105 @@
+"""A running pdserve service: Ray (local or joined), both replica pools, and the router.
+
+`Service.start()` initialises Ray (unless the process already did), creates the pools from the
+config, waits for every replica to load the model, and runs the router's asyncio gRPC server in
+a background thread. `stop()` shuts the router down and kills the replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import ray
+
+from pdserve.config import PdserveConfig
+from pdserve.pools import create_pools, kill_pools, wait_until_ready
+from router.server import Router
+
+logger = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, config: PdserveConfig, ray_address: str | None = None) -> None:
+        self.config = config
+        self._ray_address = ray_address if ray_address is not None else config.ray.address
+        self._started_ray = False
+        self._prefill: dict[str, Any] = {}
+        self._decode: dict[str, Any] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop_requested = threading.Event()
+        self.router: Router | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.router.host}:{self.port}"
+
+    @property
+    def prefill_actors(self) -> dict[str, Any]:
+        return dict(self._prefill)
+
+    @property
+    def decode_actors(self) -> dict[str, Any]:
+        return dict(self._decode)
+
+    def start(self) -> None:
+        """Blocks until the router serves; raises if a replica fails to start."""
+        self._init_ray()
+        self._prefill, self._decode = create_pools(self.config)
+        try:
+            wait_until_ready({**self._prefill, **self._decode}, self.config.timeouts.replica_start_s)
+            self._start_router()
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait(self) -> None:
+        """Blocks until `stop()` is called (from a signal handler or another thread)."""
+        self._stop_requested.wait()
+
+    def stop(self) -> None:
+        self._stop_requested.set()
+        if self._loop is not None and self.router is not None:
+            future = asyncio.run_coroutine_threadsafe(self.router.stop(), self._loop)
+            future.result(timeout=30)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        kill_pools(self._prefill, self._decode)
+        self._prefill, self._decode = {}, {}
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self) -> Service:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _init_ray(self) -> None:
+        if ray.is_initialized():
+            return
+        local = self._ray_address is None
+        ray.init(
+            address=self._ray_address,
+            namespace=self.config.ray.namespace,
+            num_cpus=self.config.ray.num_cpus if local else None,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+        self._started_ray = True
+
+    def _start_router(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="router", daemon=True)
+        self._thread.start()
+        self.router = Router(self.config, self._prefill, self._decode)
+        future = asyncio.run_coroutine_threadsafe(self.router.start(), self._loop)
+        self.port = future.result(timeout=self.config.timeouts.replica_start_s)

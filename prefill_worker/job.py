@@ -1,0 +1,47 @@
+"""State of one request on a prefill replica."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pdserve.messages import PrefillRequest
+
+
+@dataclass(frozen=True)
+class FirstToken:
+    token_id: int
+    finish_reason: str
+    queue_s: float
+    prefill_s: float
+
+
+@dataclass
+class PrefillJob:
+    """One prompt from admission until its KV is handed off (or the request ends)."""
+
+    request: PrefillRequest
+    # Resolved by the batch loop with the first sampled token (or an error).
+    first_token: asyncio.Future[FirstToken]
+    enqueued_at: float = field(default_factory=time.monotonic)
+    block_table: list[int] | None = None
+    # True while a forward pass or a KV send may still read this job's blocks.
+    in_forward: bool = False
+    sending: bool = False
+    # Set when the request is aborted; stops a send in progress.
+    cancel: threading.Event = field(default_factory=threading.Event)
+    # The worker has finished with the job; whoever is last to touch the blocks frees them.
+    released: bool = False
+
+    @property
+    def transfer_id(self) -> str:
+        return self.request.transfer_id
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    def seconds_left(self) -> float:
+        return self.request.deadline - time.time()

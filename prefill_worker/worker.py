@@ -1,0 +1,211 @@
+"""The prefill replica: batched prompt passes, first token, KV hand-off.
+
+Life cycle of a request on a prefill replica
+--------------------------------------------
+1. **Queue.** `prefill()` receives a `PrefillRequest` from the router and queues a
+   `PrefillJob` (bounded queue: RESOURCE_EXHAUSTED when full).
+2. **Batch.** The batch loop pops as many queued jobs as fit the token/size budget and the KV
+   cache, allocates their blocks (owner = the router-minted transfer id) and runs ONE packed
+   forward pass for all of them off the event loop; it samples each job's first token.
+3. **First token.** `prefill()` yields a `first_token` event. If that token already ends the
+   request (EOS, stop id, max_tokens == 1) the blocks are freed and the stream ends.
+4. **Lease and hand-off.** Otherwise the job's KV stays in its blocks (the lease) while the
+   `KVSender` streams it to the decode replica the router reserved (`kv_target`), in a thread.
+   When the decode side acknowledges the commit, `prefill()` yields `transferred` and frees the
+   blocks. The lease is bounded by the transfer timeout and the request deadline.
+5. **Abort.** `abort(transfer_id)` (router), deadline expiry, a failed send or the router
+   cancelling the stream end the job at whatever stage it is: it leaves the queue, or its send
+   is cancelled. Blocks are freed by whoever touches them last (the batch loop after a forward
+   pass, the send thread after a send), never while a pass or a send may still read them.
+
+Threading: all state is owned by the actor's event loop; only the forward pass and the send
+run in worker threads, and they touch only the blocks of jobs marked `in_forward` / `sending`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from engine.model_runner import SequenceChunk
+from engine.replica_engine import ReplicaEngine
+from engine.sampler import sample
+from engine.stopping import finish_reason
+from kvtransfer import KVLayout, KVSender
+from engine.kv_io import PagedKVSource
+from pdserve.config import PdserveConfig
+from pdserve.errors import Cancelled, DeadlineExceeded, Internal, PdserveError
+from pdserve.messages import LoadReport, PrefillEvent, PrefillRequest
+from prefill_worker.batcher import PrefillBatcher
+from prefill_worker.job import FirstToken, PrefillJob
+
+logger = logging.getLogger(__name__)
+
+
+class PrefillWorker:
+    def __init__(
+        self, config: PdserveConfig, replica_id: str, engine: ReplicaEngine, sender: KVSender
+    ) -> None:
+        self.replica_id = replica_id
+        self._config = config
+        self._engine = engine
+        self._sender = sender
+        self._layout = KVLayout(**engine.kv_layout_fields())  # type: ignore[arg-type]
+        pool = config.prefill
+        self._batcher = PrefillBatcher(
+            engine.block_manager, pool.max_batch_tokens, pool.max_batch_size,
+            pool.max_waiting_requests,
+        )
+        self._jobs: dict[str, PrefillJob] = {}
+        self._work = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._total_kv_bytes = 0
+        self._total_requests = 0
+
+    async def prefill(self, request: PrefillRequest) -> AsyncIterator[PrefillEvent]:
+        """Runs one request; yields `first_token`, then `transferred`, or an `error` event."""
+        job = PrefillJob(request, asyncio.get_running_loop().create_future())
+        if request.transfer_id in self._jobs:
+            yield _error_event(Internal(f"duplicate transfer id {request.transfer_id}"))
+            return
+        self._jobs[request.transfer_id] = job
+        self._total_requests += 1
+        try:
+            self._batcher.submit(job)
+            self._wake_loop()
+            first = await _within(job, job.first_token)
+            yield PrefillEvent(
+                kind="first_token", token_id=first.token_id, finished=bool(first.finish_reason),
+                queue_s=first.queue_s, prefill_s=first.prefill_s,
+            )
+            if not first.finish_reason:
+                yield await self._hand_off(job, first.token_id)
+        except PdserveError as exc:
+            yield _error_event(exc)
+        finally:
+            self._release(job)
+
+    def abort(self, transfer_id: str) -> bool:
+        """Ends a job at any stage (idempotent). Returns whether the job was known."""
+        job = self._jobs.get(transfer_id)
+        if job is None:
+            return False
+        job.cancel.set()
+        self._batcher.remove(job)
+        if not job.first_token.done():
+            job.first_token.set_exception(Cancelled(f"transfer {transfer_id} aborted"))
+        return True
+
+    def load(self, node_id: str, pid: int) -> LoadReport:
+        blocks = self._engine.block_manager
+        return LoadReport(
+            replica_id=self.replica_id, role="prefill", pid=pid, node_id=node_id,
+            num_active_requests=len(self._jobs), num_waiting_requests=self._batcher.num_waiting,
+            num_free_blocks=blocks.num_free_blocks, num_total_blocks=blocks.num_total_blocks,
+            num_transfers=sum(1 for j in self._jobs.values() if j.sending),
+            num_leases=blocks.num_owners, total_kv_bytes=self._total_kv_bytes,
+            total_requests=self._total_requests,
+        )
+
+    async def _hand_off(self, job: PrefillJob, first_token_id: int) -> PrefillEvent:
+        assert job.block_table is not None, "a job past its forward pass holds blocks"
+        target = job.request.kv_target
+        timeout_s = min(self._config.kv_transfer.timeout_s, job.seconds_left())
+        if timeout_s <= 0:
+            raise DeadlineExceeded("deadline passed before the KV hand-off")
+        source = PagedKVSource(self._engine.kv_cache, job.block_table, job.num_prompt_tokens)
+        job.sending = True
+        send = asyncio.ensure_future(asyncio.to_thread(
+            self._sender.send, address=target.address, transfer_id=job.transfer_id,
+            layout=self._layout, num_tokens=job.num_prompt_tokens, source=source,
+            first_token_id=first_token_id, cancel=job.cancel, timeout_s=timeout_s,
+        ))
+        # The send thread reads the blocks until it returns, whatever happens to this
+        # coroutine; so only its completion may clear `sending` (and free a released job).
+        send.add_done_callback(lambda _: self._on_send_done(job))
+        stats = await asyncio.shield(send)
+        self._total_kv_bytes += stats.num_bytes
+        return PrefillEvent(
+            kind="transferred", transfer_s=stats.elapsed_s, num_bytes=stats.num_bytes,
+            transport=stats.transport,
+        )
+
+    def _on_send_done(self, job: PrefillJob) -> None:
+        job.sending = False
+        self._free_if_idle(job)
+
+    def _release(self, job: PrefillJob) -> None:
+        job.cancel.set()
+        self._batcher.remove(job)
+        job.released = True
+        self._jobs.pop(job.transfer_id, None)
+        self._free_if_idle(job)
+
+    def _free_if_idle(self, job: PrefillJob) -> None:
+        if job.released and not job.in_forward and not job.sending:
+            if self._engine.block_manager.free(job.transfer_id):
+                self._wake_loop()
+
+    def _wake_loop(self) -> None:
+        self._work.set()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
+
+    async def _batch_loop(self) -> None:
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            batch = self._batcher.next_batch()
+            while batch:
+                await self._run_batch(batch)
+                batch = self._batcher.next_batch()
+
+    async def _run_batch(self, batch: list[PrefillJob]) -> None:
+        started = time.monotonic()
+        for job in batch:
+            job.in_forward = True
+        try:
+            token_ids = await asyncio.to_thread(self._forward, batch)
+        except Exception as exc:  # a failed pass fails its batch, never the replica
+            logger.exception("prefill forward failed for %d requests", len(batch))
+            token_ids = [Internal(f"prefill forward failed: {exc}")] * len(batch)
+        prefill_s = time.monotonic() - started
+        for job, token in zip(batch, token_ids):
+            job.in_forward = False
+            self._resolve(job, token, started, prefill_s)
+            self._free_if_idle(job)
+
+    def _forward(self, batch: list[PrefillJob]) -> list[int]:
+        chunks = [
+            SequenceChunk(job.request.prompt_token_ids, 0, job.block_table or []) for job in batch
+        ]
+        logits = self._engine.runner.forward(chunks)
+        return sample(logits, [job.request.sampling for job in batch], [0] * len(batch))
+
+    def _resolve(
+        self, job: PrefillJob, token: int | PdserveError, started: float, prefill_s: float
+    ) -> None:
+        if job.first_token.done():
+            return  # aborted while its pass ran
+        if isinstance(token, PdserveError):
+            job.first_token.set_exception(token)
+            return
+        request = job.request
+        reason = finish_reason(token, 1, request.sampling, request.eos_token_ids)
+        job.first_token.set_result(
+            FirstToken(token, reason, queue_s=started - job.enqueued_at, prefill_s=prefill_s)
+        )
+
+
+async def _within(job: PrefillJob, future: asyncio.Future[FirstToken]) -> FirstToken:
+    """Awaits `future` until the request's deadline."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, job.seconds_left()))
+    except asyncio.TimeoutError:
+        raise DeadlineExceeded("deadline passed while waiting for prefill") from None
+
+
+def _error_event(error: PdserveError) -> PrefillEvent:
+    return PrefillEvent(kind="error", error=error.to_info())

@@ -1,0 +1,112 @@
+"""The router's live view of one pool (prefill or decode): replicas, their load, their state.
+
+Owns the replica table of one role. A poll loop asks every replica for its `LoadReport`
+(bounded by a timeout): a replica that answers is READY, one that does not is UNRESPONSIVE,
+one whose actor is gone is DEAD. Placement reads the last reports plus the router's own count of
+requests it placed since (reports lag by up to one poll interval). Event loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from pdserve.errors import Unavailable
+from pdserve.messages import LoadReport
+from router.ray_calls import call_message
+
+logger = logging.getLogger(__name__)
+
+STARTING, READY, UNRESPONSIVE, DEAD = "starting", "ready", "unresponsive", "dead"
+
+
+@dataclass
+class Replica:
+    replica_id: str
+    handle: Any
+    state: str = STARTING
+    load: LoadReport | None = None
+    # Requests the router placed here that the last report may not show yet.
+    num_placed_since_report: int = 0
+
+    @property
+    def is_ready(self) -> bool:
+        return self.state == READY
+
+    def pending_requests(self) -> int:
+        reported = self.load.num_active_requests if self.load else 0
+        return reported + self.num_placed_since_report
+
+
+class ReplicaPool:
+    def __init__(self, role: str, poll_interval_s: float, poll_timeout_s: float) -> None:
+        self.role = role
+        self._poll_interval_s = poll_interval_s
+        self._poll_timeout_s = poll_timeout_s
+        self._replicas: dict[str, Replica] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.on_change: list[Any] = []
+
+    @property
+    def replicas(self) -> list[Replica]:
+        return list(self._replicas.values())
+
+    @property
+    def num_ready(self) -> int:
+        return sum(1 for r in self._replicas.values() if r.is_ready)
+
+    def add(self, replica_id: str, handle: Any) -> None:
+        self._replicas[replica_id] = Replica(replica_id, handle)
+
+    def get(self, replica_id: str) -> Replica:
+        return self._replicas[replica_id]
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def by_least_loaded(self) -> list[Replica]:
+        """Ready replicas, fewest pending requests first. Raises UNAVAILABLE if none."""
+        ready = [r for r in self._replicas.values() if r.is_ready]
+        if not ready:
+            raise Unavailable(f"no live {self.role} replica")
+        return sorted(ready, key=lambda r: r.pending_requests())
+
+    def by_most_free_blocks(self) -> list[Replica]:
+        """Ready replicas, most free KV blocks first. Raises UNAVAILABLE if none."""
+        ready = [r for r in self._replicas.values() if r.is_ready]
+        if not ready:
+            raise Unavailable(f"no live {self.role} replica")
+        return sorted(ready, key=lambda r: -(r.load.num_free_blocks if r.load else 0))
+
+    async def poll_once(self) -> None:
+        await asyncio.gather(*(self._poll(r) for r in list(self._replicas.values())))
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await self.poll_once()
+            await asyncio.sleep(self._poll_interval_s)  # the poll period, not synchronisation
+
+    async def _poll(self, replica: Replica) -> None:
+        previous = replica.state
+        try:
+            replica.load = await call_message(
+                replica.handle.load, LoadReport, timeout_s=self._poll_timeout_s,
+                what=f"{replica.replica_id}.load",
+            )
+            replica.num_placed_since_report = 0
+            replica.state = READY
+        except Unavailable:
+            replica.state = DEAD
+        except Exception:  # noqa: BLE001 - a slow or failing replica is just not ready
+            replica.state = UNRESPONSIVE
+        if replica.state != previous:
+            logger.info("%s %s: %s -> %s", self.role, replica.replica_id, previous, replica.state)
+            for callback in self.on_change:
+                callback()

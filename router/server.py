@@ -1,0 +1,128 @@
+"""The router process: replica pools, tokenizer, gRPC server and health, started and stopped.
+
+`Router.start()` needs the replica actor handles (created by `pdserve.serve`); it learns the
+model from a replica, refuses pools that serve different models (their KV could never be
+handed over), and serves `pdserve.v1.Generation` plus `grpc.health.v1.Health` on the
+configured address. Health is SERVING only while both pools have a ready replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from pdserve.config import PdserveConfig
+from pdserve.errors import FailedPrecondition
+from pdserve.messages import ModelInfo
+from router.ray_calls import call_message
+from router.replica_pool import ReplicaPool
+from router.request_flow import RequestFlow
+from router.servicer import SERVICE_NAME, GenerationServicer
+from router.tokenizer import RouterTokenizer
+
+logger = logging.getLogger(__name__)
+
+MODEL_INFO_TIMEOUT_S = 60.0
+
+
+class Router:
+    def __init__(
+        self, config: PdserveConfig, prefill_actors: dict[str, Any], decode_actors: dict[str, Any]
+    ) -> None:
+        self._config = config
+        timeouts = config.timeouts
+        self.prefill_pool = ReplicaPool(
+            "prefill", timeouts.load_poll_interval_s, timeouts.load_poll_timeout_s
+        )
+        self.decode_pool = ReplicaPool(
+            "decode", timeouts.load_poll_interval_s, timeouts.load_poll_timeout_s
+        )
+        for replica_id, handle in prefill_actors.items():
+            self.prefill_pool.add(replica_id, handle)
+        for replica_id, handle in decode_actors.items():
+            self.decode_pool.add(replica_id, handle)
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self.servicer: GenerationServicer | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        """Starts serving; returns the bound port. Raises FailedPrecondition when the pools
+        serve different models."""
+        model_info = await self._model_info()
+        tokenizer = RouterTokenizer.from_model_info(model_info)
+        flow = RequestFlow(self._config, tokenizer, self.prefill_pool, self.decode_pool)
+        self.servicer = GenerationServicer(
+            self._config, tokenizer, flow, self.prefill_pool, self.decode_pool,
+            model_name=model_info.model, version=_pdserve_version(),
+        )
+        server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", self._config.limits.max_request_bytes)]
+        )
+        server.add_generic_rpc_handlers((self.servicer.handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        router_config = self._config.router
+        self.port = server.add_insecure_port(f"{router_config.host}:{router_config.port}")
+        await server.start()
+        self._server = server
+        for pool in (self.prefill_pool, self.decode_pool):
+            pool.on_change.append(self._schedule_health_update)
+            await pool.poll_once()
+            pool.start()
+        await self._update_health()
+        logger.info("router serving on %s:%d", router_config.host, self.port)
+        return self.port
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self._health.enter_graceful_shutdown()
+        for pool in (self.prefill_pool, self.decode_pool):
+            await pool.stop()
+        if self._server is not None:
+            await self._server.stop(grace_s)
+
+    async def _model_info(self) -> ModelInfo:
+        infos = {}
+        for pool in (self.prefill_pool, self.decode_pool):
+            for replica in pool.replicas:
+                infos[replica.replica_id] = await call_message(
+                    replica.handle.model_info, ModelInfo, timeout_s=MODEL_INFO_TIMEOUT_S,
+                    what=f"{replica.replica_id}.model_info",
+                )
+        reference_id, reference = next(iter(infos.items()))
+        for replica_id, info in infos.items():
+            if (info.kv_fingerprint, info.dtype) != (reference.kv_fingerprint, reference.dtype):
+                raise FailedPrecondition(
+                    f"{replica_id} serves a different model or dtype than {reference_id}: "
+                    "their KV cannot be handed over"
+                )
+        return reference
+
+    def _schedule_health_update(self) -> None:
+        asyncio.get_running_loop().create_task(self._update_health())
+
+    async def _update_health(self) -> None:
+        serving = self.prefill_pool.num_ready > 0 and self.decode_pool.num_ready > 0
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+        if not serving:
+            logger.warning(
+                "NOT_SERVING: %d ready prefill, %d ready decode replicas",
+                self.prefill_pool.num_ready, self.decode_pool.num_ready,
+            )
+
+
+def _pdserve_version() -> str:
+    try:
+        return version("pdserve")
+    except PackageNotFoundError:
+        return "unknown"

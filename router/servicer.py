@@ -1,0 +1,173 @@
+"""The public `pdserve.v1.Generation` service: thin adapters between protobuf and the flow.
+
+Protobuf stays here: requests are validated into `ValidatedRequest`, the flow's chunks become
+`GenerateResponse`s, and every `PdserveError` ends the call through `abort_with` (the one
+mapping to gRPC statuses).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from pdserve.config import PdserveConfig
+from pdserve.errors import PdserveError, ResourceExhausted
+from pdserve.v1 import pdserve_pb2
+from router.request_codec import InvalidRequestBytes, generate_request_deserializer
+from router.request_flow import Completion, RequestFlow, StreamChunk
+from router.replica_pool import ReplicaPool
+from router.status import abort_with
+from router.tokenizer import RouterTokenizer
+from router.validation import validate_request
+
+SERVICE_NAME = "pdserve.v1.Generation"
+_FINISH_REASONS = {
+    "stop": pdserve_pb2.FINISH_REASON_STOP,
+    "length": pdserve_pb2.FINISH_REASON_LENGTH,
+    "cancelled": pdserve_pb2.FINISH_REASON_CANCELLED,
+}
+_REPLICA_STATES = {
+    "starting": pdserve_pb2.REPLICA_STATE_STARTING,
+    "ready": pdserve_pb2.REPLICA_STATE_READY,
+    "unresponsive": pdserve_pb2.REPLICA_STATE_UNRESPONSIVE,
+    "dead": pdserve_pb2.REPLICA_STATE_DEAD,
+}
+
+
+class GenerationServicer:
+    def __init__(
+        self,
+        config: PdserveConfig,
+        tokenizer: RouterTokenizer,
+        flow: RequestFlow,
+        prefill_pool: ReplicaPool,
+        decode_pool: ReplicaPool,
+        model_name: str,
+        version: str,
+    ) -> None:
+        self._config = config
+        self._tokenizer = tokenizer
+        self._flow = flow
+        self._prefill_pool = prefill_pool
+        self._decode_pool = decode_pool
+        self._model_name = model_name
+        self._version = version
+        self._max_context_tokens = min(
+            config.model.max_context_tokens, tokenizer.max_context_tokens
+        )
+        self.num_inflight = 0
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's method table, with the size-limited, UTF-8-safe request parser."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Generate": grpc.unary_stream_rpc_method_handler(
+                    self.Generate,
+                    request_deserializer=generate_request_deserializer(
+                        self._config.limits.max_request_bytes
+                    ),
+                    response_serializer=pdserve_pb2.GenerateResponse.SerializeToString,
+                ),
+                "Info": grpc.unary_unary_rpc_method_handler(
+                    self.Info,
+                    request_deserializer=pdserve_pb2.InfoRequest.FromString,
+                    response_serializer=pdserve_pb2.InfoResponse.SerializeToString,
+                ),
+            },
+        )
+
+    async def Generate(  # noqa: N802 - gRPC method name
+        self,
+        request: pdserve_pb2.GenerateRequest | InvalidRequestBytes,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
+        try:
+            if isinstance(request, InvalidRequestBytes):
+                raise request.to_error()
+            validated = validate_request(
+                request, self._tokenizer, self._config.limits, self._max_context_tokens
+            )
+            if self.num_inflight >= self._config.router.max_inflight_requests:
+                raise ResourceExhausted(
+                    f"router at capacity ({self.num_inflight} requests in flight)"
+                )
+            self.num_inflight += 1
+            try:
+                async for chunk in self._flow.run(validated, self._deadline(context)):
+                    yield _to_proto(chunk)
+            finally:
+                self.num_inflight -= 1
+        except PdserveError as exc:
+            await abort_with(context, exc)
+
+    async def Info(  # noqa: N802 - gRPC method name
+        self, request: pdserve_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> pdserve_pb2.InfoResponse:
+        return pdserve_pb2.InfoResponse(
+            model=self._model_name,
+            dtype=self._config.model.dtype,
+            mode=self._config.mode,
+            kv_transport=self._config.kv_transfer.transport,
+            prefill=_pool_info(self._prefill_pool, self._config.prefill.replicas),
+            decode=_pool_info(self._decode_pool, self._config.decode.replicas),
+            version=self._version,
+            kv_block_size=self._config.decode.kv_cache.block_size,
+            max_context_tokens=self._max_context_tokens,
+        )
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
+        """Wall-clock deadline: the client's, capped by config; the default when unset."""
+        timeouts = self._config.timeouts
+        remaining = context.time_remaining()
+        seconds = timeouts.default_deadline_s if remaining is None else remaining
+        return time.time() + min(seconds, timeouts.max_deadline_s)
+
+
+def _to_proto(chunk: StreamChunk) -> pdserve_pb2.GenerateResponse:
+    response = pdserve_pb2.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text)
+    if chunk.completion is not None:
+        response.final.CopyFrom(_final_info(chunk.completion))
+    return response
+
+
+def _final_info(completion: Completion) -> pdserve_pb2.FinalInfo:
+    timings: dict[str, Any] = completion.timings
+    return pdserve_pb2.FinalInfo(
+        finish_reason=_FINISH_REASONS.get(
+            completion.finish_reason, pdserve_pb2.FINISH_REASON_UNSPECIFIED
+        ),
+        usage=pdserve_pb2.Usage(
+            prompt_tokens=completion.num_prompt_tokens,
+            completion_tokens=completion.num_completion_tokens,
+        ),
+        timings=pdserve_pb2.Timings(**timings),
+        request_id=completion.request_id,
+        served_by=pdserve_pb2.ServedBy(
+            mode=completion.mode,
+            kv_transport=completion.kv_transport,
+            prefill_replica=completion.prefill_replica,
+            decode_replica=completion.decode_replica,
+            kv_bytes=completion.kv_bytes,
+        ),
+    )
+
+
+def _pool_info(pool: ReplicaPool, configured: int) -> pdserve_pb2.PoolInfo:
+    replicas = []
+    for replica in pool.replicas:
+        load = replica.load
+        replicas.append(
+            pdserve_pb2.ReplicaInfo(
+                replica_id=replica.replica_id,
+                state=_REPLICA_STATES[replica.state],
+                num_active_requests=load.num_active_requests if load else 0,
+                num_free_blocks=load.num_free_blocks if load else 0,
+                num_total_blocks=load.num_total_blocks if load else 0,
+                node_id=load.node_id if load else "",
+            )
+        )
+    return pdserve_pb2.PoolInfo(configured_replicas=configured, replicas=replicas)

@@ -1,0 +1,55 @@
+"""One local Ray cluster per test session; services built from factories; the leak oracle."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+
+from pdserve.messages import LoadReport, decode
+from pdserve.serve import Service
+from tests.factories.model import build_tiny_model_dir
+
+QUIET_TIMEOUT_S = 30.0
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    # More logical CPUs than cores: several small replicas share the 2 real ones.
+    ray.init(num_cpus=8, include_dashboard=False, logging_level=logging.WARNING,
+             namespace="pdserve-tests")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+def load_reports(service: Service) -> list[LoadReport]:
+    actors = {**service.prefill_actors, **service.decode_actors}
+    return [decode(LoadReport, ray.get(a.load.remote(), timeout=30)) for a in actors.values()]
+
+
+def assert_quiet(service: Service) -> list[LoadReport]:
+    """The leak oracle: once the system is quiet, no lease, block, transfer or router entry is
+    left. Polls (bounded) because aborts reach replicas asynchronously."""
+    deadline = time.monotonic() + QUIET_TIMEOUT_S
+    while True:
+        reports = load_reports(service)
+        leaks = [
+            r for r in reports
+            if r.num_active_requests or r.num_leases or r.num_transfers
+            or r.num_free_blocks != r.num_total_blocks
+        ]
+        router_busy = service.router is not None and service.router.servicer.num_inflight
+        if not leaks and not router_busy:
+            return reports
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not quiet: leaks={leaks} router_inflight={router_busy}")
+        time.sleep(0.05)  # polling interval of a bounded wait, not synchronisation

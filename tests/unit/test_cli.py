@@ -1,0 +1,250 @@
+"""The `pdserve` CLI and GenerationClient against an in-process fake Generation server."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import threading
+import types
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pdserve import cli
+from pdserve.client import GenerationClient, collect, make_request
+from pdserve.v1 import pdserve_pb2, pdserve_pb2_grpc
+
+PIECES = (([17], "Hello"), ([18], ","), ([], ""), ([19, 20], " world"))
+BAD_PROMPT = "please fail"
+
+
+class FakeGeneration(pdserve_pb2_grpc.GenerationServicer):
+    """Records requests; streams PIECES then a final message, or fails for BAD_PROMPT."""
+
+    def __init__(self) -> None:
+        self.requests: list[pdserve_pb2.GenerateRequest] = []
+
+    def Generate(self, request, context):  # noqa: N802 (gRPC method name)
+        self.requests.append(request)
+        if request.text == BAD_PROMPT:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p: must be in (0, 1]")
+        for token_ids, text in PIECES:
+            yield pdserve_pb2.GenerateResponse(token_ids=token_ids, text=text)
+        yield pdserve_pb2.GenerateResponse(final=_final(len(request.text.split())))
+
+    def Info(self, request, context):  # noqa: N802
+        replica = pdserve_pb2.ReplicaInfo(
+            replica_id="decode-0",
+            state=pdserve_pb2.REPLICA_STATE_READY,
+            num_active_requests=3,
+            num_free_blocks=90,
+            num_total_blocks=128,
+            node_id="abcdef0123456789",
+        )
+        return pdserve_pb2.InfoResponse(
+            model="embedded:smollm2-135m-instruct",
+            dtype="float32",
+            mode="disaggregated",
+            kv_transport="grpc",
+            prefill=pdserve_pb2.PoolInfo(configured_replicas=2),
+            decode=pdserve_pb2.PoolInfo(configured_replicas=1, replicas=[replica]),
+            version="0.1.0",
+            kv_block_size=16,
+            max_context_tokens=2048,
+        )
+
+
+def _final(num_prompt_tokens: int) -> pdserve_pb2.FinalInfo:
+    num_tokens = sum(len(ids) for ids, _ in PIECES)
+    return pdserve_pb2.FinalInfo(
+        finish_reason=pdserve_pb2.FINISH_REASON_LENGTH,
+        usage=pdserve_pb2.Usage(prompt_tokens=num_prompt_tokens, completion_tokens=num_tokens),
+        request_id="req-42",
+        served_by=pdserve_pb2.ServedBy(
+            mode="disaggregated",
+            kv_transport="grpc",
+            prefill_replica="prefill-1",
+            decode_replica="decode-0",
+            kv_bytes=4096,
+        ),
+    )
+
+
+@pytest.fixture
+def fake() -> Iterator[tuple[str, FakeGeneration]]:
+    servicer = FakeGeneration()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pdserve_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", servicer
+    server.stop(grace=None)
+
+
+def test_generate_flags_reach_the_request(fake, capsys) -> None:
+    address, servicer = fake
+    argv = [
+        "generate", "--address", address, "--max-tokens", "7", "--temperature", "0.5",
+        "--top-p", "0.9", "--top-k", "40", "--seed", "123", "--stop", "\n\n", "--stop", "END",
+        "--stop-token-id", "2", "--ignore-eos", "--timeout", "30", "the prompt",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    (request,) = servicer.requests
+    assert request.WhichOneof("prompt") == "text" and request.text == "the prompt"
+    sampling = request.sampling
+    assert sampling.max_tokens == 7
+    assert sampling.temperature == pytest.approx(0.5)
+    assert sampling.top_p == pytest.approx(0.9)
+    assert sampling.top_k == 40
+    assert sampling.HasField("seed") and sampling.seed == 123
+    assert list(sampling.stop) == ["\n\n", "END"]
+    assert list(sampling.stop_token_ids) == [2]
+    assert sampling.ignore_eos is True
+    out, err = capsys.readouterr()
+    assert out == "Hello, world\n"
+    summary = err.strip()
+    assert "\n" not in summary
+    for part in ("finish=LENGTH", "prompt_tokens=2", "completion_tokens=4", "transport=grpc",
+                 "replicas=prefill-1->decode-0", "request_id=req-42", "ttft=", "tokens/s="):  # fmt: skip
+        assert part in summary
+
+
+def test_generate_defaults(fake, capsys) -> None:
+    address, servicer = fake
+    assert cli.main(["generate", "--address", address, "hi"]) == 0
+    sampling = servicer.requests[0].sampling
+    assert sampling.max_tokens == 128
+    assert (sampling.temperature, sampling.top_p, sampling.top_k) == (0.0, 0.0, 0)
+    assert not sampling.HasField("seed")
+    assert list(sampling.stop) == [] and list(sampling.stop_token_ids) == []
+    assert sampling.ignore_eos is False
+
+
+def test_grpc_error_prints_code_and_details(fake, capsys) -> None:
+    address, _ = fake
+    assert cli.main(["generate", "--address", address, BAD_PROMPT]) == 1
+    err = capsys.readouterr().err
+    assert "error: INVALID_ARGUMENT: sampling.top_p: must be in (0, 1]" in err
+
+
+def test_unreachable_server_is_unavailable(capsys) -> None:
+    with socket.socket() as probe:  # a port nobody listens on once the probe closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = ["generate", "--address", f"127.0.0.1:{port}", "--timeout", "20", "hi"]
+    assert cli.main(argv) == 1
+    assert "error: UNAVAILABLE:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--max-tokens", "0"], ["--max-tokens", "x"], ["--top-k", "-1"], ["--seed", str(2**64)]],
+)
+def test_out_of_range_flags_exit_2(flags, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", *flags, "hi"])
+    assert info.value.code == 2
+    assert flags[0] in capsys.readouterr().err
+
+
+def test_info_prints_pools(fake, capsys) -> None:
+    address, _ = fake
+    assert cli.main(["info", "--address", address]) == 0
+    out = capsys.readouterr().out
+    assert "embedded:smollm2-135m-instruct (float32)" in out
+    assert "disaggregated, KV transport grpc" in out
+    assert "prefill     0/2 replicas" in out
+    assert "decode      1/1 replicas" in out
+    replica_line = next(line for line in out.splitlines() if "decode-0" in line)
+    for part in ("READY", "active=3", "free_blocks=90/128", "node=abcdef012345"):
+        assert part in replica_line
+
+
+def test_client_token_id_prompt_and_collect(fake) -> None:
+    address, servicer = fake
+    with GenerationClient(address, timeout_s=30) as client:
+        pieces: list[str] = []
+        result = collect(client.generate([5, 6, 7], max_tokens=3), on_text=pieces.append)
+    assert list(servicer.requests[0].token_ids.ids) == [5, 6, 7]
+    assert result.token_ids == [17, 18, 19, 20]
+    assert result.text == "Hello, world" and pieces == ["Hello", ",", " world"]
+    assert result.final is not None and result.final.request_id == "req-42"
+    assert 0 <= result.ttft_s <= result.total_s
+    assert result.tokens_per_s >= 0
+
+
+def test_make_request_leaves_seed_unset() -> None:
+    assert not make_request("x", max_tokens=1).sampling.HasField("seed")
+    assert make_request("x", max_tokens=1, seed=0).sampling.HasField("seed")
+
+
+def _write_config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "pdserve.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_serve_with_bad_config_exits_2(tmp_path, capsys) -> None:
+    config = _write_config(tmp_path, "decode:\n  replica: 2\n")
+    assert cli.main(["serve", "--config", config]) == 2
+    err = capsys.readouterr().err
+    assert "decode.replica: unknown key" in err and "replicas" in err
+
+
+def test_serve_with_missing_config_exits_2(tmp_path, capsys) -> None:
+    assert cli.main(["serve", "--config", str(tmp_path / "absent.yaml")]) == 2
+    assert "absent.yaml" in capsys.readouterr().err
+
+
+def test_ray_address_precedence(monkeypatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cli.resolve_ray_address(None, None) is None
+    assert cli.resolve_ray_address(None, "auto") == "auto"
+    monkeypatch.setenv("RAY_ADDRESS", "env-head:6379")
+    assert cli.resolve_ray_address(None, "auto") == "env-head:6379"
+    assert cli.resolve_ray_address("flag-head:6379", "auto") == "flag-head:6379"
+
+
+class FakeService:
+    """Stands in for pdserve.serve.Service; its wait() delivers SIGTERM's handler."""
+
+    instances: list[FakeService] = []
+
+    def __init__(self, config, ray_address=None) -> None:
+        self.config = config
+        self.ray_address = ray_address
+        self.calls: list[str] = []
+        self.address = "127.0.0.1:6000"
+        FakeService.instances.append(self)
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def wait(self) -> None:
+        self.calls.append("wait")
+        assert threading.current_thread() is threading.main_thread()
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler), "serve installs no SIGTERM handler"
+        handler(signal.SIGTERM, None)
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+
+def test_serve_runs_until_sigterm_then_stops(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "pdserve.serve", types.SimpleNamespace(Service=FakeService))
+    monkeypatch.setenv("RAY_ADDRESS", "env-head:6379")
+    FakeService.instances.clear()
+    before = signal.getsignal(signal.SIGTERM)
+    config = _write_config(tmp_path, "ray:\n  address: auto\nrouter:\n  port: 6000\n")
+    assert cli.main(["serve", "--config", config]) == 0
+    (service,) = FakeService.instances
+    assert service.calls == ["start", "wait", "stop"]
+    assert service.ray_address == "env-head:6379"
+    assert service.config.router.port == 6000
+    assert "listening on 127.0.0.1:6000" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is before
