@@ -25,6 +25,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock, Timeout
 
@@ -176,10 +177,22 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """De-quantizes the GGUF to float32 and saves model + tokenizer as a normal HF folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # Per-tensor progress bars become hundreds of lines in Ray's actor logs; we print our own.
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        _save(model, tokenizer, out_dir)
+    finally:
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _save(model: Any, tokenizer: Any, out_dir: Path) -> None:
     # transformers refuses to save a model that still has its GGUF quantizer attached; the
     # weights are already de-quantized, so dropping it (and its config section) is exact.
     model.hf_quantizer = None

@@ -235,10 +235,10 @@ class InprocSender(KVSender):
         call = receiver.accept(pipe)
         header = Header(transfer_id, layout, num_tokens, len(chunks))
         messages = outgoing_messages(header, chunks, source, first_token_id,
-                                     lambda: pipe.error is not None)
+                                     lambda: cancel.is_set() or pipe.error is not None)
         # Reading on a thread of its own keeps cancel and the deadline prompt while the
         # source blocks, as gRPC's request thread does.
-        threading.Thread(target=_feed, args=(pipe, messages), daemon=True,
+        threading.Thread(target=_feed, args=(pipe, messages, cancel), daemon=True,
                          name="kv-inproc-sender").start()
         try:
             num_bytes = _wait(call, cancel, deadline)
@@ -259,17 +259,23 @@ def _detached(message: Message) -> Message:
     return message
 
 
-def _feed(pipe: _Pipe, messages: Iterator[Message]) -> None:
-    """Moves the stream into the pipe until it ends or either side closes the pipe."""
+def _feed(pipe: _Pipe, messages: Iterator[Message], cancel: threading.Event) -> None:
+    """Moves the stream into the pipe until it ends, `cancel` is set, or either side closes
+    the pipe."""
     try:
         for message in messages:
             while not pipe.put(_detached(message), _POLL_S):
                 if pipe.error is not None:
                     return
-        pipe.end()
     except TransferError as err:
         # The receiver fails the push with this error, which the sender then reports.
         pipe.close(err)
+        return
+    if cancel.is_set():
+        # Ending the stream now would look truncated: the receiver must see a cancellation.
+        pipe.close(TransferCancelled("push: cancelled by the sender"))
+    else:
+        pipe.end()
 
 
 def _wait(call: _PushCall, cancel: threading.Event, deadline: float) -> int:

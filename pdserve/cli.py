@@ -113,6 +113,8 @@ def _serve(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         service.start()
+        # ray.init() (inside start) replaces the SIGTERM handler with one that exits at once.
+        signal.signal(signal.SIGTERM, _interrupt)
         print(f"pdserve: listening on {service.address}", flush=True)
         service.wait()
     except KeyboardInterrupt:

@@ -20,7 +20,7 @@ from pdserve.v1 import pdserve_pb2
 
 # The request messages nest two levels deep; the cap only guards against a malicious wire.
 _MAX_DEPTH = 16
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_VARINT, _I64, _LEN, _START_GROUP, _END_GROUP, _I32 = 0, 1, 2, 3, 4, 5
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,9 @@ def parse_generate_request(
     parsing, so the work is bounded by `max_bytes`.
     """
     if len(data) > max_bytes:
-        return InvalidRequestBytes("request", f"{len(data)} bytes exceeds the {max_bytes}-byte limit")
+        return InvalidRequestBytes(
+            "request", f"{len(data)} bytes exceeds the {max_bytes}-byte limit"
+        )
     try:
         return pdserve_pb2.GenerateRequest.FromString(data)
     except DecodeError:
@@ -80,26 +82,45 @@ def _walk(descriptor: Descriptor, data: memoryview, path: str, depth: int) -> st
     """Path of the first string field (at any depth) whose bytes are not valid UTF-8."""
     pos = 0
     while pos < len(data):
-        tag, pos = _read_varint(data, pos)
-        number, wire_type = tag >> 3, tag & 7
-        if wire_type == _VARINT:
-            _, pos = _read_varint(data, pos)
-        elif wire_type in (_I64, _I32):
-            pos += 8 if wire_type == _I64 else 4
-        elif wire_type == _LEN:
+        number, wire_type, pos = _read_tag(data, pos)
+        if wire_type == _LEN:
             length, pos = _read_varint(data, pos)
+            if pos + length > len(data):
+                raise _WireError
             payload = data[pos : pos + length]
             pos += length
-            if pos > len(data):
-                raise _WireError
             found = _check_field(descriptor.fields_by_number.get(number), payload, path, depth)
             if found is not None:
                 return found
         else:
-            raise _WireError  # groups (wire types 3 and 4) are not used by pdserve messages
-    if pos > len(data):
-        raise _WireError
+            pos = _skip(data, pos, number, wire_type, depth)
     return None
+
+
+def _skip(data: memoryview, pos: int, number: int, wire_type: int, depth: int) -> int:
+    """Position after a non-length-delimited field (protobuf keeps unknown groups too)."""
+    if wire_type == _VARINT:
+        return _read_varint(data, pos)[1]
+    if wire_type in (_I64, _I32):
+        pos += 8 if wire_type == _I64 else 4
+        if pos > len(data):
+            raise _WireError
+        return pos
+    if wire_type != _START_GROUP or depth >= _MAX_DEPTH:
+        raise _WireError
+    while True:
+        inner_number, inner_type, pos = _read_tag(data, pos)
+        if inner_type == _END_GROUP:
+            if inner_number != number:
+                raise _WireError
+            return pos
+        if inner_type == _LEN:
+            length, pos = _read_varint(data, pos)
+            pos += length
+            if pos > len(data):
+                raise _WireError
+        else:
+            pos = _skip(data, pos, inner_number, inner_type, depth + 1)
 
 
 def _check_field(
@@ -125,6 +146,11 @@ def _field_path(path: str, field: FieldDescriptor) -> str:
     if oneof is not None and not (len(oneof.fields) == 1 and oneof.name.startswith("_")):
         name = f"{oneof.name}.{name}"
     return f"{path}.{name}" if path else name
+
+
+def _read_tag(data: memoryview, pos: int) -> tuple[int, int, int]:
+    tag, pos = _read_varint(data, pos)
+    return tag >> 3, tag & 7, pos
 
 
 def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:

@@ -12,6 +12,7 @@ import ray
 
 from pdserve.messages import LoadReport, decode
 from pdserve.serve import Service
+from tests.factories.config import make_config
 from tests.factories.model import build_tiny_model_dir
 
 QUIET_TIMEOUT_S = 30.0
@@ -29,6 +30,14 @@ def ray_cluster() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_service(ray_cluster: None, tiny_model_dir: Path) -> Iterator[Service]:
+    """1 prefill + 2 decode replicas of the tiny Llama: placement and hand-off to either."""
+    config = make_config(str(tiny_model_dir), decode={"replicas": 2})
+    with Service(config) as running:
+        yield running
 
 
 def load_reports(service: Service) -> list[LoadReport]:

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from transformers import AutoModelForCausalLM
 from pdserve.client import GenerationClient, collect
 from pdserve.serve import Service
 from pdserve.v1 import pdserve_pb2
-from tests.factories.config import make_config
 from tests.integration.conftest import assert_quiet, load_reports
 
 PROMPTS = [
@@ -30,14 +28,6 @@ PROMPTS = [
     [250] * 20,
 ]
 MAX_TOKENS = 16
-
-
-@pytest.fixture(scope="module")
-def service(ray_cluster: None, tiny_model_dir: Path) -> Iterator[Service]:
-    # Two decode replicas: placement and KV hand-off must work to either.
-    config = make_config(str(tiny_model_dir), decode={"replicas": 2})
-    with Service(config) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")
@@ -57,24 +47,24 @@ def generate(address: str, prompt: list[int]):
         return collect(client.generate(prompt, max_tokens=MAX_TOKENS, temperature=0.0))
 
 
-def test_each_request_alone_matches_transformers(service: Service, references) -> None:
+def test_each_request_alone_matches_transformers(tiny_service: Service, references) -> None:
     for prompt, expected in zip(PROMPTS, references):
-        result = generate(service.address, prompt)
+        result = generate(tiny_service.address, prompt)
         assert result.token_ids == expected, f"prompt {prompt}"
         assert result.final is not None
         assert result.final.usage.completion_tokens == len(expected)
         assert result.final.usage.prompt_tokens == len(prompt)
-    assert_quiet(service)
+    assert_quiet(tiny_service)
 
 
 def test_eight_concurrent_requests_match_and_share_decode_batches(
-    service: Service, references
+    tiny_service: Service, references
 ) -> None:
-    before = {r.replica_id: r for r in load_reports(service)}
+    before = {r.replica_id: r for r in load_reports(tiny_service)}
     with ThreadPoolExecutor(max_workers=len(PROMPTS)) as pool:
-        results = list(pool.map(lambda p: generate(service.address, p), PROMPTS))
+        results = list(pool.map(lambda p: generate(tiny_service.address, p), PROMPTS))
     assert [r.token_ids for r in results] == references
-    after = assert_quiet(service)
+    after = assert_quiet(tiny_service)
     decode_steps = sum(
         r.total_decode_steps - before[r.replica_id].total_decode_steps
         for r in after if r.role == "decode"
@@ -86,19 +76,19 @@ def test_eight_concurrent_requests_match_and_share_decode_batches(
     assert decode_tokens > decode_steps, "no decode step ran more than one sequence"
 
 
-def test_kv_crosses_a_process_boundary_with_the_exact_byte_count(service: Service) -> None:
-    reports = load_reports(service)
+def test_kv_crosses_a_process_boundary_with_the_exact_byte_count(tiny_service: Service) -> None:
+    reports = load_reports(tiny_service)
     pids = {r.role: r.pid for r in reports}
     assert pids["prefill"] != pids["decode"] and os.getpid() not in pids.values()
     received_before = sum(r.total_kv_bytes for r in reports if r.role == "decode")
     prompt = PROMPTS[4]
-    result = generate(service.address, prompt)
+    result = generate(tiny_service.address, prompt)
     served = result.final.served_by
     # 3 layers x (K + V) x 60 tokens x 2 KV heads x 16 dims x 4 bytes (fp32)
     expected_bytes = 3 * 2 * len(prompt) * 2 * 16 * 4
     assert served.kv_bytes == expected_bytes
     assert served.kv_transport == "grpc" and served.mode == "disaggregated"
-    received_after = sum(r.total_kv_bytes for r in load_reports(service) if r.role == "decode")
+    received_after = sum(r.total_kv_bytes for r in load_reports(tiny_service) if r.role == "decode")
     assert received_after - received_before == expected_bytes
     assert result.final.finish_reason in (
         pdserve_pb2.FINISH_REASON_LENGTH, pdserve_pb2.FINISH_REASON_STOP

@@ -64,9 +64,7 @@ def test_local_config_keeps_defaults_except_where_local() -> None:
     loaded = load_config(CONFIGS / "local.yaml").to_dict()
     defaults = PdserveConfig().to_dict()
     differing = {
-        path
-        for path in _key_paths(PdserveConfig)
-        if _get(loaded, path) != _get(defaults, path)
+        path for path in _key_paths(PdserveConfig) if _get(loaded, path) != _get(defaults, path)
     }
     assert differing == {"ray.num_cpus"}
 
@@ -101,7 +99,11 @@ def test_multinode_example() -> None:
             "prefill.resources.gpus",
             "num_cpus, num_gpus, torch_threads",
         ),
-        ({"decode": {"kv_cache": {"blocks": 1}}}, "decode.kv_cache.blocks", "block_size, memory_mb"),
+        (
+            {"decode": {"kv_cache": {"blocks": 1}}},
+            "decode.kv_cache.blocks",
+            "block_size, memory_mb",
+        ),
     ],
 )
 def test_unknown_key_names_path_and_valid_keys(raw: Any, key: str, valid: str) -> None:
