@@ -91,7 +91,13 @@ def ensure_embedded_model(name: str, cache_dir: str | None) -> Path:
     target = root / model.cache_key
     if _is_complete(target):
         return target
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"model.cache_dir: cannot create {root}: {exc.strerror or exc}; "
+            "set model.cache_dir to a writable folder"
+        ) from None
     lock = FileLock(str(root / f"{model.cache_key}.lock"))
     try:
         lock.acquire(timeout=0)
@@ -177,19 +183,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """De-quantizes the GGUF to float32 and saves model + tokenizer as a normal HF folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    # Per-tensor progress bars become hundreds of lines in Ray's actor logs; we print our own.
-    bars_were_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        _save(model, tokenizer, out_dir)
-    finally:
-        if bars_were_enabled:
-            hf_logging.enable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    _save(model, tokenizer, out_dir)
 
 
 def _save(model: Any, tokenizer: Any, out_dir: Path) -> None:

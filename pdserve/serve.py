@@ -36,7 +36,11 @@ class Service:
 
     @property
     def address(self) -> str:
-        return f"{self.config.router.host}:{self.port}"
+        """Where clients reach the router ("host:port"); a wildcard bind shows as loopback."""
+        host = self.config.router.host
+        if host in ("0.0.0.0", "::", "[::]"):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
 
     @property
     def prefill_actors(self) -> dict[str, Any]:
@@ -62,14 +66,16 @@ class Service:
         self._stop_requested.wait()
 
     def stop(self) -> None:
+        """Stops the router and the replicas; safe to call more than once."""
         self._stop_requested.set()
-        if self._loop is not None and self.router is not None:
-            future = asyncio.run_coroutine_threadsafe(self.router.stop(), self._loop)
-            future.result(timeout=30)
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        loop, router, thread = self._loop, self.router, self._thread
+        self._loop, self.router, self._thread = None, None, None
+        if loop is not None and router is not None:
+            asyncio.run_coroutine_threadsafe(router.stop(), loop).result(timeout=30)
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout=30)
         kill_pools(self._prefill, self._decode)
         self._prefill, self._decode = {}, {}
         if self._started_ray:

@@ -68,13 +68,16 @@ class Router:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         router_config = self._config.router
         self.port = server.add_insecure_port(f"{router_config.host}:{router_config.port}")
+        # grpc's health servicer starts out SERVING; nothing is known about the pools yet.
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
         for pool in (self.prefill_pool, self.decode_pool):
-            pool.on_change.append(self._schedule_health_update)
             await pool.poll_once()
-            pool.start()
         await self._update_health()
+        for pool in (self.prefill_pool, self.decode_pool):
+            pool.on_change.append(self._schedule_health_update)
+            pool.start()
         logger.info("router serving on %s:%d", router_config.host, self.port)
         return self.port
 
@@ -105,6 +108,10 @@ class Router:
     def _schedule_health_update(self) -> None:
         asyncio.get_running_loop().create_task(self._update_health())
 
+    async def _set_health(self, status: int) -> None:
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+
     async def _update_health(self) -> None:
         serving = self.prefill_pool.num_ready > 0 and self.decode_pool.num_ready > 0
         status = (
@@ -112,8 +119,7 @@ class Router:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for service in ("", SERVICE_NAME):
-            await self._health.set(service, status)
+        await self._set_health(status)
         if not serving:
             logger.warning(
                 "NOT_SERVING: %d ready prefill, %d ready decode replicas",

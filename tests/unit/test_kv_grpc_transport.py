@@ -62,6 +62,7 @@ class ArraySink:
         self.keys = np.zeros(shape, dtype=np.float32)
         self.values = np.zeros(shape, dtype=np.float32)
         self.num_writes = 0
+        self.written = threading.Event()
 
     def write(self, chunk: ChunkSpec, data: memoryview) -> None:
         block = np.s_[chunk.layer_start : chunk.layer_end, chunk.token_start : chunk.token_end]
@@ -70,6 +71,7 @@ class ArraySink:
         self.keys[block] = flat[:half].reshape(self.keys[block].shape)
         self.values[block] = flat[half:].reshape(self.values[block].shape)
         self.num_writes += 1
+        self.written.set()
 
 
 class DoneRecorder:
@@ -210,7 +212,8 @@ def test_sender_cancel_is_prompt_while_the_source_blocks(sender: KVSender,
     receiver.expect("t1", NUM_TOKENS, sink, done)
     cancel = threading.Event()
     thread, errors = _send_in_thread(sender, receiver, source, cancel=cancel)
-    assert source.reached_gate.wait(WAIT_S)
+    # Once the sink was written the receiver has the transfer in progress.
+    assert source.reached_gate.wait(WAIT_S) and sink.written.wait(WAIT_S)
     cancel.set()
     # The source is still blocked: send must return anyway.
     thread.join(WAIT_S)
@@ -234,7 +237,8 @@ def test_sender_cancel_fails_the_transfer(sender: KVSender, receiver: KVReceiver
     receiver.expect("t1", NUM_TOKENS, sink, done)
     cancel = threading.Event()
     thread, errors = _send_in_thread(sender, receiver, source, cancel=cancel)
-    assert source.reached_gate.wait(WAIT_S)
+    # Once the sink was written the receiver has the transfer in progress.
+    assert source.reached_gate.wait(WAIT_S) and sink.written.wait(WAIT_S)
     cancel.set()
     source.gate.set()
     thread.join(WAIT_S)
@@ -253,7 +257,8 @@ def test_receiver_cancel_mid_push_fails_the_sender(sender: KVSender,
     source.gate_seq = 3
     receiver.expect("t1", NUM_TOKENS, sink, done)
     thread, errors = _send_in_thread(sender, receiver, source)
-    assert source.reached_gate.wait(WAIT_S)
+    # Once the sink was written the receiver has the transfer in progress.
+    assert source.reached_gate.wait(WAIT_S) and sink.written.wait(WAIT_S)
     receiver.cancel("t1")
     num_writes = sink.num_writes
     assert receiver.num_pending == 0
@@ -273,7 +278,7 @@ def test_timeout_is_deadline_exceeded(sender: KVSender, receiver: KVReceiver) ->
     receiver.expect("t1", NUM_TOKENS, sink, done)
     try:
         with pytest.raises(TransferError) as caught:
-            send(sender, receiver, "t1", source, timeout_s=0.3)
+            send(sender, receiver, "t1", source, timeout_s=1.0)
     finally:
         source.gate.set()
     assert caught.value.code is StatusCode.DEADLINE_EXCEEDED
@@ -283,13 +288,16 @@ def test_timeout_is_deadline_exceeded(sender: KVSender, receiver: KVReceiver) ->
 
 
 def test_source_error_fails_both_sides(sender: KVSender, receiver: KVReceiver) -> None:
+    sink, done = ArraySink(LAYOUT, NUM_TOKENS), DoneRecorder()
+
     class FailingSource(ArraySource):
         def read(self, chunk: ChunkSpec) -> memoryview:
             if chunk.seq == 2:
+                # Fail only once the receiver has the transfer in progress.
+                assert sink.written.wait(WAIT_S)
                 raise RuntimeError("lease expired")
             return super().read(chunk)
 
-    sink, done = ArraySink(LAYOUT, NUM_TOKENS), DoneRecorder()
     receiver.expect("t1", NUM_TOKENS, sink, done)
     with pytest.raises(TransferError, match="lease expired") as caught:
         send(sender, receiver, "t1", FailingSource(LAYOUT, NUM_TOKENS))
