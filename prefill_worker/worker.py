@@ -112,7 +112,10 @@ class PrefillWorker:
     async def _hand_off(self, job: PrefillJob, first_token_id: int) -> PrefillEvent:
         assert job.block_table is not None, "a job past its forward pass holds blocks"
         target = job.request.kv_target
-        timeout_s = min(self._config.kv_transfer.timeout_s, job.seconds_left())
+        # The lease: KV waits for the decode side no longer than this, then is freed.
+        timeout_s = min(
+            self._config.kv_transfer.timeout_s, self._config.prefill.lease_ttl_s, job.seconds_left()
+        )
         if timeout_s <= 0:
             raise DeadlineExceeded("deadline passed before the KV hand-off")
         source = PagedKVSource(self._engine.kv_cache, job.block_table, job.num_prompt_tokens)

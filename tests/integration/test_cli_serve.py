@@ -1,0 +1,88 @@
+"""The CLI as a user runs it: `pdserve serve` in its own process (its own local Ray), then
+`pdserve generate` and `pdserve info` against it, then Ctrl-C shuts it down cleanly."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engine.embedded import resolve_model_source
+from pdserve.config import EMBEDDED_MODEL
+
+pytestmark = pytest.mark.smollm2
+
+PROMPT = "The capital of France is"
+PDSERVE = [sys.executable, "-m", "pdserve.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _reference_text() -> str:
+    model_dir = resolve_model_source(EMBEDDED_MODEL, None)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    out = model.generate(input_ids, max_new_tokens=16, do_sample=False)
+    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def _wait_until_serving(address: str, server: subprocess.Popen[str]) -> None:
+    with grpc.insecure_channel(address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=240)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=240
+        )
+        for reply in watch:
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                watch.cancel()
+                return
+    raise AssertionError(f"never SERVING; server exit code {server.poll()}")
+
+
+def test_serve_generate_info_and_ctrl_c(tmp_path: Path) -> None:
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "ray": {"num_cpus": 4},
+        "router": {"port": port},
+        "prefill": {"kv_cache": {"memory_mb": 64}},
+        "decode": {"kv_cache": {"memory_mb": 64}},
+    }))
+    expected = _reference_text()
+    server = subprocess.Popen(
+        [*PDSERVE, "serve", "--config", str(config_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        _wait_until_serving(address, server)
+        generated = subprocess.run(
+            [*PDSERVE, "generate", "--address", address, "--temperature", "0",
+             "--max-tokens", "16", PROMPT],
+            capture_output=True, text=True, timeout=120,
+        )
+        info = subprocess.run(
+            [*PDSERVE, "info", "--address", address], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        server.send_signal(signal.SIGINT)
+        output, _ = server.communicate(timeout=120)
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout.rstrip("\n") == expected.rstrip("\n")
+    assert "transport" in generated.stderr and "grpc" in generated.stderr
+    assert info.returncode == 0 and "disaggregated" in info.stdout and "decode-0" in info.stdout
+    assert server.returncode == 0, output
