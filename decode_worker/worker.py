@@ -81,10 +81,11 @@ class DecodeWorker:
         self._sequences[seq.transfer_id] = seq
         self._total_requests += 1
         sink = PagedKVSink(self._engine.kv_cache, block_table, request.num_prompt_tokens)
-        self._receiver.expect(
-            seq.transfer_id, request.num_prompt_tokens, sink,
-            lambda result: loop.call_soon_threadsafe(self._on_kv_done, result),
-        )
+
+        def on_kv_done(result: TransferResult) -> None:  # runs on a receiver thread
+            loop.call_soon_threadsafe(self._on_kv_done, result)
+
+        self._receiver.expect(seq.transfer_id, request.num_prompt_tokens, sink, on_kv_done)
         loop.call_later(self._config.kv_transfer.timeout_s, self._expire_unclaimed, seq)
         return ReserveReply(ok=True, kv_address=self.kv_address)
 

@@ -66,7 +66,7 @@ def paged_attention(
     meta = kwargs.get("pd_attention")
     if not isinstance(meta, AttentionMetadata):
         raise RuntimeError("pdserve attention called without AttentionMetadata (pd_attention=)")
-    layer = module.layer_idx  # type: ignore[attr-defined]
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
     new_keys = key[0].transpose(0, 1)  # [N, kv_heads, dim]
     new_values = value[0].transpose(0, 1)
     meta.kv_cache.write_layer(layer, meta.slot_mapping, new_keys, new_values)

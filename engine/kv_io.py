@@ -16,10 +16,16 @@ from engine.kv_cache import PagedKVCache
 
 
 class ChunkRange(Protocol):
-    layer_start: int
-    layer_end: int
-    token_start: int
-    token_end: int
+    """What the adapters need of `kvtransfer.ChunkSpec` (engine does not import kvtransfer)."""
+
+    @property
+    def layer_start(self) -> int: ...
+    @property
+    def layer_end(self) -> int: ...
+    @property
+    def token_start(self) -> int: ...
+    @property
+    def token_end(self) -> int: ...
 
 
 class PagedKVSource:
@@ -33,7 +39,7 @@ class PagedKVSource:
     def read(self, chunk: ChunkRange) -> memoryview:
         slots = self._slots[chunk.token_start : chunk.token_end]
         kv = self._cache.read(chunk.layer_start, chunk.layer_end, slots).contiguous()
-        return memoryview(kv.view(torch.uint8).numpy()).cast("B")
+        return memoryview(kv.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 class PagedKVSink:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -99,10 +101,9 @@ def _check_supported(hf_config: object) -> None:
 def _eos_token_ids(path: str, hf_config: object) -> list[int]:
     ids: set[int] = set()
     sources = [getattr(hf_config, "eos_token_id", None)]
-    try:
+    # Without a generation_config.json the model config's EOS is all there is.
+    with contextlib.suppress(OSError):
         sources.append(GenerationConfig.from_pretrained(path).eos_token_id)
-    except OSError:
-        pass  # no generation_config.json: the model config's EOS is all there is
     for value in sources:
         if isinstance(value, int):
             ids.add(value)
@@ -119,6 +120,7 @@ def _fingerprint(model: torch.nn.Module, hf_config: object) -> str:
     described = {key: getattr(hf_config, key, None) for key in shape_keys}
     digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
     # A few rows of the embedding tell two fine-tunes of one architecture apart, cheaply.
-    embedding = model.get_input_embeddings().weight[:4].detach().float().contiguous()
+    embeddings: Any = model.get_input_embeddings()  # type: ignore[operator]
+    embedding = embeddings.weight[:4].detach().float().contiguous()
     digest.update(embedding.numpy().tobytes())
     return digest.hexdigest()[:32]

@@ -9,6 +9,7 @@ effect. Runs on whichever thread calls it (workers call it off their event loop)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -37,8 +38,8 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel, kv_cache: PagedKVCache) -> None:
         self.loaded = loaded
         self.kv_cache = kv_cache
-        self._decoder = loaded.model.get_decoder()
-        self._lm_head = loaded.model.get_output_embeddings()
+        self._decoder: Any = loaded.model.get_decoder()  # type: ignore[operator]
+        self._lm_head: Any = loaded.model.get_output_embeddings()  # type: ignore[operator]
 
     @torch.inference_mode()
     def forward(self, chunks: list[SequenceChunk]) -> torch.Tensor:

@@ -115,7 +115,8 @@ class KVSender(ABC):
         returns or raises.
 
         Raises TransferError: FAILED_PRECONDITION (layout mismatch, naming the field),
-        NOT_FOUND (unknown transfer id), DATA_LOSS, DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE.
+        NOT_FOUND (unknown transfer id), DATA_LOSS, DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE,
+        INTERNAL (the source raised). Raises ValueError when num_tokens < 1 (a caller bug).
         """
 
     @abstractmethod

@@ -19,7 +19,13 @@ from kvtransfer.base import KVSender, KVSource, TransferStats
 from kvtransfer.errors import TransferCancelled, TransferError, as_transfer_error
 from kvtransfer.grpc_codec import error_from_rpc, message_to_proto
 from kvtransfer.layout import KVLayout, plan_chunks
-from kvtransfer.stream import Header, Message, check_chunks_fit, outgoing_messages
+from kvtransfer.stream import (
+    Header,
+    Message,
+    check_acknowledged,
+    check_chunks_fit,
+    outgoing_messages,
+)
 from pdserve.config import KVTransferConfig
 from pdserve.errors import StatusCode
 from pdserve.internal.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
@@ -91,6 +97,7 @@ class GrpcSender(KVSender):
             header = Header(transfer_id, layout, num_tokens, len(chunks))
             messages = outgoing_messages(header, chunks, source, first_token_id, cancel.is_set)
             reply = self._push(stub, messages, deadline, cancel)
+            check_acknowledged(layout, num_tokens, reply.num_bytes)
         except TransferError as err:
             if err.code in (StatusCode.UNAVAILABLE, StatusCode.FAILED_PRECONDITION):
                 # The peer may have restarted with another layout: handshake again next time.

@@ -12,7 +12,6 @@ import dataclasses
 import itertools
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 
 from kvtransfer.base import KVReceiver, KVSender, KVSink, KVSource, TransferResult, TransferStats
@@ -23,77 +22,24 @@ from kvtransfer.errors import (
     TransferFailedPrecondition,
     TransferUnavailable,
 )
+from kvtransfer.inproc_pipe import Pipe, PushCall
 from kvtransfer.layout import KVLayout, plan_chunks
 from kvtransfer.receive_session import ReceiveSession
-from kvtransfer.stream import Chunk, Header, Message, check_chunks_fit, outgoing_messages
+from kvtransfer.stream import (
+    Chunk,
+    Header,
+    Message,
+    check_acknowledged,
+    check_chunks_fit,
+    outgoing_messages,
+)
 from kvtransfer.transfer_table import Expectation, TransferTable
 from pdserve.config import KVTransferConfig
 
 # How often a waiting sender looks at its cancel event and deadline.
 _POLL_S = 0.02
-# Messages in flight between one sender and its receiver thread.
-_PIPE_CAPACITY = 2
 # Bound on waiting for one receiver thread at stop.
 _STOP_JOIN_S = 5.0
-
-
-class _Pipe:
-    """A bounded queue from one sender thread to one receiver thread; either side may close it
-    with an error, which the reader raises and which makes further puts fail."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._items: deque[Message] = deque()
-        self._ended = False
-        self.error: TransferError | None = None
-
-    def put(self, message: Message, timeout: float) -> bool:
-        """False when not enqueued within `timeout` or the pipe is closed."""
-        with self._cond:
-            self._cond.wait_for(
-                lambda: self.error is not None or len(self._items) < _PIPE_CAPACITY, timeout
-            )
-            if self.error is not None or len(self._items) >= _PIPE_CAPACITY:
-                return False
-            self._items.append(message)
-            self._cond.notify_all()
-            return True
-
-    def end(self) -> None:
-        with self._cond:
-            self._ended = True
-            self._cond.notify_all()
-
-    def close(self, error: TransferError) -> None:
-        with self._cond:
-            if self.error is None:
-                self.error = error
-            self._cond.notify_all()
-
-    def __iter__(self) -> Iterator[Message]:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self.error is not None or self._items or self._ended)
-                if self.error is not None:
-                    raise self.error
-                if not self._items:
-                    return
-                message = self._items.popleft()
-                self._cond.notify_all()
-            yield message
-
-
-class _PushCall:
-    """The outcome of one push as the sender sees it: payload bytes or an error."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.num_bytes = 0
-        self.error: TransferError | None = None
-
-    def finish(self, num_bytes: int, error: TransferError | None) -> None:
-        self.num_bytes, self.error = num_bytes, error
-        self.done.set()
 
 
 class _Registry:
@@ -171,9 +117,9 @@ class InprocReceiver(KVReceiver):
     def total_bytes_received(self) -> int:
         return self._table.num_bytes_written
 
-    def accept(self, pipe: _Pipe) -> _PushCall:
+    def accept(self, pipe: Pipe) -> PushCall:
         """Starts a receiver thread for one push. Called by InprocSender."""
-        call = _PushCall()
+        call = PushCall()
         thread = threading.Thread(target=self._serve, args=(pipe, call), daemon=True,
                                   name="kv-inproc-receiver")
         with self._threads_lock:
@@ -181,7 +127,7 @@ class InprocReceiver(KVReceiver):
         thread.start()
         return call
 
-    def _serve(self, pipe: _Pipe, call: _PushCall) -> None:
+    def _serve(self, pipe: Pipe, call: PushCall) -> None:
         def abort_stream() -> None:
             pipe.close(TransferCancelled("push: cancelled by the receiver"))
 
@@ -231,7 +177,7 @@ class InprocSender(KVSender):
         mismatch = layout.mismatch(receiver.layout)
         if mismatch is not None:
             raise TransferFailedPrecondition(f"layout mismatch: {mismatch}")
-        pipe = _Pipe()
+        pipe = Pipe()
         call = receiver.accept(pipe)
         header = Header(transfer_id, layout, num_tokens, len(chunks))
         messages = outgoing_messages(header, chunks, source, first_token_id,
@@ -242,6 +188,7 @@ class InprocSender(KVSender):
                          name="kv-inproc-sender").start()
         try:
             num_bytes = _wait(call, cancel, deadline)
+            check_acknowledged(layout, num_tokens, num_bytes)
         except TransferError as err:
             pipe.close(err)
             raise
@@ -259,7 +206,7 @@ def _detached(message: Message) -> Message:
     return message
 
 
-def _feed(pipe: _Pipe, messages: Iterator[Message], cancel: threading.Event) -> None:
+def _feed(pipe: Pipe, messages: Iterator[Message], cancel: threading.Event) -> None:
     """Moves the stream into the pipe until it ends, `cancel` is set, or either side closes
     the pipe."""
     try:
@@ -278,7 +225,7 @@ def _feed(pipe: _Pipe, messages: Iterator[Message], cancel: threading.Event) -> 
         pipe.end()
 
 
-def _wait(call: _PushCall, cancel: threading.Event, deadline: float) -> int:
+def _wait(call: PushCall, cancel: threading.Event, deadline: float) -> int:
     """The receiver's payload bytes; raises its error, or CANCELLED / DEADLINE_EXCEEDED."""
     while not call.done.wait(_POLL_S):
         if cancel.is_set():

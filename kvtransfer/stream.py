@@ -12,7 +12,12 @@ from dataclasses import dataclass
 
 from kvtransfer.base import KVSource
 from kvtransfer.checksum import checksum
-from kvtransfer.errors import TransferFailedPrecondition, TransferInternal, as_transfer_error
+from kvtransfer.errors import (
+    TransferDataLoss,
+    TransferFailedPrecondition,
+    TransferInternal,
+    as_transfer_error,
+)
 from kvtransfer.layout import ChunkSpec, KVLayout
 
 # Room for the protobuf framing of a chunk message around its data.
@@ -54,6 +59,13 @@ def check_chunks_fit(
         raise TransferFailedPrecondition(
             f"max_message_bytes: a chunk of {largest} bytes does not fit {max_message_bytes}"
         )
+
+
+def check_acknowledged(layout: KVLayout, num_tokens: int, num_bytes: int) -> None:
+    """Raises DATA_LOSS when the receiver acknowledged another byte count than was sent."""
+    expected = layout.kv_bytes(num_tokens)
+    if num_bytes != expected:
+        raise TransferDataLoss(f"the receiver acknowledged {num_bytes} bytes of {expected}")
 
 
 def outgoing_messages(

@@ -238,7 +238,7 @@ def _check(hint: Any, value: Any, where: str) -> Any:
             raise MessageError(f"{where}: expected {hint.__name__}, got bool")
         if not isinstance(value, _SCALARS[hint]):
             raise MessageError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
-        return float(value) if hint is float else value
+        return float(value) if hint is float else value  # type: ignore[arg-type]
     if getattr(hint, "__origin__", None) is list:
         (item,) = hint.__args__
         if not isinstance(value, list):

@@ -50,7 +50,8 @@ def wait_until_ready(actors: dict[str, Any], timeout_s: float) -> None:
     while pending:
         elapsed = time.monotonic() - started
         if elapsed > timeout_s:
-            raise Unavailable(f"replicas not ready after {timeout_s:.0f} s: {sorted(pending.values())}")
+            waiting = sorted(pending.values())
+            raise Unavailable(f"replicas not ready after {timeout_s:.0f} s: {waiting}")
         done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=2.0)
         for ref in done:
             replica_id = pending.pop(ref)

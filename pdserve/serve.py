@@ -55,7 +55,9 @@ class Service:
         self._init_ray()
         self._prefill, self._decode = create_pools(self.config)
         try:
-            wait_until_ready({**self._prefill, **self._decode}, self.config.timeouts.replica_start_s)
+            wait_until_ready(
+                {**self._prefill, **self._decode}, self.config.timeouts.replica_start_s
+            )
             self._start_router()
         except BaseException:
             self.stop()

@@ -29,12 +29,12 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from engine.kv_io import PagedKVSource
 from engine.model_runner import SequenceChunk
 from engine.replica_engine import ReplicaEngine
 from engine.sampler import sample
 from engine.stopping import finish_reason
 from kvtransfer import KVLayout, KVSender
-from engine.kv_io import PagedKVSource
 from pdserve.config import PdserveConfig
 from pdserve.errors import Cancelled, DeadlineExceeded, Internal, PdserveError
 from pdserve.messages import LoadReport, PrefillEvent, PrefillRequest
@@ -147,9 +147,9 @@ class PrefillWorker:
         self._free_if_idle(job)
 
     def _free_if_idle(self, job: PrefillJob) -> None:
-        if job.released and not job.in_forward and not job.sending:
-            if self._engine.block_manager.free(job.transfer_id):
-                self._wake_loop()
+        idle = job.released and not job.in_forward and not job.sending
+        if idle and self._engine.block_manager.free(job.transfer_id):
+            self._wake_loop()
 
     def _wake_loop(self) -> None:
         self._work.set()
@@ -170,10 +170,13 @@ class PrefillWorker:
         for job in batch:
             job.in_forward = True
         try:
-            token_ids = await asyncio.to_thread(self._forward, batch)
+            token_ids: list[int | PdserveError] = list(
+                await asyncio.to_thread(self._forward, batch)
+            )
         except Exception as exc:  # a failed pass fails its batch, never the replica
             logger.exception("prefill forward failed for %d requests", len(batch))
-            token_ids = [Internal(f"prefill forward failed: {exc}")] * len(batch)
+            failure = Internal(f"prefill forward failed: {exc}")
+            token_ids = [failure] * len(batch)
         prefill_s = time.monotonic() - started
         for job, token in zip(batch, token_ids):
             job.in_forward = False

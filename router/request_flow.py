@@ -16,12 +16,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from pdserve.config import PdserveConfig
 from pdserve.errors import (
@@ -116,16 +116,19 @@ class RequestFlow:
             progress.prefill_replica.num_placed_since_report += 1
             prefill_stream = self._start_prefill(request, progress, deadline)
             text = TextOutput(self._tokenizer, request.prompt_token_ids, request.stop)
-            first = _checked(await prefill_stream.next(_seconds_left(deadline)))
+            first: PrefillEvent = _checked(await prefill_stream.next(_seconds_left(deadline)))
             progress.timings.update(queue_s=first.queue_s, prefill_s=first.prefill_s)
             progress.timings["time_to_first_token_s"] = time.monotonic() - progress.admitted_at
             yield StreamChunk([first.token_id], text.push([first.token_id]))
             finish_reason = "length" if request.sampling.max_tokens == 1 else "stop"
             if not first.finished and not text.stopped:
                 decode_stream = self._start_decode(request, progress, deadline)
-                handed_off = _checked(await prefill_stream.next(_seconds_left(deadline)))
+                handed_off: PrefillEvent = _checked(
+                    await prefill_stream.next(_seconds_left(deadline))
+                )
                 progress.timings["kv_transfer_s"] = handed_off.transfer_s
-                progress.kv_transport, progress.kv_bytes = handed_off.transport, handed_off.num_bytes
+                progress.kv_transport = handed_off.transport
+                progress.kv_bytes = handed_off.num_bytes
                 finish_reason = ""
                 async for chunk, reason in self._decode_tokens(
                     decode_stream, text, progress, deadline
@@ -251,7 +254,10 @@ class RequestFlow:
         )
 
 
-def _checked(event: PrefillEvent | DecodeEvent) -> PrefillEvent | DecodeEvent:
+EventT = TypeVar("EventT", PrefillEvent, DecodeEvent)
+
+
+def _checked(event: EventT) -> EventT:
     if event.error is not None:
         raise error_from_info(event.error)
     return event

@@ -16,9 +16,9 @@ import grpc
 from pdserve.config import PdserveConfig
 from pdserve.errors import PdserveError, ResourceExhausted
 from pdserve.v1 import pdserve_pb2
+from router.replica_pool import ReplicaPool
 from router.request_codec import InvalidRequestBytes, generate_request_deserializer
 from router.request_flow import Completion, RequestFlow, StreamChunk
-from router.replica_pool import ReplicaPool
 from router.status import abort_with
 from router.tokenizer import RouterTokenizer
 from router.validation import validate_request

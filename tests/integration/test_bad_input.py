@@ -50,9 +50,8 @@ CASES = [
 def test_invalid_field_is_named(
     tiny_service: Service, name: str, request_message: pdserve_pb2.GenerateRequest, field: str
 ) -> None:
-    with GenerationClient(tiny_service.address, timeout_s=30) as client:
-        with pytest.raises(grpc.RpcError) as caught:
-            collect(client._stub.Generate(request_message, timeout=30))
+    with GenerationClient(tiny_service.address) as client, pytest.raises(grpc.RpcError) as caught:
+        collect(client._stub.Generate(request_message, timeout=30))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details().startswith(field), caught.value.details()
 
