@@ -16,6 +16,7 @@ padded `[batch, max_context, heads, dim]` tensor with a padding mask.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,8 @@ class AttentionMetadata:
     context_mask: torch.Tensor | None = None
     # Prefill sequences with cached tokens: slots of their whole context (else None).
     prefix_context_slots: list[torch.Tensor | None] | None = None
+    # Told each layer whose new KV is in the cache (layer-pipelined KV sends wait on it).
+    on_layer_written: Callable[[int], None] | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -70,6 +73,8 @@ def paged_attention(
     new_keys = key[0].transpose(0, 1)  # [N, kv_heads, dim]
     new_values = value[0].transpose(0, 1)
     meta.kv_cache.write_layer(layer, meta.slot_mapping, new_keys, new_values)
+    if meta.on_layer_written is not None:
+        meta.on_layer_written(layer)
     if meta.is_decode:
         out = _decode_attention(meta, layer, query, scaling)
     else:

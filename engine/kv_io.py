@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from engine.kv_cache import PagedKVCache
+from engine.layer_progress import LayerProgress
 
 
 class ChunkRange(Protocol):
@@ -32,11 +33,21 @@ class PagedKVSource:
     """Reads a sequence's KV chunk by chunk (prefill side). The blocks must stay allocated
     until the transfer using this source has finished."""
 
-    def __init__(self, cache: PagedKVCache, block_table: list[int], num_tokens: int) -> None:
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        block_table: list[int],
+        num_tokens: int,
+        progress: LayerProgress | None = None,
+    ) -> None:
         self._cache = cache
         self._slots = cache.slots(block_table, 0, num_tokens)
+        # Set while the pass that writes this KV may still be running (layer pipelining).
+        self._progress = progress
 
     def read(self, chunk: ChunkRange) -> memoryview:
+        if self._progress is not None:
+            self._progress.wait_for(chunk.layer_end)
         slots = self._slots[chunk.token_start : chunk.token_end]
         kv = self._cache.read(chunk.layer_start, chunk.layer_end, slots).contiguous()
         return memoryview(kv.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]

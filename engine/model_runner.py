@@ -8,6 +8,7 @@ effect. Runs on whichever thread calls it (workers call it off their event loop)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,12 +43,19 @@ class ModelRunner:
         self._lm_head: Any = loaded.model.get_output_embeddings()  # type: ignore[operator]
 
     @torch.inference_mode()
-    def forward(self, chunks: list[SequenceChunk]) -> torch.Tensor:
-        """Returns float32 logits `[len(chunks), vocab]` of each chunk's last token."""
+    def forward(
+        self,
+        chunks: list[SequenceChunk],
+        on_layer_written: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Returns float32 logits `[len(chunks), vocab]` of each chunk's last token.
+
+        `on_layer_written(layer)` is called from this thread as each layer's KV lands."""
         if not chunks:
             raise ValueError("forward needs at least one sequence")
         input_ids, position_ids = self._pack_inputs(chunks)
         meta = self._metadata(chunks)
+        meta.on_layer_written = on_layer_written
         hidden = self._decoder(
             input_ids=input_ids, position_ids=position_ids, use_cache=False, pd_attention=meta
         ).last_hidden_state  # [1, total_new_tokens, hidden]

@@ -87,6 +87,12 @@ class TransferResult:
     error: ErrorInfo | None = None
 
 
+# The first sampled token, or a callable that blocks until it is known and returns it (a
+# layer-pipelined send starts before the prefill pass has sampled it). Called once, after the
+# last chunk, from the sender's thread; an exception fails the transfer.
+FirstToken = int | Callable[[], int]
+
+
 class KVSender(ABC):
     """Sends KV to receivers of one transport. Thread-safe: many sends may run at once."""
 
@@ -101,14 +107,16 @@ class KVSender(ABC):
         layout: KVLayout,
         num_tokens: int,
         source: KVSource,
-        first_token_id: int,
+        first_token_id: FirstToken,
         cancel: threading.Event | None = None,
         timeout_s: float | None = None,
     ) -> TransferStats:
         """Moves one request's KV to the receiver at `address`.
 
         Called from a worker thread of the prefill replica; BLOCKS until the receiver
-        acknowledged the commit. Handshakes first (cached per address and layout) so nothing
+        acknowledged the commit. `source.read` may block until a chunk's layers exist and
+        `first_token_id` may be a blocking callable: the send then overlaps the prefill pass
+        (layer pipelining). Handshakes first (cached per address and layout) so nothing
         moves when layouts differ, then streams header, chunks (read lazily from `source`),
         commit. `timeout_s` (default: config.timeout_s) bounds the whole call. Setting `cancel`
         stops it promptly. Owns nothing afterwards: the caller may release its KV once this

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from kvtransfer.base import KVSender, KVSource, TransferStats
+from kvtransfer.base import FirstToken, KVSender, KVSource, TransferStats
 from kvtransfer.errors import TransferCancelled, TransferError, as_transfer_error
 from kvtransfer.grpc_codec import error_from_rpc, message_to_proto
 from kvtransfer.layout import KVLayout, plan_chunks
@@ -80,7 +80,7 @@ class GrpcSender(KVSender):
         layout: KVLayout,
         num_tokens: int,
         source: KVSource,
-        first_token_id: int,
+        first_token_id: FirstToken,
         cancel: threading.Event | None = None,
         timeout_s: float | None = None,
     ) -> TransferStats:

@@ -14,7 +14,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from kvtransfer.base import KVReceiver, KVSender, KVSink, KVSource, TransferResult, TransferStats
+from kvtransfer.base import (
+    FirstToken,
+    KVReceiver,
+    KVSender,
+    KVSink,
+    KVSource,
+    TransferResult,
+    TransferStats,
+)
 from kvtransfer.errors import (
     TransferCancelled,
     TransferDeadlineExceeded,
@@ -162,7 +170,7 @@ class InprocSender(KVSender):
         layout: KVLayout,
         num_tokens: int,
         source: KVSource,
-        first_token_id: int,
+        first_token_id: FirstToken,
         cancel: threading.Event | None = None,
         timeout_s: float | None = None,
     ) -> TransferStats:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from kvtransfer.base import KVSource
+from kvtransfer.base import FirstToken, KVSource
 from kvtransfer.checksum import checksum
 from kvtransfer.errors import (
     TransferDataLoss,
@@ -72,7 +72,7 @@ def outgoing_messages(
     header: Header,
     chunks: list[ChunkSpec],
     source: KVSource,
-    first_token_id: int,
+    first_token_id: FirstToken,
     should_stop: Callable[[], bool],
 ) -> Iterator[Message]:
     """Yields the header, each chunk read from `source` only when it is due, then the commit.
@@ -88,6 +88,10 @@ def outgoing_messages(
         if should_stop():
             return
         yield Chunk(spec=spec, crc32c=checksum(data), data=data)
+    if callable(first_token_id):
+        first_token_id = first_token_id()
+    if should_stop():
+        return
     yield Commit(num_chunks=len(chunks), first_token_id=first_token_id)
 
 

@@ -91,6 +91,9 @@ class KVTransferConfig(_Section):
     max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=65536)
     # A transfer that has not completed after this many seconds fails.
     timeout_s: float = Field(default=30.0, gt=0)
+    # Send each layer's KV as soon as the prefill pass has computed it, overlapping the
+    # hand-off with the rest of the pass (false: send after the pass, to measure the gain).
+    layer_pipelining: bool = True
 
     @model_validator(mode="after")
     def _chunk_fits_message(self) -> KVTransferConfig:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from dataclasses import dataclass, field
 
+from kvtransfer import TransferStats
 from pdserve.messages import PrefillRequest
 
 
@@ -34,6 +36,12 @@ class PrefillJob:
     cancel: threading.Event = field(default_factory=threading.Event)
     # The worker has finished with the job; whoever is last to touch the blocks frees them.
     released: bool = False
+    # The KV send (a thread's future) and, for a layer-pipelined send started before the
+    # pass, the first token it commits with once the pass has sampled it.
+    send_task: asyncio.Future[TransferStats] | None = None
+    first_token_for_send: concurrent.futures.Future[int] | None = None
+    send_started_at: float = 0.0
+    forward_done_at: float = 0.0
 
     @property
     def transfer_id(self) -> str:

@@ -9,10 +9,13 @@ Life cycle of a request on a prefill replica
    forward pass for all of them off the event loop; it samples each job's first token.
 3. **First token.** `prefill()` yields a `first_token` event. If that token already ends the
    request (EOS, stop id, max_tokens == 1) the blocks are freed and the stream ends.
-4. **Lease and hand-off.** Otherwise the job's KV stays in its blocks (the lease) while the
-   `KVSender` streams it to the decode replica the router reserved (`kv_target`), in a thread.
-   When the decode side acknowledges the commit, `prefill()` yields `transferred` and frees the
-   blocks. The lease is bounded by the transfer timeout and the request deadline.
+4. **Lease and hand-off.** The job's KV stays in its blocks (the lease) while the `KVSender`
+   streams it to the decode replica the router reserved (`kv_target`), on a send thread. With
+   `kv_transfer.layer_pipelining` the send starts together with the pass and ships each layer's
+   KV as soon as the pass has written it, committing with the first token once it is sampled;
+   otherwise it starts after the pass. When the decode side acknowledged the commit,
+   `prefill()` yields `transferred` and the blocks are freed. The lease is bounded by
+   `prefill.lease_ttl_s`, the transfer timeout and the request deadline.
 5. **Abort.** `abort(transfer_id)` (router), deadline expiry, a failed send or the router
    cancelling the stream end the job at whatever stage it is: it leaves the queue, or its send
    is cancelled. Blocks are freed by whoever touches them last (the batch loop after a forward
@@ -25,11 +28,13 @@ run in worker threads, and they touch only the blocks of jobs marked `in_forward
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
-from engine.kv_io import PagedKVSource
+from engine.layer_progress import LayerProgress
 from engine.model_runner import SequenceChunk
 from engine.replica_engine import ReplicaEngine
 from engine.sampler import sample
@@ -39,6 +44,7 @@ from pdserve.config import PdserveConfig
 from pdserve.errors import Cancelled, DeadlineExceeded, Internal, PdserveError
 from pdserve.messages import LoadReport, PrefillEvent, PrefillRequest
 from prefill_worker.batcher import PrefillBatcher
+from prefill_worker.hand_off import KVHandOff
 from prefill_worker.job import FirstToken, PrefillJob
 
 logger = logging.getLogger(__name__)
@@ -51,8 +57,11 @@ class PrefillWorker:
         self.replica_id = replica_id
         self._config = config
         self._engine = engine
-        self._sender = sender
-        self._layout = KVLayout(**engine.kv_layout_fields())  # type: ignore[arg-type]
+        layout = KVLayout(**engine.kv_layout_fields())  # type: ignore[arg-type]
+        self._hand_off = KVHandOff(sender, layout, engine.kv_cache, config, self._on_send_done)
+        self._pipelining = config.kv_transfer.layer_pipelining
+        # Forward passes get a thread of their own: pipelined sends wait on them.
+        self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill")
         pool = config.prefill
         self._batcher = PrefillBatcher(
             engine.block_manager, pool.max_batch_tokens, pool.max_batch_size,
@@ -61,7 +70,6 @@ class PrefillWorker:
         self._jobs: dict[str, PrefillJob] = {}
         self._work = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
-        self._total_kv_bytes = 0
         self._total_requests = 0
 
     async def prefill(self, request: PrefillRequest) -> AsyncIterator[PrefillEvent]:
@@ -81,7 +89,7 @@ class PrefillWorker:
                 queue_s=first.queue_s, prefill_s=first.prefill_s,
             )
             if not first.finish_reason:
-                yield await self._hand_off(job, first.token_id)
+                yield await self._hand_off.finish(job, first.token_id)
         except PdserveError as exc:
             yield _error_event(exc)
         finally:
@@ -105,34 +113,8 @@ class PrefillWorker:
             num_active_requests=len(self._jobs), num_waiting_requests=self._batcher.num_waiting,
             num_free_blocks=blocks.num_free_blocks, num_total_blocks=blocks.num_total_blocks,
             num_transfers=sum(1 for j in self._jobs.values() if j.sending),
-            num_leases=blocks.num_owners, total_kv_bytes=self._total_kv_bytes,
+            num_leases=blocks.num_owners, total_kv_bytes=self._hand_off.total_kv_bytes,
             total_requests=self._total_requests,
-        )
-
-    async def _hand_off(self, job: PrefillJob, first_token_id: int) -> PrefillEvent:
-        assert job.block_table is not None, "a job past its forward pass holds blocks"
-        target = job.request.kv_target
-        # The lease: KV waits for the decode side no longer than this, then is freed.
-        timeout_s = min(
-            self._config.kv_transfer.timeout_s, self._config.prefill.lease_ttl_s, job.seconds_left()
-        )
-        if timeout_s <= 0:
-            raise DeadlineExceeded("deadline passed before the KV hand-off")
-        source = PagedKVSource(self._engine.kv_cache, job.block_table, job.num_prompt_tokens)
-        job.sending = True
-        send = asyncio.ensure_future(asyncio.to_thread(
-            self._sender.send, address=target.address, transfer_id=job.transfer_id,
-            layout=self._layout, num_tokens=job.num_prompt_tokens, source=source,
-            first_token_id=first_token_id, cancel=job.cancel, timeout_s=timeout_s,
-        ))
-        # The send thread reads the blocks until it returns, whatever happens to this
-        # coroutine; so only its completion may clear `sending` (and free a released job).
-        send.add_done_callback(lambda _: self._on_send_done(job))
-        stats = await asyncio.shield(send)
-        self._total_kv_bytes += stats.num_bytes
-        return PrefillEvent(
-            kind="transferred", transfer_s=stats.elapsed_s, num_bytes=stats.num_bytes,
-            transport=stats.transport,
         )
 
     def _on_send_done(self, job: PrefillJob) -> None:
@@ -167,32 +149,54 @@ class PrefillWorker:
 
     async def _run_batch(self, batch: list[PrefillJob]) -> None:
         started = time.monotonic()
+        progress = LayerProgress(self._engine.loaded.num_layers) if self._pipelining else None
         for job in batch:
             job.in_forward = True
+            if progress is not None:
+                self._start_pipelined_send(job, progress)
+        loop = asyncio.get_running_loop()
         try:
             token_ids: list[int | PdserveError] = list(
-                await asyncio.to_thread(self._forward, batch)
+                await loop.run_in_executor(self._forward_pool, self._forward, batch, progress)
             )
         except Exception as exc:  # a failed pass fails its batch, never the replica
             logger.exception("prefill forward failed for %d requests", len(batch))
             failure = Internal(f"prefill forward failed: {exc}")
+            if progress is not None:
+                progress.fail(failure)
             token_ids = [failure] * len(batch)
-        prefill_s = time.monotonic() - started
+        done_at = time.monotonic()
         for job, token in zip(batch, token_ids):
             job.in_forward = False
-            self._resolve(job, token, started, prefill_s)
+            job.forward_done_at = done_at
+            self._resolve(job, token, started, done_at - started)
             self._free_if_idle(job)
 
-    def _forward(self, batch: list[PrefillJob]) -> list[int]:
+    def _start_pipelined_send(self, job: PrefillJob, progress: LayerProgress) -> None:
+        first_token: concurrent.futures.Future[int] = concurrent.futures.Future()
+        wait_s = job.seconds_left()
+        try:
+            self._hand_off.start(job, lambda: first_token.result(timeout=wait_s), progress)
+        except PdserveError:
+            return  # no time left: the first-token path reports it
+        job.first_token_for_send = first_token
+
+    def _forward(self, batch: list[PrefillJob], progress: LayerProgress | None) -> list[int]:
         chunks = [
             SequenceChunk(job.request.prompt_token_ids, 0, job.block_table or []) for job in batch
         ]
-        logits = self._engine.runner.forward(chunks)
+        on_layer = progress.layer_written if progress is not None else None
+        logits = self._engine.runner.forward(chunks, on_layer_written=on_layer)
         return sample(logits, [job.request.sampling for job in batch], [0] * len(batch))
 
     def _resolve(
         self, job: PrefillJob, token: int | PdserveError, started: float, prefill_s: float
     ) -> None:
+        if job.first_token_for_send is not None:
+            if isinstance(token, PdserveError):
+                job.first_token_for_send.set_exception(token)
+            else:
+                job.first_token_for_send.set_result(token)
         if job.first_token.done():
             return  # aborted while its pass ran
         if isinstance(token, PdserveError):

@@ -112,14 +112,15 @@ def test_sampled_tokens_stay_inside_the_top_p_nucleus() -> None:
         (0.51, {2, 0}),
         (0.75, {2, 0}),
         (0.8, {2, 0, 3}),
-        (0.875, {2, 0, 3}),
-        (0.9, {2, 0, 3, 1}),
+        (0.90625, {2, 0, 3}),
+        (0.95, {2, 0, 3, 1}),
         (0.999, {2, 0, 3, 1}),
     ],
 )
 def test_top_p_keeps_the_smallest_prefix_reaching_top_p(top_p: float, kept: set[int]) -> None:
-    # Sorted: token 2 (0.5), token 0 (0.25), token 3 (0.125), token 1 (0.125): exact in binary.
-    probs = torch.tensor([0.25, 0.125, 0.5, 0.125])
+    # Sorted: token 2 (1/2), token 0 (1/4), token 3 (5/32), token 1 (3/32); all exact in binary,
+    # so the cumulative masses 0.5, 0.75, 0.90625, 1.0 have no rounding error.
+    probs = torch.tensor([0.25, 0.09375, 0.5, 0.15625])
     filtered = _top_p_filter(probs.clone(), top_p)
     assert {i for i, p in enumerate(filtered.tolist()) if p > 0} == kept
     assert float(filtered.sum()) == pytest.approx(1.0)
@@ -128,7 +129,7 @@ def test_top_p_keeps_the_smallest_prefix_reaching_top_p(top_p: float, kept: set[
         assert float(filtered[i]) == pytest.approx(float(probs[i]) / mass)
 
 
-def test_top_p_one_keeps_everything_in_sample() -> None:
+def test_default_top_p_and_top_k_filter_nothing() -> None:
     logits = random_logits(1, seed=5)
     drawn = {
         sample(logits, [SamplingParams(max_tokens=4, temperature=50.0, seed=s)], [0])[0]

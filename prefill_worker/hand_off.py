@@ -1,0 +1,97 @@
+"""Starting and finishing the KV sends of a prefill replica.
+
+Each send runs `KVSender.send` on a thread of this replica's own send pool: with layer
+pipelining a send starts before its prefill pass and waits for the pass's layers, so sends must
+never wait for the thread that runs the pass (which has a pool of its own). A send reads its
+job's blocks until it returns, so only its completion clears `job.sending`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from engine.kv_cache import PagedKVCache
+from engine.kv_io import PagedKVSource
+from engine.layer_progress import LayerProgress
+from kvtransfer import KVLayout, KVSender
+from kvtransfer.base import FirstToken
+from pdserve.config import PdserveConfig
+from pdserve.errors import DeadlineExceeded
+from pdserve.messages import PrefillEvent
+from prefill_worker.job import PrefillJob
+
+
+class KVHandOff:
+    def __init__(
+        self,
+        sender: KVSender,
+        layout: KVLayout,
+        kv_cache: PagedKVCache,
+        config: PdserveConfig,
+        on_send_done: Callable[[PrefillJob], None],
+    ) -> None:
+        self._sender = sender
+        self._layout = layout
+        self._kv_cache = kv_cache
+        self._config = config
+        self._on_send_done = on_send_done
+        # Every job of a pipelined batch sends at once; a few more for stragglers.
+        self._pool = ThreadPoolExecutor(
+            max_workers=2 * config.prefill.max_batch_size + 2, thread_name_prefix="kv-send"
+        )
+        self.total_kv_bytes = 0
+
+    def start(
+        self, job: PrefillJob, first_token: FirstToken, progress: LayerProgress | None
+    ) -> None:
+        """Starts streaming `job`'s KV to its decode replica. With `progress`, the pass that
+        computes it may still run: chunks go out as their layers land. Raises
+        DEADLINE_EXCEEDED when the request has no time left."""
+        assert job.block_table is not None, "blocks are allocated before a send starts"
+        timeout_s = self._timeout_s(job)
+        source = PagedKVSource(
+            self._kv_cache, job.block_table, job.num_prompt_tokens, progress
+        )
+        send = functools.partial(
+            self._sender.send, address=job.request.kv_target.address,
+            transfer_id=job.transfer_id, layout=self._layout, num_tokens=job.num_prompt_tokens,
+            source=source, first_token_id=first_token, cancel=job.cancel, timeout_s=timeout_s,
+        )
+        job.sending = True
+        job.send_started_at = time.monotonic()
+        job.send_task = asyncio.get_running_loop().run_in_executor(self._pool, send)
+        job.send_task.add_done_callback(lambda _: self._on_send_done(job))
+
+    async def finish(self, job: PrefillJob, first_token_id: int) -> PrefillEvent:
+        """Waits for `job`'s send (starting it now if it was not pipelined)."""
+        if job.send_task is None:
+            self.start(job, first_token_id, None)
+        assert job.send_task is not None, "start() set the task"
+        # Shielded: cancelling this coroutine must not orphan the thread reading the blocks.
+        stats = await asyncio.shield(job.send_task)
+        done_at = time.monotonic()
+        self.total_kv_bytes += stats.num_bytes
+        # What the hand-off adds after the pass: pipelined sends overlap the pass.
+        exposed_s = done_at - max(job.forward_done_at, job.send_started_at)
+        return PrefillEvent(
+            kind="transferred", transfer_s=exposed_s, num_bytes=stats.num_bytes,
+            transport=stats.transport,
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _timeout_s(self, job: PrefillJob) -> float:
+        # The lease: KV waits for the decode side no longer than this, then is freed.
+        timeout_s = min(
+            self._config.kv_transfer.timeout_s,
+            self._config.prefill.lease_ttl_s,
+            job.seconds_left(),
+        )
+        if timeout_s <= 0:
+            raise DeadlineExceeded("deadline passed before the KV hand-off")
+        return timeout_s

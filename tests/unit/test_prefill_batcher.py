@@ -1,0 +1,162 @@
+"""PrefillBatcher: FIFO batches within the token/size budgets and the KV cache, no overtaking."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from engine.block_manager import BlockManager
+from pdserve.errors import ResourceExhausted
+from pdserve.messages import KVTarget, PrefillRequest, SamplingParams
+from prefill_worker.batcher import PrefillBatcher
+from prefill_worker.job import PrefillJob
+
+BLOCK_SIZE = 4
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def make_job(loop: asyncio.AbstractEventLoop, name: str, num_tokens: int) -> PrefillJob:
+    request = PrefillRequest(
+        request_id=f"r-{name}", transfer_id=name, prompt_token_ids=list(range(num_tokens)),
+        sampling=SamplingParams(max_tokens=4), eos_token_ids=[0],
+        kv_target=KVTarget("d", "inproc://0", "inproc"), deadline=0.0,
+    )
+    return PrefillJob(request, loop.create_future())
+
+
+def make_batcher(
+    num_blocks: int = 64, max_batch_tokens: int = 1000, max_batch_size: int = 100,
+    max_waiting: int = 100,
+) -> tuple[PrefillBatcher, BlockManager]:
+    blocks = BlockManager(num_blocks, BLOCK_SIZE)
+    return PrefillBatcher(blocks, max_batch_tokens, max_batch_size, max_waiting), blocks
+
+
+def names(batch: list[PrefillJob]) -> list[str]:
+    return [job.transfer_id for job in batch]
+
+
+def submit_all(
+    loop: asyncio.AbstractEventLoop, batcher: PrefillBatcher, sizes: dict[str, int]
+) -> dict[str, PrefillJob]:
+    jobs = {name: make_job(loop, name, n) for name, n in sizes.items()}
+    for job in jobs.values():
+        batcher.submit(job)
+    return jobs
+
+
+def test_empty_queue_gives_an_empty_batch(loop: asyncio.AbstractEventLoop) -> None:
+    batcher, blocks = make_batcher()
+    assert batcher.next_batch() == []
+    assert blocks.num_free_blocks == 64
+
+
+def test_batches_are_fifo_and_own_their_blocks(loop: asyncio.AbstractEventLoop) -> None:
+    batcher, blocks = make_batcher()
+    jobs = submit_all(loop, batcher, {"a": 5, "b": 1, "c": 9, "d": 4})
+    assert batcher.num_waiting == 4
+    batch = batcher.next_batch()
+    assert names(batch) == ["a", "b", "c", "d"]
+    assert batcher.num_waiting == 0
+    for name, job in jobs.items():
+        assert job.block_table == blocks.block_table(name)
+        assert len(job.block_table) == blocks.blocks_needed(job.num_prompt_tokens)
+    assert blocks.num_free_blocks == 64 - (2 + 1 + 3 + 1)
+
+
+def test_batches_respect_max_batch_tokens(loop: asyncio.AbstractEventLoop) -> None:
+    batcher, _ = make_batcher(max_batch_tokens=32)
+    submit_all(loop, batcher, {"a": 10, "b": 10, "c": 10, "d": 10, "e": 16, "f": 16, "g": 1})
+    batches = []
+    while batch := batcher.next_batch():
+        assert sum(job.num_prompt_tokens for job in batch) <= 32
+        batches.append(names(batch))
+    assert batches == [["a", "b", "c"], ["d", "e"], ["f", "g"]]
+
+
+def test_batches_respect_max_batch_size(loop: asyncio.AbstractEventLoop) -> None:
+    batcher, _ = make_batcher(max_batch_size=2)
+    submit_all(loop, batcher, {name: 3 for name in "abcde"})
+    assert names(batcher.next_batch()) == ["a", "b"]
+    assert names(batcher.next_batch()) == ["c", "d"]
+    assert names(batcher.next_batch()) == ["e"]
+    assert batcher.next_batch() == []
+
+
+def test_a_prompt_longer_than_max_batch_tokens_runs_alone(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    batcher, _ = make_batcher(max_batch_tokens=16)
+    submit_all(loop, batcher, {"small": 5, "long": 40, "after": 2})
+    assert names(batcher.next_batch()) == ["small"]
+    assert names(batcher.next_batch()) == ["long"]
+    assert names(batcher.next_batch()) == ["after"]
+
+
+def test_head_job_without_blocks_stops_the_batch(loop: asyncio.AbstractEventLoop) -> None:
+    batcher, blocks = make_batcher(num_blocks=10)
+    blocks.allocate("hog", 8 * BLOCK_SIZE)  # 2 blocks left
+    submit_all(loop, batcher, {"head": 12, "small": 1})  # head needs 3 blocks
+    assert batcher.next_batch() == []
+    # The small job would fit, but it must not overtake the head.
+    assert batcher.num_waiting == 2
+    assert blocks.num_free_blocks == 2
+    assert not blocks.owns("small")
+    blocks.free("hog")
+    assert names(batcher.next_batch()) == ["head", "small"]
+
+
+def test_a_job_without_blocks_ends_the_batch_behind_it(loop: asyncio.AbstractEventLoop) -> None:
+    batcher, blocks = make_batcher(num_blocks=10)
+    blocks.allocate("hog", 7 * BLOCK_SIZE)  # 3 blocks left
+    submit_all(loop, batcher, {"a": 4, "big": 12, "c": 1})
+    assert names(batcher.next_batch()) == ["a"]
+    assert batcher.num_waiting == 2
+    assert blocks.num_free_blocks == 2
+    assert batcher.next_batch() == []
+    blocks.free("a")
+    assert names(batcher.next_batch()) == ["big"]
+    assert names(batcher.next_batch()) == []  # no block left for "c" yet
+    blocks.free("big")
+    assert names(batcher.next_batch()) == ["c"]
+
+
+def test_full_queue_raises_and_keeps_the_queue(loop: asyncio.AbstractEventLoop) -> None:
+    batcher, _ = make_batcher(max_waiting=2)
+    submit_all(loop, batcher, {"a": 1, "b": 1})
+    with pytest.raises(ResourceExhausted):
+        batcher.submit(make_job(loop, "c", 1))
+    assert batcher.num_waiting == 2
+    assert names(batcher.next_batch()) == ["a", "b"]
+    batcher.submit(make_job(loop, "d", 1))  # room again once the queue drained
+    assert batcher.num_waiting == 1
+
+
+def test_a_prompt_that_can_never_fit_is_refused(loop: asyncio.AbstractEventLoop) -> None:
+    batcher, blocks = make_batcher(num_blocks=5)
+    with pytest.raises(ResourceExhausted):
+        batcher.submit(make_job(loop, "huge", 5 * BLOCK_SIZE + 1))
+    assert batcher.num_waiting == 0
+    batcher.submit(make_job(loop, "exact", 5 * BLOCK_SIZE))  # the whole cache is fine
+    assert names(batcher.next_batch()) == ["exact"]
+    assert blocks.num_free_blocks == 0
+
+
+def test_remove_takes_a_waiting_job_out(loop: asyncio.AbstractEventLoop) -> None:
+    batcher, blocks = make_batcher()
+    jobs = submit_all(loop, batcher, {"a": 1, "b": 1, "c": 1})
+    assert batcher.remove(jobs["b"])
+    assert not batcher.remove(jobs["b"])
+    assert batcher.num_waiting == 2
+    assert names(batcher.next_batch()) == ["a", "c"]
+    assert not blocks.owns("b")
+    assert not batcher.remove(jobs["a"])  # already batched
+    assert not batcher.remove(make_job(loop, "never", 1))
