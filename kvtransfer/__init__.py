@@ -19,7 +19,9 @@ from kvtransfer.errors import TransferError
 from kvtransfer.layout import WIRE_FORMAT_VERSION, ChunkSpec, KVLayout, plan_chunks
 from pdserve.config import KVTransferConfig
 
-TRANSPORTS = ("grpc", "inproc")
+# "auto" is resolved per request (shm for a same-node pair, grpc otherwise); a receiver made
+# for "auto" accepts both.
+TRANSPORTS = ("grpc", "shm", "inproc")
 
 __all__ = [
     "TRANSPORTS",
@@ -41,10 +43,10 @@ __all__ = [
 
 def make_sender(transport: str, config: KVTransferConfig) -> KVSender:
     """A sender for `transport`; raises ValueError naming the valid choices."""
-    if transport == "grpc":
+    if transport in ("grpc", "shm"):
         from kvtransfer.grpc_sender import GrpcSender
 
-        return GrpcSender(config)
+        return GrpcSender(config, via_shm=transport == "shm")
     if transport == "inproc":
         from kvtransfer.inproc import InprocSender
 
@@ -54,10 +56,10 @@ def make_sender(transport: str, config: KVTransferConfig) -> KVSender:
 
 def make_receiver(transport: str, layout: KVLayout, config: KVTransferConfig) -> KVReceiver:
     """A receiver (not started) for `transport`; raises ValueError naming the valid choices."""
-    if transport == "grpc":
+    if transport in ("grpc", "shm", "auto"):
         from kvtransfer.grpc_receiver import GrpcReceiver
 
-        return GrpcReceiver(layout, config)
+        return GrpcReceiver(layout, config, allow_shm=transport != "grpc")
     if transport == "inproc":
         from kvtransfer.inproc import InprocReceiver
 

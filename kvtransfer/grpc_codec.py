@@ -8,6 +8,7 @@ import grpc
 
 from kvtransfer.errors import TransferError, TransferFailedPrecondition, transfer_error
 from kvtransfer.layout import ChunkSpec, KVLayout
+from kvtransfer.shm_segment import ShmRef
 from kvtransfer.stream import Chunk, Commit, Header, Message
 from pdserve.errors import StatusCode
 from pdserve.internal.v1 import kv_transfer_pb2
@@ -24,7 +25,7 @@ def message_to_proto(message: Message) -> kv_transfer_pb2.KVMessage:
     if isinstance(message, Chunk):
         spec = message.spec
         data = message.data if isinstance(message.data, bytes) else bytes(message.data)
-        return kv_transfer_pb2.KVMessage(chunk=kv_transfer_pb2.KVChunk(
+        chunk = kv_transfer_pb2.KVChunk(
             seq=spec.seq,
             layer_start=spec.layer_start,
             layer_end=spec.layer_end,
@@ -32,7 +33,13 @@ def message_to_proto(message: Message) -> kv_transfer_pb2.KVMessage:
             token_end=spec.token_end,
             crc32c=message.crc32c,
             data=data,
-        ))
+        )
+        if message.shm is not None:
+            ref = message.shm
+            chunk.shm.CopyFrom(
+                kv_transfer_pb2.ShmRef(segment=ref.segment, offset=ref.offset, length=ref.length)
+            )
+        return kv_transfer_pb2.KVMessage(chunk=chunk)
     return kv_transfer_pb2.KVMessage(commit=kv_transfer_pb2.KVCommit(
         num_chunks=message.num_chunks, first_token_id=message.first_token_id
     ))
@@ -55,7 +62,10 @@ def message_from_proto(proto: kv_transfer_pb2.KVMessage) -> Message:
         spec = ChunkSpec(
             chunk.seq, chunk.layer_start, chunk.layer_end, chunk.token_start, chunk.token_end
         )
-        return Chunk(spec=spec, crc32c=chunk.crc32c, data=chunk.data)
+        shm = None
+        if chunk.HasField("shm"):
+            shm = ShmRef(chunk.shm.segment, chunk.shm.offset, chunk.shm.length)
+        return Chunk(spec=spec, crc32c=chunk.crc32c, data=chunk.data, shm=shm)
     if kind == "commit":
         return Commit(num_chunks=proto.commit.num_chunks,
                       first_token_id=proto.commit.first_token_id)

@@ -34,9 +34,10 @@ _NUM_SERVER_THREADS = 8
 class _KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
     """Thin adapter: protobuf in, session calls, status out."""
 
-    def __init__(self, table: TransferTable, layout: KVLayout) -> None:
+    def __init__(self, table: TransferTable, layout: KVLayout, allow_shm: bool) -> None:
         self._table = table
         self._layout = layout
+        self._allow_shm = allow_shm
 
     def Handshake(
         self, request: kv_transfer_pb2.HandshakeRequest, context: grpc.ServicerContext
@@ -54,7 +55,9 @@ class _KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
         request_iterator: Iterator[kv_transfer_pb2.KVMessage],
         context: grpc.ServicerContext,
     ) -> kv_transfer_pb2.PushReply:
-        session = ReceiveSession(self._table, self._layout, abort_stream=context.cancel)
+        session = ReceiveSession(
+            self._table, self._layout, abort_stream=context.cancel, allow_shm=self._allow_shm
+        )
         try:
             return kv_transfer_pb2.PushReply(num_bytes=_receive(session, request_iterator, context))
         except TransferError as err:
@@ -62,6 +65,8 @@ class _KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
             session.abort(err)
             context.abort(grpc_status(err.code), err.message)
             raise  # context.abort raises; this only tells readers and type checkers
+        finally:
+            session.close()
 
 
 def _receive(
@@ -89,13 +94,17 @@ def _broken_stream_error(context: grpc.ServicerContext) -> TransferError:
 
 
 class GrpcReceiver(KVReceiver):
-    """KVReceiver serving KVTransfer on `config.host`, on a port picked by the OS."""
+    """KVReceiver serving KVTransfer on `config.host`, on a port picked by the OS.
+
+    With `allow_shm` it also takes chunks whose bytes lie in a same-node shared-memory segment
+    (the "shm" transport uses this receiver's control stream)."""
 
     transport = "grpc"
 
-    def __init__(self, layout: KVLayout, config: KVTransferConfig) -> None:
+    def __init__(self, layout: KVLayout, config: KVTransferConfig, allow_shm: bool = False) -> None:
         self._layout = layout
         self._config = config
+        self._allow_shm = allow_shm
         self._table = TransferTable()
         self._server: grpc.Server | None = None
         self._address = ""
@@ -121,7 +130,7 @@ class GrpcReceiver(KVReceiver):
             ],
         )
         kv_transfer_pb2_grpc.add_KVTransferServicer_to_server(
-            _KVTransferServicer(self._table, self._layout), server
+            _KVTransferServicer(self._table, self._layout, self._allow_shm), server
         )
         bracketed = f"[{host}]" if ":" in host else host
         port = server.add_insecure_port(f"{bracketed}:0")

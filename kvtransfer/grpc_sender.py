@@ -19,12 +19,14 @@ from kvtransfer.base import FirstToken, KVSender, KVSource, TransferStats
 from kvtransfer.errors import TransferCancelled, TransferError, as_transfer_error
 from kvtransfer.grpc_codec import error_from_rpc, message_to_proto
 from kvtransfer.layout import KVLayout, plan_chunks
+from kvtransfer.shm_segment import ShmSegmentWriter
 from kvtransfer.stream import (
     Header,
     Message,
     check_acknowledged,
     check_chunks_fit,
     outgoing_messages,
+    via_shm,
 )
 from pdserve.config import KVTransferConfig
 from pdserve.errors import StatusCode
@@ -62,11 +64,14 @@ class _Feeder:
 
 
 class GrpcSender(KVSender):
-    """KVSender over gRPC; one cached channel per receiver address."""
+    """KVSender over gRPC; one cached channel per receiver address.
 
-    transport = "grpc"
+    With `via_shm` (transport "shm", same node only) each transfer's bytes go through a
+    shared-memory segment and the gRPC stream carries only the control messages."""
 
-    def __init__(self, config: KVTransferConfig) -> None:
+    def __init__(self, config: KVTransferConfig, via_shm: bool = False) -> None:
+        self._via_shm = via_shm
+        self.transport = "shm" if via_shm else "grpc"
         self._config = config
         self._lock = threading.Lock()
         self._channels: dict[str, tuple[grpc.Channel, kv_transfer_pb2_grpc.KVTransferStub]] = {}
@@ -96,7 +101,15 @@ class GrpcSender(KVSender):
             self._handshake(stub, address, layout, deadline, cancel)
             header = Header(transfer_id, layout, num_tokens, len(chunks))
             messages = outgoing_messages(header, chunks, source, first_token_id, cancel.is_set)
-            reply = self._push(stub, messages, deadline, cancel)
+            segment = ShmSegmentWriter(transfer_id, layout.kv_bytes(num_tokens)) \
+                if self._via_shm else None
+            try:
+                if segment is not None:
+                    messages = via_shm(messages, segment)
+                reply = self._push(stub, messages, deadline, cancel)
+            finally:
+                if segment is not None:
+                    segment.close()
             check_acknowledged(layout, num_tokens, reply.num_bytes)
         except TransferError as err:
             if err.code in (StatusCode.UNAVAILABLE, StatusCode.FAILED_PRECONDITION):

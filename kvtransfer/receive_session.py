@@ -22,6 +22,7 @@ from kvtransfer.errors import (
     TransferInternal,
 )
 from kvtransfer.layout import ChunkSpec, KVLayout
+from kvtransfer.shm_segment import ShmSegmentReader
 from kvtransfer.stream import Chunk, Commit, Header, Message
 from kvtransfer.transfer_table import ActiveTransfer, TransferTable
 
@@ -34,11 +35,18 @@ class ReceiveSession:
     """
 
     def __init__(
-        self, table: TransferTable, layout: KVLayout, abort_stream: Callable[[], None]
+        self,
+        table: TransferTable,
+        layout: KVLayout,
+        abort_stream: Callable[[], None],
+        allow_shm: bool = False,
     ) -> None:
         self._table = table
         self._layout = layout
         self._abort_stream = abort_stream
+        # Chunks in a shared-memory segment are accepted only where the config allows shm.
+        self._allow_shm = allow_shm
+        self._segment: ShmSegmentReader | None = None
         self._header: Header | None = None
         self._active: ActiveTransfer | None = None
         self._commit: Commit | None = None
@@ -134,7 +142,7 @@ class ReceiveSession:
             raise TransferDataLoss(f"chunk seq {spec.seq}: the header announced fewer chunks")
         self._check_position(spec)
         expected_bytes = spec.num_bytes(self._layout)
-        data = memoryview(chunk.data).cast("B")
+        data = self._chunk_bytes(chunk, expected_bytes)
         if data.nbytes != expected_bytes:
             raise TransferDataLoss(
                 f"chunk {spec.seq}: {data.nbytes} data bytes, expected {expected_bytes}"
@@ -143,7 +151,32 @@ class ReceiveSession:
             raise TransferDataLoss(f"chunk {spec.seq}: crc32c mismatch")
         self._active.write(spec, data)
         self._table.add_bytes_written(data.nbytes)
+        data.release()
         self._advance(spec)
+
+    def _chunk_bytes(self, chunk: Chunk, expected_bytes: int) -> memoryview:
+        if chunk.shm is None:
+            return memoryview(chunk.data).cast("B")
+        assert self._header is not None, "header handled first"
+        if not self._allow_shm:
+            raise TransferFailedPrecondition("this receiver does not accept the shm transport")
+        if chunk.data:
+            raise TransferDataLoss(f"chunk {chunk.spec.seq}: both inline data and shm set")
+        if chunk.shm.length != expected_bytes:
+            raise TransferDataLoss(
+                f"chunk {chunk.spec.seq}: shm length {chunk.shm.length}, expected {expected_bytes}"
+            )
+        if self._segment is None:
+            total = self._layout.kv_bytes(self._header.num_tokens)
+            self._segment = ShmSegmentReader(self._header.transfer_id, total)
+        return self._segment.view(chunk.shm)
+
+    def close(self) -> None:
+        """Releases the shared-memory segment, if any. Called by the transport when the stream
+        is over, whatever its outcome."""
+        if self._segment is not None:
+            self._segment.close()
+            self._segment = None
 
     def _check_position(self, spec: ChunkSpec) -> None:
         assert self._header is not None, "header handled first"

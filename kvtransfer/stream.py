@@ -19,6 +19,7 @@ from kvtransfer.errors import (
     as_transfer_error,
 )
 from kvtransfer.layout import ChunkSpec, KVLayout
+from kvtransfer.shm_segment import ShmRef, ShmSegmentWriter
 
 # Room for the protobuf framing of a chunk message around its data.
 MESSAGE_OVERHEAD_BYTES = 1024
@@ -36,8 +37,10 @@ class Header:
 class Chunk:
     spec: ChunkSpec
     crc32c: int
-    # 1-D unsigned-byte view (or bytes) of exactly spec.num_bytes(layout) bytes.
+    # 1-D unsigned-byte view (or bytes) of exactly spec.num_bytes(layout) bytes; empty when
+    # the bytes travel in a shared-memory segment (`shm`).
     data: bytes | memoryview
+    shm: ShmRef | None = None
 
 
 @dataclass(frozen=True)
@@ -108,3 +111,13 @@ def _read_chunk(source: KVSource, spec: ChunkSpec, layout: KVLayout) -> bytes | 
         )
     # Plain bytes go on a protobuf message without another copy.
     return raw if isinstance(raw, bytes) else view
+
+
+def via_shm(messages: Iterator[Message], writer: ShmSegmentWriter) -> Iterator[Message]:
+    """Moves each chunk's bytes into the transfer's shared-memory segment; the control stream
+    then carries only where they lie."""
+    for message in messages:
+        if isinstance(message, Chunk):
+            ref = writer.append(message.data)
+            message = Chunk(spec=message.spec, crc32c=message.crc32c, data=b"", shm=ref)
+        yield message

@@ -80,7 +80,8 @@ class DecodePoolConfig(_Section):
 class KVTransferConfig(_Section):
     """How KV moves from a prefill to a decode replica."""
 
-    transport: Literal["grpc"] = "grpc"
+    # auto: shm for a prefill/decode pair on one node, grpc otherwise (decided per request).
+    transport: Literal["auto", "grpc", "shm"] = "auto"
     # Address the decode replicas' KV servers bind to and advertise to prefill replicas.
     # "127.0.0.1" keeps KV on one machine; "auto" uses the IP Ray knows each node by
     # (`ray.util.get_node_ip_address()`), which multi-node clusters need.

@@ -21,16 +21,14 @@ class PrefillActor:
 
     def __init__(self, config_data: bytes, replica_id: str) -> None:
         from engine.replica_engine import build_replica_engine
-        from kvtransfer import make_sender
         from prefill_worker.worker import PrefillWorker
 
         config = decode_config(config_data)
         setup_replica_logging(config, replica_id)
         pool = config.prefill
         engine = build_replica_engine(config.model, pool.kv_cache, pool.resources.torch_threads)
-        sender = make_sender(config.kv_transfer.transport, config.kv_transfer)
         self._engine = engine
-        self._worker = PrefillWorker(config, replica_id, engine, sender)
+        self._worker = PrefillWorker(config, replica_id, engine)
         self._node_id = ray.get_runtime_context().get_node_id()
 
     async def model_info(self) -> bytes:

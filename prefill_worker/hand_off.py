@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from engine.kv_cache import PagedKVCache
 from engine.kv_io import PagedKVSource
 from engine.layer_progress import LayerProgress
-from kvtransfer import KVLayout, KVSender
+from kvtransfer import KVLayout, KVSender, make_sender
 from kvtransfer.base import FirstToken
 from pdserve.config import PdserveConfig
-from pdserve.errors import DeadlineExceeded
+from pdserve.errors import DeadlineExceeded, FailedPrecondition
 from pdserve.messages import PrefillEvent
 from prefill_worker.job import PrefillJob
 
@@ -28,13 +28,12 @@ from prefill_worker.job import PrefillJob
 class KVHandOff:
     def __init__(
         self,
-        sender: KVSender,
         layout: KVLayout,
         kv_cache: PagedKVCache,
         config: PdserveConfig,
         on_send_done: Callable[[PrefillJob], None],
     ) -> None:
-        self._sender = sender
+        self._senders: dict[str, KVSender] = {}
         self._layout = layout
         self._kv_cache = kv_cache
         self._config = config
@@ -57,7 +56,8 @@ class KVHandOff:
             self._kv_cache, job.block_table, job.num_prompt_tokens, progress
         )
         send = functools.partial(
-            self._sender.send, address=job.request.kv_target.address,
+            self._sender(job.request.kv_target.transport).send,
+            address=job.request.kv_target.address,
             transfer_id=job.transfer_id, layout=self._layout, num_tokens=job.num_prompt_tokens,
             source=source, first_token_id=first_token, cancel=job.cancel, timeout_s=timeout_s,
         )
@@ -84,6 +84,21 @@ class KVHandOff:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for sender in self._senders.values():
+            sender.close()
+
+    def _sender(self, transport: str) -> KVSender:
+        """The sender of the transport the router chose for this request (created once)."""
+        configured = self._config.kv_transfer.transport
+        allowed = ("grpc", "shm") if configured == "auto" else (configured,)
+        if transport not in allowed:
+            raise FailedPrecondition(
+                f"kv transport {transport!r} is not enabled here (kv_transfer.transport: "
+                f"{configured})"
+            )
+        if transport not in self._senders:
+            self._senders[transport] = make_sender(transport, self._config.kv_transfer)
+        return self._senders[transport]
 
     def _timeout_s(self, job: PrefillJob) -> float:
         # The lease: KV waits for the decode side no longer than this, then is freed.

@@ -39,7 +39,7 @@ from engine.model_runner import SequenceChunk
 from engine.replica_engine import ReplicaEngine
 from engine.sampler import sample
 from engine.stopping import finish_reason
-from kvtransfer import KVLayout, KVSender
+from kvtransfer import KVLayout
 from pdserve.config import PdserveConfig
 from pdserve.errors import Cancelled, DeadlineExceeded, Internal, PdserveError
 from pdserve.messages import LoadReport, PrefillEvent, PrefillRequest
@@ -51,14 +51,12 @@ logger = logging.getLogger(__name__)
 
 
 class PrefillWorker:
-    def __init__(
-        self, config: PdserveConfig, replica_id: str, engine: ReplicaEngine, sender: KVSender
-    ) -> None:
+    def __init__(self, config: PdserveConfig, replica_id: str, engine: ReplicaEngine) -> None:
         self.replica_id = replica_id
         self._config = config
         self._engine = engine
         layout = KVLayout(**engine.kv_layout_fields())  # type: ignore[arg-type]
-        self._hand_off = KVHandOff(sender, layout, engine.kv_cache, config, self._on_send_done)
+        self._hand_off = KVHandOff(layout, engine.kv_cache, config, self._on_send_done)
         self._pipelining = config.kv_transfer.layer_pipelining
         # Forward passes get a thread of their own: pipelined sends wait on them.
         self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill")

@@ -35,6 +35,10 @@ class Replica:
     def is_ready(self) -> bool:
         return self.state == READY
 
+    @property
+    def node_id(self) -> str:
+        return self.load.node_id if self.load else ""
+
     def pending_requests(self) -> int:
         reported = self.load.num_active_requests if self.load else 0
         return reported + self.num_placed_since_report

@@ -26,6 +26,7 @@ from typing import TypeVar
 from pdserve.config import PdserveConfig
 from pdserve.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     PdserveError,
     ResourceExhausted,
     StatusCode,
@@ -204,7 +205,11 @@ class RequestFlow:
         target = KVTarget(
             replica_id=progress.decode_replica.replica_id,
             address=decode_load.kv_address if decode_load else "",
-            transport=self._config.kv_transfer.transport,
+            transport=kv_transport_for(
+                self._config.kv_transfer.transport,
+                progress.prefill_replica.node_id,
+                progress.decode_replica.node_id,
+            ),
         )
         message = PrefillRequest(
             request_id=progress.request_id, transfer_id=progress.transfer_id,
@@ -252,6 +257,20 @@ class RequestFlow:
             decode_replica=progress.decode_replica.replica_id if progress.decode_replica else "",
             kv_bytes=progress.kv_bytes,
         )
+
+
+def kv_transport_for(configured: str, prefill_node: str, decode_node: str) -> str:
+    """The transport for one hand-off: `auto` takes shared memory within a node and gRPC
+    across nodes; an explicit `shm` across nodes is refused, never silently replaced."""
+    same_node = bool(prefill_node) and prefill_node == decode_node
+    if configured == "auto":
+        return "shm" if same_node else "grpc"
+    if configured == "shm" and not same_node:
+        raise FailedPrecondition(
+            "kv_transfer.transport is shm but the chosen prefill and decode replicas are on "
+            "different nodes"
+        )
+    return configured
 
 
 EventT = TypeVar("EventT", PrefillEvent, DecodeEvent)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from pdserve.client import GenerationClient, collect
 from pdserve.serve import Service
 from pdserve.v1 import pdserve_pb2
+from tests.factories.config import make_config
 from tests.integration.conftest import assert_quiet, load_reports
 
 PROMPTS = [
@@ -47,14 +49,27 @@ def generate(address: str, prompt: list[int]):
         return collect(client.generate(prompt, max_tokens=MAX_TOKENS, temperature=0.0))
 
 
-def test_each_request_alone_matches_transformers(tiny_service: Service, references) -> None:
+@pytest.fixture(scope="module")
+def grpc_service(ray_cluster: None, tiny_model_dir: Path) -> Iterator[Service]:
+    """Forces the cross-node transport on one node (the shared tiny service uses auto = shm)."""
+    config = make_config(str(tiny_model_dir), kv_transfer={"transport": "grpc"})
+    with Service(config) as running:
+        yield running
+
+
+@pytest.mark.parametrize("transport", ["shm", "grpc"])
+def test_each_request_alone_matches_transformers(
+    transport: str, request: pytest.FixtureRequest, references
+) -> None:
+    service = request.getfixturevalue("tiny_service" if transport == "shm" else "grpc_service")
     for prompt, expected in zip(PROMPTS, references):
-        result = generate(tiny_service.address, prompt)
+        result = generate(service.address, prompt)
         assert result.token_ids == expected, f"prompt {prompt}"
         assert result.final is not None
         assert result.final.usage.completion_tokens == len(expected)
         assert result.final.usage.prompt_tokens == len(prompt)
-    assert_quiet(tiny_service)
+        assert result.final.served_by.kv_transport == transport
+    assert_quiet(service)
 
 
 def test_eight_concurrent_requests_match_and_share_decode_batches(
@@ -87,7 +102,7 @@ def test_kv_crosses_a_process_boundary_with_the_exact_byte_count(tiny_service: S
     # 3 layers x (K + V) x 60 tokens x 2 KV heads x 16 dims x 4 bytes (fp32)
     expected_bytes = 3 * 2 * len(prompt) * 2 * 16 * 4
     assert served.kv_bytes == expected_bytes
-    assert served.kv_transport == "grpc" and served.mode == "disaggregated"
+    assert served.kv_transport == "shm" and served.mode == "disaggregated"
     received_after = sum(r.total_kv_bytes for r in load_reports(tiny_service) if r.role == "decode")
     assert received_after - received_before == expected_bytes
     assert result.final.finish_reason in (

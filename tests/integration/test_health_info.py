@@ -22,7 +22,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 def test_info_reports_model_pools_transport_and_mode(tiny_service: Service) -> None:
     with GenerationClient(tiny_service.address, timeout_s=30) as client:
         info = client.info()
-    assert info.mode == "disaggregated" and info.kv_transport == "grpc"
+    assert info.mode == "disaggregated" and info.kv_transport == "auto"
     assert info.dtype == "float32"
     assert info.model == tiny_service.config.model.source
     assert info.prefill.configured_replicas == 1 and info.decode.configured_replicas == 2

@@ -89,7 +89,7 @@ class DoneRecorder:
         return result
 
 
-@pytest.fixture(params=["grpc", "inproc"])
+@pytest.fixture(params=["grpc", "shm", "inproc"])
 def transport(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -354,7 +354,7 @@ def test_corrupted_chunk_on_the_wire_is_data_loss(sender: KVSender,
 
 
 def test_unknown_transport_names_the_choices() -> None:
-    with pytest.raises(ValueError, match="grpc, inproc"):
-        make_sender("nccl", CONFIG)
-    with pytest.raises(ValueError, match="grpc, inproc"):
-        make_receiver("shm", LAYOUT, CONFIG)
+    with pytest.raises(ValueError, match="grpc, shm, inproc"):
+        make_sender("pigeon", CONFIG)
+    with pytest.raises(ValueError, match="grpc, shm, inproc"):
+        make_receiver("pigeon", LAYOUT, CONFIG)

@@ -46,7 +46,7 @@ class KVHeader(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayoutProto, _Mapping]] = ..., num_tokens: _Optional[int] = ..., num_chunks: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("seq", "layer_start", "layer_end", "token_start", "token_end", "crc32c", "data")
+    __slots__ = ("seq", "layer_start", "layer_end", "token_start", "token_end", "crc32c", "data", "shm")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class KVChunk(_message.Message):
     TOKEN_END_FIELD_NUMBER: _ClassVar[int]
     CRC32C_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
     seq: int
     layer_start: int
     layer_end: int
@@ -61,7 +62,18 @@ class KVChunk(_message.Message):
     token_end: int
     crc32c: int
     data: bytes
-    def __init__(self, seq: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., crc32c: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    shm: ShmRef
+    def __init__(self, seq: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., crc32c: _Optional[int] = ..., data: _Optional[bytes] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ...) -> None: ...
+
+class ShmRef(_message.Message):
+    __slots__ = ("segment", "offset", "length")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    offset: int
+    length: int
+    def __init__(self, segment: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class KVCommit(_message.Message):
     __slots__ = ("num_chunks", "first_token_id")

@@ -1,0 +1,302 @@
+"""PrefillWorker and DecodeWorker together in one process: the real tiny model, the inproc KV
+transport, no Ray and no gRPC. Outputs must equal transformers' greedy `generate()`, and every
+scenario must end with both replicas empty."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from decode_worker.worker import DecodeWorker
+from engine.replica_engine import ReplicaEngine, build_replica_engine
+from kvtransfer import KVLayout, KVReceiver, KVSender, make_receiver, make_sender
+from pdserve.config import PdserveConfig
+from pdserve.errors import StatusCode
+from pdserve.messages import (
+    DecodeEvent,
+    DecodeRequest,
+    KVTarget,
+    PrefillEvent,
+    PrefillRequest,
+    ReserveRequest,
+    SamplingParams,
+)
+from prefill_worker.worker import PrefillWorker
+from tests.factories.config import make_config
+from tests.factories.model import build_tiny_model_dir
+
+PROMPTS = [[5, 17, 42, 99, 7, 3], [64], list(range(100, 121))]  # 21 tokens: several blocks
+NUM_NEW_TOKENS = 8
+WAIT_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> Callable[[list[int], int], list[int]]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+    def generate(prompt: list[int], num_new_tokens: int) -> list[int]:
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=num_new_tokens, do_sample=False,
+            eos_token_id=None, pad_token_id=0,
+        )
+        return out[0, len(prompt):].tolist()
+
+    return generate
+
+
+@dataclass
+class Pair:
+    config: PdserveConfig
+    prefill: PrefillWorker
+    decode: DecodeWorker
+    prefill_engine: ReplicaEngine
+    decode_engine: ReplicaEngine
+    sender: KVSender
+    receiver: KVReceiver
+    layout: KVLayout
+
+    def assert_quiet(self) -> None:
+        """The leak oracle: no block, job, sequence or transfer is left on either side."""
+        for engine in (self.prefill_engine, self.decode_engine):
+            blocks = engine.block_manager
+            assert blocks.num_free_blocks == blocks.num_total_blocks
+            assert blocks.num_owners == 0
+        prefill_load = self.prefill.load("node", 1)
+        assert prefill_load.num_active_requests == 0
+        assert prefill_load.num_waiting_requests == 0
+        assert prefill_load.num_leases == 0
+        assert prefill_load.num_transfers == 0
+        decode_load = self.decode.load("node", 2)
+        assert decode_load.num_active_requests == 0
+        assert decode_load.num_waiting_requests == 0
+        assert decode_load.num_transfers == 0
+        assert self.receiver.num_pending == 0
+
+
+@pytest.fixture
+async def pair(model_dir: Path) -> AsyncIterator[Pair]:
+    # Different block sizes on the two sides: the KV is re-paged on the way.
+    config = make_config(
+        str(model_dir),
+        prefill={"kv_cache": {"memory_mb": 1, "block_size": 8}},
+        decode={"kv_cache": {"memory_mb": 1, "block_size": 16}},
+    )
+    prefill_engine = build_replica_engine(config.model, config.prefill.kv_cache, 1)
+    decode_engine = build_replica_engine(config.model, config.decode.kv_cache, 1)
+    layout = KVLayout(**decode_engine.kv_layout_fields())  # type: ignore[arg-type]
+    sender = make_sender("inproc", config.kv_transfer)
+    receiver = make_receiver("inproc", layout, config.kv_transfer)
+    receiver.start()
+    yield Pair(
+        config=config,
+        prefill=PrefillWorker(config, "prefill-0", prefill_engine, sender),
+        decode=DecodeWorker(config, "decode-0", decode_engine, receiver),
+        prefill_engine=prefill_engine, decode_engine=decode_engine,
+        sender=sender, receiver=receiver, layout=layout,
+    )
+    receiver.stop()
+    sender.close()
+
+
+def greedy(num_new_tokens: int = NUM_NEW_TOKENS, **fields: Any) -> SamplingParams:
+    return SamplingParams(max_tokens=num_new_tokens, ignore_eos=True, **fields)
+
+
+def prefill_request(
+    pair: Pair, transfer_id: str, prompt: list[int], sampling: SamplingParams,
+    deadline_s: float = 30.0, address: str | None = None,
+) -> PrefillRequest:
+    return PrefillRequest(
+        request_id=f"r-{transfer_id}", transfer_id=transfer_id, prompt_token_ids=prompt,
+        sampling=sampling, eos_token_ids=[0],
+        kv_target=KVTarget("decode-0", address or pair.decode.kv_address, "inproc"),
+        deadline=time.time() + deadline_s,
+    )
+
+
+async def collect(stream: AsyncIterator[Any]) -> list[Any]:
+    return [event async for event in stream]
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def serve(
+    pair: Pair, prompt: list[int], sampling: SamplingParams, num_prompt_tokens: int | None = None
+) -> tuple[list[PrefillEvent], list[DecodeEvent]]:
+    """One request as the router runs it: reserve, then prefill and generate concurrently."""
+    transfer_id = uuid.uuid4().hex
+    reply = pair.decode.reserve(
+        ReserveRequest(
+            request_id=f"r-{transfer_id}", transfer_id=transfer_id,
+            num_prompt_tokens=num_prompt_tokens or len(prompt), max_tokens=sampling.max_tokens,
+        )
+    )
+    assert reply.ok, reply.error
+    assert reply.kv_address == pair.receiver.address
+    decode_request = DecodeRequest(
+        request_id=f"r-{transfer_id}", transfer_id=transfer_id, sampling=sampling,
+        eos_token_ids=[0], deadline=time.time() + 30,
+    )
+    prefill_events, decode_events = await asyncio.wait_for(
+        asyncio.gather(
+            collect(pair.prefill.prefill(prefill_request(pair, transfer_id, prompt, sampling))),
+            collect(pair.decode.generate(decode_request)),
+        ),
+        WAIT_S,
+    )
+    return prefill_events, decode_events
+
+
+def output_tokens(prefill_events: list[PrefillEvent], decode_events: list[DecodeEvent]) -> list[int]:
+    return [prefill_events[0].token_id] + [t for e in decode_events for t in e.token_ids]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["6-tokens", "1-token", "21-tokens"])
+async def test_disaggregated_greedy_matches_generate(
+    pair: Pair, prompt: list[int], reference: Callable[[list[int], int], list[int]]
+) -> None:
+    prefill_events, decode_events = await serve(pair, prompt, greedy())
+    assert [e.kind for e in prefill_events] == ["first_token", "transferred"]
+    first, transferred = prefill_events
+    assert not first.finished and first.error is None
+    assert transferred.transport == "inproc"
+    assert transferred.num_bytes == pair.layout.kv_bytes(len(prompt))
+    assert all(e.error is None for e in decode_events)
+    assert decode_events[-1].finish_reason == "length"
+    assert all(not e.finish_reason for e in decode_events[:-1])
+    assert output_tokens(prefill_events, decode_events) == reference(prompt, NUM_NEW_TOKENS)
+    pair.assert_quiet()
+    assert pair.prefill.load("n", 1).total_kv_bytes == pair.layout.kv_bytes(len(prompt))
+    decode_load = pair.decode.load("n", 2)
+    assert decode_load.total_kv_bytes == pair.layout.kv_bytes(len(prompt))
+    assert decode_load.total_decode_tokens == NUM_NEW_TOKENS - 1
+
+
+async def test_concurrent_requests_each_match_generate(
+    pair: Pair, reference: Callable[[list[int], int], list[int]]
+) -> None:
+    results = await asyncio.gather(*(serve(pair, prompt, greedy()) for prompt in PROMPTS))
+    for prompt, (prefill_events, decode_events) in zip(PROMPTS, results):
+        assert output_tokens(prefill_events, decode_events) == reference(prompt, NUM_NEW_TOKENS)
+    pair.assert_quiet()
+    assert pair.decode.load("n", 2).total_requests == len(PROMPTS)
+
+
+async def test_seeded_sampling_is_reproducible_across_requests(pair: Pair) -> None:
+    sampling = SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=1.5, seed=7, ignore_eos=True)
+    runs = [output_tokens(*await serve(pair, PROMPTS[0], sampling)) for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert len(runs[0]) == NUM_NEW_TOKENS
+    pair.assert_quiet()
+
+
+async def test_a_first_token_that_finishes_sends_no_kv(pair: Pair) -> None:
+    transfer_id = "one-token"
+    reply = pair.decode.reserve(ReserveRequest("r", transfer_id, len(PROMPTS[0]), 1))
+    assert reply.ok
+    events = await asyncio.wait_for(
+        collect(pair.prefill.prefill(prefill_request(pair, transfer_id, PROMPTS[0], greedy(1)))),
+        WAIT_S,
+    )
+    assert [(e.kind, e.finished) for e in events] == [("first_token", True)]
+    assert pair.prefill.load("n", 1).total_kv_bytes == 0
+    # The router aborts the unused reservation.
+    assert pair.decode.abort(transfer_id)
+    pair.assert_quiet()
+
+
+async def test_abort_while_queued_cancels_and_frees_everything(pair: Pair) -> None:
+    blocks = pair.prefill_engine.block_manager
+    # Hold every block so the job cannot leave the queue.
+    blocks.allocate("hog", blocks.num_free_blocks * blocks.block_size)
+    transfer_id = "queued"
+    reply = pair.decode.reserve(ReserveRequest("r", transfer_id, len(PROMPTS[0]), 4))
+    assert reply.ok
+    task = asyncio.ensure_future(
+        collect(pair.prefill.prefill(prefill_request(pair, transfer_id, PROMPTS[0], greedy(4))))
+    )
+    await until(lambda: pair.prefill.load("n", 1).num_waiting_requests == 1, "the job to queue")
+    assert pair.prefill.abort(transfer_id)
+    events = await asyncio.wait_for(task, WAIT_S)
+    assert len(events) == 1 and events[0].kind == "error"
+    assert events[0].error is not None and events[0].error.code is StatusCode.CANCELLED
+    assert not pair.prefill.abort(transfer_id), "the job is gone"
+    assert pair.decode.abort(transfer_id)
+    blocks.free("hog")
+    pair.assert_quiet()
+    # The queue is not stuck: the next request runs.
+    prefill_events, _ = await serve(pair, PROMPTS[1], greedy(3))
+    assert prefill_events[-1].kind == "transferred"
+    pair.assert_quiet()
+
+
+async def test_deadline_while_queued_fails_and_frees(pair: Pair) -> None:
+    blocks = pair.prefill_engine.block_manager
+    blocks.allocate("hog", blocks.num_free_blocks * blocks.block_size)
+    request = prefill_request(pair, "late", PROMPTS[0], greedy(4), deadline_s=0.3)
+    events = await asyncio.wait_for(collect(pair.prefill.prefill(request)), WAIT_S)
+    assert [e.kind for e in events] == ["error"]
+    assert events[0].error is not None
+    assert events[0].error.code is StatusCode.DEADLINE_EXCEEDED
+    blocks.free("hog")
+    pair.assert_quiet()
+
+
+async def test_a_send_to_an_unexpecting_receiver_fails_and_frees(pair: Pair) -> None:
+    # No reservation on the decode side: the receiver refuses the transfer id.
+    request = prefill_request(pair, "nobody-expects-me", PROMPTS[0], greedy(4))
+    events = await asyncio.wait_for(collect(pair.prefill.prefill(request)), WAIT_S)
+    assert [e.kind for e in events] == ["first_token", "error"]
+    assert events[1].error is not None and events[1].error.code is StatusCode.NOT_FOUND
+    pair.assert_quiet()
+
+
+async def test_a_failed_transfer_fails_both_sides_and_frees_both(pair: Pair) -> None:
+    # The decode side reserved a different prompt length: the handshake of the push fails.
+    prompt = PROMPTS[0]
+    prefill_events, decode_events = await serve(
+        pair, prompt, greedy(4), num_prompt_tokens=len(prompt) + 1
+    )
+    assert [e.kind for e in prefill_events] == ["first_token", "error"]
+    assert prefill_events[1].error is not None
+    assert prefill_events[1].error.code is StatusCode.FAILED_PRECONDITION
+    assert len(decode_events) == 1 and decode_events[0].error is not None
+    assert decode_events[0].error.code is StatusCode.FAILED_PRECONDITION
+    assert decode_events[0].token_ids == []
+    pair.assert_quiet()
+
+
+async def test_duplicate_transfer_id_is_refused_without_touching_the_first(pair: Pair) -> None:
+    blocks = pair.prefill_engine.block_manager
+    blocks.allocate("hog", blocks.num_free_blocks * blocks.block_size)
+    first = asyncio.ensure_future(
+        collect(pair.prefill.prefill(prefill_request(pair, "dup", PROMPTS[0], greedy(4))))
+    )
+    await until(lambda: pair.prefill.load("n", 1).num_waiting_requests == 1, "the job to queue")
+    second = await collect(pair.prefill.prefill(prefill_request(pair, "dup", PROMPTS[1], greedy())))
+    assert [e.kind for e in second] == ["error"]
+    assert pair.prefill.load("n", 1).num_waiting_requests == 1
+    assert pair.prefill.abort("dup")
+    assert [e.kind for e in await asyncio.wait_for(first, WAIT_S)] == ["error"]
+    blocks.free("hog")
+    pair.assert_quiet()
