@@ -41,11 +41,14 @@ class DecodeSequence:
 
     @property
     def num_generated(self) -> int:
-        return len(self.token_ids)
+        """Tokens generated for the request so far, including those before a migration."""
+        previous = self.request.num_previous_tokens if self.request is not None else 0
+        return previous + len(self.token_ids)
 
     @property
     def num_context_tokens(self) -> int:
-        """Tokens whose KV is (or after this step will be) in the cache, plus the last token."""
+        """Tokens whose KV is (or after this step will be) in the cache, plus the last token.
+        `num_prompt_tokens` already counts tokens generated before a migration."""
         return self.num_prompt_tokens + len(self.token_ids)
 
     def seconds_left(self) -> float:

@@ -103,7 +103,9 @@ class DecodeWorker:
             kv_wait_s = time.monotonic() - waited_from
             seq.token_ids.append(first_token)
             seq.started_at = time.monotonic()
-            reason = finish_reason(first_token, 1, request.sampling, request.eos_token_ids)
+            reason = finish_reason(
+                first_token, seq.num_generated, request.sampling, request.eos_token_ids
+            )
             if reason:
                 yield DecodeEvent(finish_reason=reason, kv_wait_s=kv_wait_s)
                 return

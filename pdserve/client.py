@@ -14,6 +14,9 @@ import grpc
 
 from pdserve.v1 import pdserve_pb2, pdserve_pb2_grpc
 
+# A CA bundle is a few KiB; a bigger file is a wrong path, refused before it is read whole.
+MAX_CA_FILE_BYTES = 1024 * 1024
+
 
 def make_request(
     prompt: str | Sequence[int],
@@ -46,16 +49,28 @@ def make_request(
 
 
 class GenerationClient:
-    """One insecure channel to a pdserve router at `address` ("host:port").
+    """One channel to a pdserve router at `address` ("host:port").
 
     `timeout_s` is the deadline of every call (None: no client deadline, the server's default
-    applies). Not thread-safe to close while calls run; otherwise calls may run concurrently.
+    applies). `token` is sent as `authorization: Bearer <token>` metadata on every call (None:
+    no token, for a service without `security.api_tokens_file`). `tls_ca_file` is a PEM file of
+    the CA (or self-signed certificate) that signed the server's certificate: given, the
+    channel uses TLS and checks the server against it and `address`'s host; None: plaintext.
+    Raises OSError if `tls_ca_file` cannot be read. Not thread-safe to close while calls run;
+    otherwise calls may run concurrently.
     """
 
-    def __init__(self, address: str, timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float | None = None,
+        token: str | None = None,
+        tls_ca_file: str | None = None,
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
+        self._channel = _open_channel(address, tls_ca_file)
         self._stub = pdserve_pb2_grpc.GenerationStub(self._channel)
 
     def generate(
@@ -92,7 +107,7 @@ class GenerationClient:
     def _stream(
         self, request: pdserve_pb2.GenerateRequest
     ) -> Iterator[pdserve_pb2.GenerateResponse]:
-        call = self._stub.Generate(request, timeout=self.timeout_s)
+        call = self._stub.Generate(request, timeout=self.timeout_s, metadata=self._metadata)
         try:
             yield from call
         finally:
@@ -100,7 +115,9 @@ class GenerationClient:
 
     def info(self) -> pdserve_pb2.InfoResponse:
         """Describes the service (blocks; raises `grpc.RpcError`)."""
-        return self._stub.Info(pdserve_pb2.InfoRequest(), timeout=self.timeout_s)
+        return self._stub.Info(
+            pdserve_pb2.InfoRequest(), timeout=self.timeout_s, metadata=self._metadata
+        )
 
     def close(self) -> None:
         self._channel.close()
@@ -110,6 +127,17 @@ class GenerationClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _open_channel(address: str, tls_ca_file: str | None) -> grpc.Channel:
+    if tls_ca_file is None:
+        return grpc.insecure_channel(address)
+    with open(tls_ca_file, "rb") as file:
+        root_certificates = file.read(MAX_CA_FILE_BYTES + 1)
+    if len(root_certificates) > MAX_CA_FILE_BYTES:
+        raise OSError(f"{tls_ca_file}: larger than {MAX_CA_FILE_BYTES} bytes")
+    credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    return grpc.secure_channel(address, credentials)
 
 
 @dataclass

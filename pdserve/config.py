@@ -3,7 +3,8 @@
 `load_config(path)` is the only reader of the YAML. Unknown keys and bad values raise
 `ConfigError` naming the key path (e.g. `decode.kv_cache.block_size`) and, for enumerations,
 the valid choices. Cross-section checks run at load. Nothing else in pdserve reads
-environment variables for settings, except `RAY_ADDRESS` which the CLI passes in explicitly.
+environment variables for settings, except `RAY_ADDRESS` (and the client-side `PDSERVE_TOKEN`)
+which the CLI reads and passes in explicitly.
 """
 
 from __future__ import annotations
@@ -126,6 +127,29 @@ class LimitsConfig(_Section):
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
 
 
+class SecurityConfig(_Section):
+    """Who may call the public gRPC API, and whether it is served over TLS.
+
+    Only paths live here: the router reads the files once when it starts (replicas receive this
+    section too and never open them)."""
+
+    # File of accepted bearer tokens, one per line (blank and `#` lines ignored);
+    # None = the public API is open to anyone who can reach it.
+    api_tokens_file: str | None = Field(default=None, min_length=1)
+    # PEM certificate chain and private key of the public port; both or neither (None = no TLS).
+    tls_cert_file: str | None = Field(default=None, min_length=1)
+    tls_key_file: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> SecurityConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                "security.tls_cert_file and security.tls_key_file must be set together "
+                "(both for TLS, neither for plaintext)"
+            )
+        return self
+
+
 class TimeoutsConfig(_Section):
     # Deadline of a request whose client set none.
     default_deadline_s: float = Field(default=300.0, gt=0)
@@ -148,6 +172,19 @@ class TimeoutsConfig(_Section):
         return self
 
 
+class ReliabilityConfig(_Section):
+    """What the router does when a replica dies or stalls under a request."""
+
+    # Before any token was streamed: how many times to start over on other replicas.
+    prefill_retries: int = Field(default=1, ge=0, le=5)
+    # After tokens were streamed: "fail" ends the stream with UNAVAILABLE (saying how many
+    # tokens were sent); "migrate" re-prefills prompt + generated tokens on a live pair and
+    # continues the same stream with no duplicate or missing token.
+    on_decode_failure: Literal["fail", "migrate"] = "migrate"
+    # Most migrations of one request.
+    max_migrations: int = Field(default=1, ge=0, le=5)
+
+
 class RayConfig(_Section):
     # None starts a local Ray instance; "auto" or "host:port" joins a cluster.
     address: str | None = None
@@ -168,6 +205,8 @@ class PdserveConfig(_Section):
     router: RouterConfig = RouterConfig()
     limits: LimitsConfig = LimitsConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
+    reliability: ReliabilityConfig = ReliabilityConfig()
+    security: SecurityConfig = SecurityConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")

@@ -63,6 +63,9 @@ class PrefillRequest:
     kv_target: KVTarget
     # Absolute wall-clock deadline (time.time()).
     deadline: float
+    # Tokens already generated (and streamed) before this prefill, at the end of
+    # prompt_token_ids: a migrated request continues from them.
+    num_previous_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ class DecodeRequest:
     sampling: SamplingParams
     eos_token_ids: list[int]
     deadline: float
+    # See PrefillRequest.num_previous_tokens.
+    num_previous_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,8 @@ class PrefillWorker:
         ]
         on_layer = progress.layer_written if progress is not None else None
         logits = self._engine.runner.forward(chunks, on_layer_written=on_layer)
-        return sample(logits, [job.request.sampling for job in batch], [0] * len(batch))
+        steps = [job.request.num_previous_tokens for job in batch]
+        return sample(logits, [job.request.sampling for job in batch], steps)
 
     def _resolve(
         self, job: PrefillJob, token: int | PdserveError, started: float, prefill_s: float
@@ -201,7 +202,8 @@ class PrefillWorker:
             job.first_token.set_exception(token)
             return
         request = job.request
-        reason = finish_reason(token, 1, request.sampling, request.eos_token_ids)
+        num_generated = request.num_previous_tokens + 1
+        reason = finish_reason(token, num_generated, request.sampling, request.eos_token_ids)
         job.first_token.set_result(
             FirstToken(token, reason, queue_s=started - job.enqueued_at, prefill_s=prefill_s)
         )

@@ -61,11 +61,23 @@ class EventStream:
         self._event_type = event_type
         self._what = what
         self._closed = False
+        # The read in progress: a timeout leaves it running for the next call, so waiting in
+        # slices never cancels (and never loses) an item of the stream.
+        self._pending: asyncio.Task[Any] | None = None
 
     async def next(self, timeout_s: float) -> Any:
         """The next event, or raises (DEADLINE_EXCEEDED on timeout, UNAVAILABLE at end)."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._read())
+        done, _ = await asyncio.wait({self._pending}, timeout=timeout_s)
+        if not done:
+            raise DeadlineExceeded(f"{self._what}: no event within {timeout_s:.1f} s")
+        task, self._pending = self._pending, None
+        return task.result()
+
+    async def _read(self) -> Any:
         try:
-            ref = await asyncio.wait_for(self._refs.__anext__(), timeout=timeout_s)
+            ref = await self._refs.__anext__()
             return decode(self._event_type, await ref)
         except StopAsyncIteration:
             raise Unavailable(f"{self._what}: stream ended early") from None
@@ -77,4 +89,6 @@ class EventStream:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._pending is not None:
+                self._pending.cancel()
             ray.cancel(self._refs)

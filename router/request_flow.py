@@ -1,57 +1,40 @@
 """The life of one request inside the router.
 
-1. **Place.** Mint the request id and the transfer id (never the client's). Reserve KV blocks on
-   the decode replica with the most free blocks (the next one if it is full: back-pressure
-   comes from decode capacity), then pick the least-loaded prefill replica.
-2. **Prefill.** Stream `PrefillRequest` to it; its first event carries the first token, which
-   is detokenized and sent to the client at once (the first token comes from prefill).
-3. **Hand-off + decode.** Open the decode replica's token stream; the prefill stream's second
-   event says the KV reached the decode replica (bytes, time, transport).
-4. **Stream.** Detokenize decode tokens incrementally, honour stop strings, stop at the
-   deadline, and end with a `Completion`.
-5. **Clean up.** Whatever ends the request early (client cancel, deadline, error, stop string,
-   a finished first token), both replicas are told to abort the transfer id, which frees the
-   prefill lease and the decode blocks at once.
+1. **Place.** Mint the request id (never the client's). An `Attempt` reserves KV blocks on the
+   decode replica with the most free blocks (back-pressure comes from decode capacity), picks
+   the least-loaded prefill replica, and mints the transfer id.
+2. **Prefill.** The attempt's first token comes from prefill and is detokenized and sent to the
+   client at once.
+3. **Hand-off + decode.** The KV moves to the reserved blocks; decode streams the rest.
+4. **Stream.** Tokens are detokenized incrementally (multi-byte safe), stop strings are honoured
+   across token boundaries, the deadline is enforced, and the stream ends with a `Completion`.
+5. **Failures.** A replica that dies or stalls before any token was sent: start over on other
+   replicas (`reliability.prefill_retries`). After tokens were sent: `fail` (UNAVAILABLE, with
+   the number of tokens sent) or `migrate` (a new attempt prefills prompt + sent tokens on a
+   live pair and continues the same stream: no duplicate, no gap).
+6. **Clean up.** Whatever ends an attempt early (cancel, deadline, error, stop string, a first
+   token that already finishes the request), it aborts its transfer id on both replicas, which
+   frees the prefill lease and the decode blocks at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import dataclass
 
 from pdserve.config import PdserveConfig
-from pdserve.errors import (
-    DeadlineExceeded,
-    FailedPrecondition,
-    PdserveError,
-    ResourceExhausted,
-    StatusCode,
-    Unavailable,
-    error_from_info,
-)
-from pdserve.messages import (
-    DecodeEvent,
-    DecodeRequest,
-    KVTarget,
-    PrefillEvent,
-    PrefillRequest,
-    ReserveReply,
-    ReserveRequest,
-    encode,
-)
-from router.ray_calls import EventStream, call_message
-from router.replica_pool import Replica, ReplicaPool
+from pdserve.errors import Unavailable
+from router.attempt import Attempt, AttemptReport, ReplicaLost
+from router.replica_pool import ReplicaPool
 from router.text_output import TextOutput
 from router.tokenizer import RouterTokenizer
 from router.validation import ValidatedRequest
 
 logger = logging.getLogger(__name__)
-
-CONTROL_CALL_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -68,6 +51,7 @@ class Completion:
     prefill_replica: str
     decode_replica: str
     kv_bytes: int
+    num_migrations: int = 0
 
 
 @dataclass
@@ -75,20 +59,6 @@ class StreamChunk:
     token_ids: list[int]
     text: str
     completion: Completion | None = None
-
-
-@dataclass
-class _Progress:
-    """What is known about one request as it moves; used for the final report."""
-
-    request_id: str
-    transfer_id: str
-    admitted_at: float
-    timings: dict[str, float] = field(default_factory=dict)
-    prefill_replica: Replica | None = None
-    decode_replica: Replica | None = None
-    kv_transport: str = ""
-    kv_bytes: int = 0
 
 
 class RequestFlow:
@@ -101,189 +71,90 @@ class RequestFlow:
     ) -> None:
         self._config = config
         self._tokenizer = tokenizer
-        self._prefill_pool = prefill_pool
-        self._decode_pool = decode_pool
+        self._pools = (prefill_pool, decode_pool)
 
     async def run(self, request: ValidatedRequest, deadline: float) -> AsyncIterator[StreamChunk]:
         """Streams one request; raises a PdserveError on failure. `deadline` is wall-clock."""
-        progress = _Progress(uuid.uuid4().hex, uuid.uuid4().hex, time.monotonic())
-        log_prefix = f"request {progress.request_id}"
-        prefill_stream: EventStream | None = None
-        decode_stream: EventStream | None = None
-        completed = False
-        try:
-            progress.decode_replica = await self._reserve(request, progress, deadline)
-            progress.prefill_replica = self._prefill_pool.by_least_loaded()[0]
-            progress.prefill_replica.num_placed_since_report += 1
-            prefill_stream = self._start_prefill(request, progress, deadline)
-            text = TextOutput(self._tokenizer, request.prompt_token_ids, request.stop)
-            first: PrefillEvent = _checked(await prefill_stream.next(_seconds_left(deadline)))
-            progress.timings.update(queue_s=first.queue_s, prefill_s=first.prefill_s)
-            progress.timings["time_to_first_token_s"] = time.monotonic() - progress.admitted_at
-            yield StreamChunk([first.token_id], text.push([first.token_id]))
-            finish_reason = "length" if request.sampling.max_tokens == 1 else "stop"
-            if not first.finished and not text.stopped:
-                decode_stream = self._start_decode(request, progress, deadline)
-                handed_off: PrefillEvent = _checked(
-                    await prefill_stream.next(_seconds_left(deadline))
-                )
-                progress.timings["kv_transfer_s"] = handed_off.transfer_s
-                progress.kv_transport = handed_off.transport
-                progress.kv_bytes = handed_off.num_bytes
+        request_id = uuid.uuid4().hex
+        admitted_at = time.monotonic()
+        text = TextOutput(self._tokenizer, request.prompt_token_ids, request.stop)
+        sent: list[int] = []
+        timings: dict[str, float] = {}
+        num_retries = num_migrations = 0
+        while True:
+            attempt = Attempt(
+                self._config, self._pools, self._tokenizer.eos_token_ids, request, sent,
+                request_id, deadline,
+            )
+            tokens = attempt.tokens()
+            try:
                 finish_reason = ""
-                async for chunk, reason in self._decode_tokens(
-                    decode_stream, text, progress, deadline
-                ):
+                async for event in tokens:
+                    if not sent:
+                        timings["time_to_first_token_s"] = time.monotonic() - admitted_at
+                    sent.extend(event.token_ids)
+                    chunk = StreamChunk(event.token_ids, text.push(event.token_ids))
                     if chunk.token_ids or chunk.text:
                         yield chunk
-                    finish_reason = reason
-                completed = not text.stopped
-            completion = self._completion(progress, request, finish_reason, text)
+                    finish_reason = "stop" if text.stopped else event.finish_reason
+                    if finish_reason:
+                        break
+                report = attempt.report
+            except ReplicaLost as lost:
+                await self._refresh()
+                if not sent and num_retries < self._config.reliability.prefill_retries:
+                    num_retries += 1
+                    logger.warning("request %s: %s; retrying", request_id, lost.message)
+                    continue
+                if sent and self._may_migrate(num_migrations):
+                    num_migrations += 1
+                    logger.warning(
+                        "request %s: %s after %d tokens; migrating", request_id, lost.message,
+                        len(sent),
+                    )
+                    continue
+                raise Unavailable(f"{lost.message} after {len(sent)} tokens were sent") from None
+            finally:
+                await tokens.aclose()
+                attempt.close()
+            timings.update(report.timings, total_s=time.monotonic() - admitted_at)
+            completion = self._completion(
+                request_id, request, finish_reason, text, timings, report, num_migrations
+            )
             yield StreamChunk([], text.finish(), completion)
-        finally:
-            for stream in (prefill_stream, decode_stream):
-                if stream is not None:
-                    stream.close()
-            if not completed:
-                self._abort_everywhere(progress)
-            logger.debug("%s done (completed=%s)", log_prefix, completed)
+            return
 
-    async def _decode_tokens(
-        self, stream: EventStream, text: TextOutput, progress: _Progress, deadline: float
-    ) -> AsyncIterator[tuple[StreamChunk, str]]:
-        while True:
-            event: DecodeEvent = _checked(await stream.next(_seconds_left(deadline)))
-            chunk = StreamChunk(event.token_ids, text.push(event.token_ids))
-            if text.stopped:
-                yield chunk, "stop"
-                return
-            yield chunk, event.finish_reason
-            if event.finish_reason:
-                progress.timings["decode_s"] = event.decode_s
-                return
-
-    async def _reserve(
-        self, request: ValidatedRequest, progress: _Progress, deadline: float
-    ) -> Replica:
-        message = encode(
-            ReserveRequest(
-                request_id=progress.request_id, transfer_id=progress.transfer_id,
-                num_prompt_tokens=request.num_prompt_tokens,
-                max_tokens=request.sampling.max_tokens,
-            )
-        )
-        last_error: PdserveError = Unavailable("no live decode replica")
-        for replica in self._decode_pool.by_most_free_blocks():
-            try:
-                reply = await call_message(
-                    replica.handle.reserve, ReserveReply, message,
-                    timeout_s=min(CONTROL_CALL_TIMEOUT_S, _seconds_left(deadline)),
-                    what=f"{replica.replica_id}.reserve",
-                )
-            except Unavailable as exc:
-                last_error = exc
-                continue
-            if reply.ok:
-                replica.num_placed_since_report += 1
-                return replica
-            assert reply.error is not None, "a refused reservation carries its error"
-            last_error = error_from_info(reply.error)
-            if last_error.code is not StatusCode.RESOURCE_EXHAUSTED:
-                raise last_error
-        if isinstance(last_error, ResourceExhausted):
-            raise ResourceExhausted(
-                f"no decode replica has room for {request.num_prompt_tokens} prompt + "
-                f"{request.sampling.max_tokens} new tokens"
-            )
-        raise last_error
-
-    def _start_prefill(
-        self, request: ValidatedRequest, progress: _Progress, deadline: float
-    ) -> EventStream:
-        assert progress.prefill_replica and progress.decode_replica, "placed before prefill"
-        decode_load = progress.decode_replica.load
-        target = KVTarget(
-            replica_id=progress.decode_replica.replica_id,
-            address=decode_load.kv_address if decode_load else "",
-            transport=kv_transport_for(
-                self._config.kv_transfer.transport,
-                progress.prefill_replica.node_id,
-                progress.decode_replica.node_id,
-            ),
-        )
-        message = PrefillRequest(
-            request_id=progress.request_id, transfer_id=progress.transfer_id,
-            prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
-            eos_token_ids=self._tokenizer.eos_token_ids, kv_target=target, deadline=deadline,
-        )
-        replica = progress.prefill_replica
-        return EventStream(
-            replica.handle.prefill, PrefillEvent, encode(message), f"{replica.replica_id}.prefill"
+    def _may_migrate(self, num_migrations: int) -> bool:
+        reliability = self._config.reliability
+        return (
+            reliability.on_decode_failure == "migrate"
+            and num_migrations < reliability.max_migrations
         )
 
-    def _start_decode(
-        self, request: ValidatedRequest, progress: _Progress, deadline: float
-    ) -> EventStream:
-        assert progress.decode_replica is not None, "reserved before decode"
-        message = DecodeRequest(
-            request_id=progress.request_id, transfer_id=progress.transfer_id,
-            sampling=request.sampling, eos_token_ids=self._tokenizer.eos_token_ids,
-            deadline=deadline,
-        )
-        replica = progress.decode_replica
-        return EventStream(
-            replica.handle.generate, DecodeEvent, encode(message), f"{replica.replica_id}.generate"
-        )
-
-    def _abort_everywhere(self, progress: _Progress) -> None:
-        for replica in (progress.prefill_replica, progress.decode_replica):
-            if replica is not None:
-                replica.handle.abort.remote(progress.transfer_id)
+    async def _refresh(self) -> None:
+        """Re-polls the pools so the next attempt is placed on live replicas only."""
+        await asyncio.gather(*(pool.poll_once() for pool in self._pools))
 
     def _completion(
-        self, progress: _Progress, request: ValidatedRequest, finish_reason: str, text: TextOutput
+        self,
+        request_id: str,
+        request: ValidatedRequest,
+        finish_reason: str,
+        text: TextOutput,
+        timings: dict[str, float],
+        report: AttemptReport,
+        num_migrations: int,
     ) -> Completion:
-        timings = dict(progress.timings)
-        timings["total_s"] = time.monotonic() - progress.admitted_at
         return Completion(
-            request_id=progress.request_id,
+            request_id=request_id,
             finish_reason=finish_reason,
             num_prompt_tokens=request.num_prompt_tokens,
             num_completion_tokens=text.num_tokens,
             timings=timings,
             mode=self._config.mode,
-            kv_transport=progress.kv_transport,
-            prefill_replica=progress.prefill_replica.replica_id if progress.prefill_replica else "",
-            decode_replica=progress.decode_replica.replica_id if progress.decode_replica else "",
-            kv_bytes=progress.kv_bytes,
+            kv_transport=report.kv_transport,
+            prefill_replica=report.prefill_replica,
+            decode_replica=report.decode_replica,
+            kv_bytes=report.kv_bytes,
+            num_migrations=num_migrations,
         )
-
-
-def kv_transport_for(configured: str, prefill_node: str, decode_node: str) -> str:
-    """The transport for one hand-off: `auto` takes shared memory within a node and gRPC
-    across nodes; an explicit `shm` across nodes is refused, never silently replaced."""
-    same_node = bool(prefill_node) and prefill_node == decode_node
-    if configured == "auto":
-        return "shm" if same_node else "grpc"
-    if configured == "shm" and not same_node:
-        raise FailedPrecondition(
-            "kv_transfer.transport is shm but the chosen prefill and decode replicas are on "
-            "different nodes"
-        )
-    return configured
-
-
-EventT = TypeVar("EventT", PrefillEvent, DecodeEvent)
-
-
-def _checked(event: EventT) -> EventT:
-    if event.error is not None:
-        raise error_from_info(event.error)
-    return event
-
-
-def _seconds_left(deadline: float) -> float:
-    left = deadline - time.time()
-    if left <= 0:
-        raise DeadlineExceeded("deadline exceeded")
-    return left

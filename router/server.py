@@ -3,7 +3,8 @@
 `Router.start()` needs the replica actor handles (created by `pdserve.serve`); it learns the
 model from a replica, refuses pools that serve different models (their KV could never be
 handed over), and serves `pdserve.v1.Generation` plus `grpc.health.v1.Health` on the
-configured address. Health is SERVING only while both pools have a ready replica.
+configured address, with the bearer-token interceptor and TLS that `config.security` asks for
+(see `router.auth`). Health is SERVING only while both pools have a ready replica.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pdserve.config import PdserveConfig
 from pdserve.errors import FailedPrecondition
 from pdserve.messages import ModelInfo
+from router.auth import PublicSecurity, load_public_security
 from router.ray_calls import call_message
 from router.replica_pool import ReplicaPool
 from router.request_flow import RequestFlow
@@ -61,13 +63,20 @@ class Router:
             self._config, tokenizer, flow, self.prefill_pool, self.decode_pool,
             model_name=model_info.model, version=_pdserve_version(),
         )
+        security = load_public_security(self._config.security)
         server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", self._config.limits.max_request_bytes)]
+            interceptors=security.interceptors,
+            options=[("grpc.max_receive_message_length", self._config.limits.max_request_bytes)],
         )
         server.add_generic_rpc_handlers((self.servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         router_config = self._config.router
-        self.port = server.add_insecure_port(f"{router_config.host}:{router_config.port}")
+        bind_address = f"{router_config.host}:{router_config.port}"
+        if security.credentials is None:
+            self.port = server.add_insecure_port(bind_address)
+        else:
+            self.port = server.add_secure_port(bind_address, security.credentials)
+        _log_security(security, router_config.host, self.port)
         # grpc's health servicer starts out SERVING; nothing is known about the pools yet.
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
@@ -125,6 +134,24 @@ class Router:
                 "NOT_SERVING: %d ready prefill, %d ready decode replicas",
                 self.prefill_pool.num_ready, self.decode_pool.num_ready,
             )
+
+
+def _log_security(security: PublicSecurity, host: str, port: int) -> None:
+    if not security.auth_required:
+        logger.warning(
+            "public API is open: security.api_tokens_file is not set, so anyone who can reach "
+            "%s:%d may call Generate and Info", host, port,
+        )
+    elif security.credentials is None and host not in ("127.0.0.1", "::1", "localhost"):
+        logger.warning(
+            "bearer tokens travel in plaintext to %s: set security.tls_cert_file and "
+            "security.tls_key_file", host,
+        )
+    logger.info(
+        "public API: auth %s, TLS %s",
+        "required" if security.auth_required else "off",
+        "on" if security.credentials is not None else "off",
+    )
 
 
 def _pdserve_version() -> str:

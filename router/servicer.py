@@ -117,6 +117,8 @@ class GenerationServicer:
             version=self._version,
             kv_block_size=self._config.decode.kv_cache.block_size,
             max_context_tokens=self._max_context_tokens,
+            # The router refuses to start with a tokens file that holds no token.
+            auth_required=self._config.security.api_tokens_file is not None,
         )
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float:
@@ -152,6 +154,7 @@ def _final_info(completion: Completion) -> pdserve_pb2.FinalInfo:
             prefill_replica=completion.prefill_replica,
             decode_replica=completion.decode_replica,
             kv_bytes=completion.kv_bytes,
+            num_migrations=completion.num_migrations,
         ),
     )
 

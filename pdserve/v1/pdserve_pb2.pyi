@@ -102,18 +102,20 @@ class Timings(_message.Message):
     def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class ServedBy(_message.Message):
-    __slots__ = ("mode", "kv_transport", "prefill_replica", "decode_replica", "kv_bytes")
+    __slots__ = ("mode", "kv_transport", "prefill_replica", "decode_replica", "kv_bytes", "num_migrations")
     MODE_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     PREFILL_REPLICA_FIELD_NUMBER: _ClassVar[int]
     DECODE_REPLICA_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
     mode: str
     kv_transport: str
     prefill_replica: str
     decode_replica: str
     kv_bytes: int
-    def __init__(self, mode: _Optional[str] = ..., kv_transport: _Optional[str] = ..., prefill_replica: _Optional[str] = ..., decode_replica: _Optional[str] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
+    num_migrations: int
+    def __init__(self, mode: _Optional[str] = ..., kv_transport: _Optional[str] = ..., prefill_replica: _Optional[str] = ..., decode_replica: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., num_migrations: _Optional[int] = ...) -> None: ...
 
 class FinalInfo(_message.Message):
     __slots__ = ("finish_reason", "usage", "timings", "request_id", "served_by")
@@ -158,7 +160,7 @@ class PoolInfo(_message.Message):
     def __init__(self, configured_replicas: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "dtype", "mode", "kv_transport", "prefill", "decode", "version", "kv_block_size", "max_context_tokens")
+    __slots__ = ("model", "dtype", "mode", "kv_transport", "prefill", "decode", "version", "kv_block_size", "max_context_tokens", "auth_required")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +170,7 @@ class InfoResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    AUTH_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     model: str
     dtype: str
     mode: str
@@ -177,4 +180,5 @@ class InfoResponse(_message.Message):
     version: str
     kv_block_size: int
     max_context_tokens: int
-    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., mode: _Optional[str] = ..., kv_transport: _Optional[str] = ..., prefill: _Optional[_Union[PoolInfo, _Mapping]] = ..., decode: _Optional[_Union[PoolInfo, _Mapping]] = ..., version: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ...) -> None: ...
+    auth_required: bool
+    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., mode: _Optional[str] = ..., kv_transport: _Optional[str] = ..., prefill: _Optional[_Union[PoolInfo, _Mapping]] = ..., decode: _Optional[_Union[PoolInfo, _Mapping]] = ..., version: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., auth_required: _Optional[bool] = ...) -> None: ...

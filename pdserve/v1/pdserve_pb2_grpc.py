@@ -56,14 +56,17 @@ class GenerationServicer:
         The stream carries zero or more token messages, then exactly one final message
         (`GenerateResponse.final` set). Errors end the stream with a gRPC status instead:
         INVALID_ARGUMENT (the message names the field), RESOURCE_EXHAUSTED (no capacity),
-        DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE (no live replica) or INTERNAL.
+        DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE (no live replica) or INTERNAL; and
+        UNAUTHENTICATED when the service requires a bearer token (see InfoResponse.auth_required)
+        and the call's `authorization` metadata is missing or invalid.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Info(self, request, context):
-        """Describes the running service: model, pools, transport and mode.
+        """Describes the running service: model, pools, transport and mode. Needs the same bearer
+        token as Generate when the service requires one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

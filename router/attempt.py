@@ -1,0 +1,247 @@
+"""One placement of a request: reserve decode blocks, prefill, hand off, decode.
+
+An `Attempt` yields the request's new tokens as they come. It raises a PdserveError when it
+fails; `ReplicaLost` when a replica it used died or stalled (the flow may then retry or
+migrate). `close()` always runs: it cancels the replica streams and, unless the attempt
+finished by itself, aborts the transfer id on both replicas, which frees the prefill lease and
+the decode blocks at once.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from pdserve.config import PdserveConfig
+from pdserve.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    PdserveError,
+    ResourceExhausted,
+    StatusCode,
+    Unavailable,
+    error_from_info,
+)
+from pdserve.messages import (
+    DecodeEvent,
+    DecodeRequest,
+    KVTarget,
+    PrefillEvent,
+    PrefillRequest,
+    ReserveReply,
+    ReserveRequest,
+    encode,
+)
+from router.ray_calls import EventStream, call_message
+from router.replica_pool import DEAD, UNRESPONSIVE, Replica, ReplicaPool
+from router.validation import ValidatedRequest
+
+CONTROL_CALL_TIMEOUT_S = 10.0
+
+
+class ReplicaLost(Unavailable):
+    """A replica serving the attempt died or stopped answering."""
+
+    def __init__(self, replica: Replica, why: str) -> None:
+        super().__init__(f"{replica.replica_id} {why}")
+        self.replica = replica
+
+
+@dataclass
+class TokenEvent:
+    token_ids: list[int]
+    # "stop" / "length" when the model side ended the request with these tokens.
+    finish_reason: str = ""
+
+
+@dataclass
+class AttemptReport:
+    """What the final message says about the attempt that finished the request."""
+
+    timings: dict[str, float] = field(default_factory=dict)
+    prefill_replica: str = ""
+    decode_replica: str = ""
+    kv_transport: str = ""
+    kv_bytes: int = 0
+
+
+class Attempt:
+    def __init__(
+        self,
+        config: PdserveConfig,
+        pools: tuple[ReplicaPool, ReplicaPool],
+        eos_token_ids: list[int],
+        request: ValidatedRequest,
+        previous_tokens: list[int],
+        request_id: str,
+        deadline: float,
+    ) -> None:
+        self._config = config
+        self._prefill_pool, self._decode_pool = pools
+        self._eos_token_ids = eos_token_ids
+        self._request = request
+        self._previous = list(previous_tokens)
+        self._request_id = request_id
+        self._deadline = deadline
+        # Minted here, per attempt: a retried or migrated request never reuses KV state.
+        self.transfer_id = uuid.uuid4().hex
+        self.report = AttemptReport()
+        self._prefill: Replica | None = None
+        self._decode: Replica | None = None
+        self._streams: list[EventStream] = []
+        self._finished = False
+
+    async def tokens(self) -> AsyncIterator[TokenEvent]:
+        """Yields new tokens; the last event carries a finish reason."""
+        self._decode = await self._reserve()
+        self._prefill = self._prefill_pool.by_least_loaded()[0]
+        self._prefill.num_placed_since_report += 1
+        prefill = self._open(self._prefill, "prefill", PrefillEvent, self._prefill_request())
+        first: PrefillEvent = await self._next(prefill, self._prefill)
+        self.report.timings.update(queue_s=first.queue_s, prefill_s=first.prefill_s)
+        if first.finished:
+            # Decode never starts: close() aborts its reservation.
+            yield TokenEvent([first.token_id], self._first_token_reason(first))
+            return
+        yield TokenEvent([first.token_id])
+        decode = self._open(self._decode, "generate", DecodeEvent, self._decode_request())
+        handed_off: PrefillEvent = await self._next(prefill, self._prefill)
+        self.report.timings["kv_transfer_s"] = handed_off.transfer_s
+        self.report.kv_transport = handed_off.transport
+        self.report.kv_bytes = handed_off.num_bytes
+        while True:
+            event: DecodeEvent = await self._next(decode, self._decode)
+            if event.finish_reason:
+                self.report.timings["decode_s"] = event.decode_s
+                self._finished = True
+            yield TokenEvent(event.token_ids, event.finish_reason)
+            if event.finish_reason:
+                return
+
+    def close(self) -> None:
+        """Cancels the streams; aborts the transfer on both replicas unless it finished."""
+        for stream in self._streams:
+            stream.close()
+        if not self._finished:
+            for replica in (self._prefill, self._decode):
+                if replica is not None and replica.state != DEAD:
+                    replica.handle.abort.remote(self.transfer_id)
+        self.report.prefill_replica = self._prefill.replica_id if self._prefill else ""
+        self.report.decode_replica = self._decode.replica_id if self._decode else ""
+
+    def _first_token_reason(self, first: PrefillEvent) -> str:
+        num_generated = len(self._previous) + 1
+        return "length" if num_generated >= self._request.sampling.max_tokens else "stop"
+
+    async def _next(self, stream: EventStream, replica: Replica) -> object:
+        """The stream's next event; raises its error, or ReplicaLost when the replica died or
+        stopped answering the router's polls while the stream waited."""
+        stall_check_s = max(0.2, 2 * self._config.timeouts.load_poll_interval_s)
+        while True:
+            left = _seconds_left(self._deadline)
+            try:
+                event = await stream.next(min(left, stall_check_s))
+            except DeadlineExceeded:
+                if replica.state in (UNRESPONSIVE, DEAD):
+                    raise ReplicaLost(replica, f"stopped responding ({replica.state})") from None
+                if left > stall_check_s:
+                    continue  # a quiet stream on a healthy replica: keep waiting
+                raise
+            except Unavailable as exc:
+                raise ReplicaLost(replica, f"failed: {exc.message}") from None
+            if event.error is not None:
+                error = error_from_info(event.error)
+                if isinstance(error, Unavailable):
+                    raise ReplicaLost(replica, f"reported: {error.message}")
+                raise error
+            return event
+
+    def _open(
+        self, replica: Replica, method: str, event_type: type, message: object
+    ) -> EventStream:
+        stream = EventStream(
+            getattr(replica.handle, method), event_type, encode(message),
+            f"{replica.replica_id}.{method}",
+        )
+        self._streams.append(stream)
+        return stream
+
+    async def _reserve(self) -> Replica:
+        message = encode(
+            ReserveRequest(
+                request_id=self._request_id, transfer_id=self.transfer_id,
+                num_prompt_tokens=self._request.num_prompt_tokens + len(self._previous),
+                max_tokens=self._request.sampling.max_tokens - len(self._previous),
+            )
+        )
+        last_error: PdserveError = Unavailable("no live decode replica")
+        for replica in self._decode_pool.by_most_free_blocks():
+            try:
+                reply = await call_message(
+                    replica.handle.reserve, ReserveReply, message,
+                    timeout_s=min(CONTROL_CALL_TIMEOUT_S, _seconds_left(self._deadline)),
+                    what=f"{replica.replica_id}.reserve",
+                )
+            except Unavailable as exc:
+                last_error = exc
+                continue
+            if reply.ok:
+                replica.num_placed_since_report += 1
+                return replica
+            assert reply.error is not None, "a refused reservation carries its error"
+            last_error = error_from_info(reply.error)
+            if last_error.code is not StatusCode.RESOURCE_EXHAUSTED:
+                raise last_error
+        if isinstance(last_error, ResourceExhausted):
+            raise ResourceExhausted(
+                f"no decode replica has room for {self._request.num_prompt_tokens} prompt + "
+                f"{self._request.sampling.max_tokens} new tokens"
+            )
+        raise last_error
+
+    def _prefill_request(self) -> PrefillRequest:
+        assert self._prefill is not None and self._decode is not None, "placed first"
+        decode_load = self._decode.load
+        target = KVTarget(
+            replica_id=self._decode.replica_id,
+            address=decode_load.kv_address if decode_load else "",
+            transport=kv_transport_for(
+                self._config.kv_transfer.transport, self._prefill.node_id, self._decode.node_id
+            ),
+        )
+        return PrefillRequest(
+            request_id=self._request_id, transfer_id=self.transfer_id,
+            prompt_token_ids=self._request.prompt_token_ids + self._previous,
+            sampling=self._request.sampling, eos_token_ids=self._eos_token_ids,
+            kv_target=target, deadline=self._deadline, num_previous_tokens=len(self._previous),
+        )
+
+    def _decode_request(self) -> DecodeRequest:
+        return DecodeRequest(
+            request_id=self._request_id, transfer_id=self.transfer_id,
+            sampling=self._request.sampling, eos_token_ids=self._eos_token_ids,
+            deadline=self._deadline, num_previous_tokens=len(self._previous),
+        )
+
+
+def kv_transport_for(configured: str, prefill_node: str, decode_node: str) -> str:
+    """The transport for one hand-off: `auto` takes shared memory within a node and gRPC
+    across nodes; an explicit `shm` across nodes is refused, never silently replaced."""
+    same_node = bool(prefill_node) and prefill_node == decode_node
+    if configured == "auto":
+        return "shm" if same_node else "grpc"
+    if configured == "shm" and not same_node:
+        raise FailedPrecondition(
+            "kv_transfer.transport is shm but the chosen prefill and decode replicas are on "
+            "different nodes"
+        )
+    return configured
+
+
+def _seconds_left(deadline: float) -> float:
+    left = deadline - time.time()
+    if left <= 0:
+        raise DeadlineExceeded("deadline exceeded")
+    return left
