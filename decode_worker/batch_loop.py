@@ -18,7 +18,8 @@ from decode_worker.sequence import DecodeSequence, SequenceState
 from engine.model_runner import ModelRunner, SequenceChunk
 from engine.sampler import sample
 from engine.stopping import finish_reason
-from pdserve.errors import DeadlineExceeded, Internal
+from pdserve.errors import DeadlineExceeded, Internal, PdserveError
+from pdserve.faults import FaultInjector
 from pdserve.messages import DecodeEvent
 
 logger = logging.getLogger(__name__)
@@ -30,8 +31,10 @@ class DecodeBatchLoop:
         runner: ModelRunner,
         max_batch_size: int,
         on_step_exit: Callable[[DecodeSequence], None],
+        faults: FaultInjector,
     ) -> None:
         self._runner = runner
+        self._faults = faults
         self._max_batch_size = max_batch_size
         self._on_step_exit = on_step_exit
         # Insertion order = how long a sequence has waited for its next step.
@@ -74,6 +77,7 @@ class DecodeBatchLoop:
             self._deliver(batch, token_ids)
 
     def _step(self, batch: list[DecodeSequence]) -> list[int]:
+        self._faults.before_decode_step([seq.fault_key for seq in batch])
         chunks = [
             SequenceChunk([seq.token_ids[-1]], seq.num_context_tokens - 1, seq.block_table)
             for seq in batch
@@ -89,6 +93,11 @@ class DecodeBatchLoop:
                 self._on_step_exit(seq)
                 continue
             assert seq.request is not None, "running sequences are attached"
+            try:
+                self._faults.check_decode_token(seq.fault_key)
+            except PdserveError as exc:  # fails this sequence only; the others go on
+                self._finish(seq, DecodeEvent(error=exc.to_info()))
+                continue
             seq.token_ids.append(token)
             reason = finish_reason(
                 token, seq.num_generated, seq.request.sampling, seq.request.eos_token_ids

@@ -51,6 +51,11 @@ class DecodeSequence:
         `num_prompt_tokens` already counts tokens generated before a migration."""
         return self.num_prompt_tokens + len(self.token_ids)
 
+    @property
+    def fault_key(self) -> list[int]:
+        """What `FaultInjector` matches: the prompt's first token id."""
+        return [self.request.prompt_first_token_id] if self.request is not None else []
+
     def seconds_left(self) -> float:
         assert self.request is not None, "only attached sequences have a deadline"
         return self.request.deadline - time.time()

@@ -41,6 +41,7 @@ from pdserve.errors import (
     PdserveError,
     error_from_info,
 )
+from pdserve.faults import FaultInjector
 from pdserve.messages import DecodeEvent, DecodeRequest, LoadReport, ReserveReply, ReserveRequest
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,10 @@ class DecodeWorker:
         self._engine = engine
         self._receiver = receiver
         self._sequences: dict[str, DecodeSequence] = {}
-        self._batch = DecodeBatchLoop(engine.runner, config.decode.max_batch_size, self._on_done)
+        self._batch = DecodeBatchLoop(
+            engine.runner, config.decode.max_batch_size, self._on_done,
+            FaultInjector(config.faults, replica_id),
+        )
         self._total_requests = 0
 
     @property

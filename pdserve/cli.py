@@ -1,7 +1,7 @@
 """The `pdserve` command: `serve` runs the service, `generate` and `info` talk to it.
 
 Exit codes: 0 success, 1 a failed call or service error, 2 a bad config or bad arguments.
-`RAY_ADDRESS` is read here, and only here, to pass it to the service explicitly.
+`RAY_ADDRESS` and `PDSERVE_TOKEN` are read here, and only here, to pass them on explicitly.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pdserve.errors import ConfigError, PdserveError
 from pdserve.v1 import pdserve_pb2
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+TOKEN_ENV = "PDSERVE_TOKEN"
 _INT32_MAX = 2**31 - 1
 
 
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="stream a completion of one prompt")
     _add_address(generate)
+    _add_client_security(generate)
     generate.add_argument("prompt", help="prompt text")
     generate.add_argument("--max-tokens", type=_int_in(1, _INT32_MAX), default=128)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="describe a running service")
     _add_address(info)
+    _add_client_security(info)
     info.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
     info.set_defaults(run=_info)
     return parser
@@ -97,6 +100,11 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "stop_token_ids": tuple(args.stop_token_ids),
         "ignore_eos": args.ignore_eos,
     }
+
+
+def resolve_token(flag: str | None) -> str | None:
+    """`--token`, else `$PDSERVE_TOKEN`; None (send no token) when neither is set or empty."""
+    return flag or os.environ.get(TOKEN_ENV) or None
 
 
 def resolve_ray_address(flag: str | None, config_address: str | None) -> str | None:
@@ -131,7 +139,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    with GenerationClient(args.address, timeout_s=args.timeout) as client:
+    with _client(args) as client:
         stream = client.generate(args.prompt, **sampling_kwargs(args))
         try:
             result = collect(stream, on_text=_write_out)
@@ -143,9 +151,18 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    with GenerationClient(args.address, timeout_s=args.timeout) as client:
+    with _client(args) as client:
         print(format_info(client.info()))
     return 0
+
+
+def _client(args: argparse.Namespace) -> GenerationClient:
+    return GenerationClient(
+        args.address,
+        timeout_s=args.timeout,
+        token=resolve_token(args.token),
+        tls_ca_file=args.tls_ca,
+    )
 
 
 def format_info(info: pdserve_pb2.InfoResponse) -> str:
@@ -176,6 +193,31 @@ def _add_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address", default=DEFAULT_ADDRESS, help=f"router host:port (default {DEFAULT_ADDRESS})"
     )
+
+
+def _add_client_security(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"API bearer token (default ${TOKEN_ENV}; prefer the variable: a flag shows in "
+        "the process list)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        type=_readable_file,
+        default=None,
+        metavar="FILE",
+        help="PEM CA certificate that signed the router's certificate; connects with TLS",
+    )
+
+
+def _readable_file(path: str) -> str:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return path
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:

@@ -185,6 +185,23 @@ class ReliabilityConfig(_Section):
     max_migrations: int = Field(default=1, ge=0, le=5)
 
 
+class FaultsConfig(_Section):
+    """Fault injection for tests and chaos runs. Off by default: faults hit only requests
+    whose prompt starts with `target_token_id`, and there is none unless it is set."""
+
+    target_token_id: int | None = Field(default=None, ge=0)
+    # Pause the prefill pass of a batch holding a target request.
+    prefill_delay_s: float = Field(default=0.0, ge=0, le=600)
+    # Pause every decode step that runs a target request.
+    decode_step_delay_s: float = Field(default=0.0, ge=0, le=600)
+    # Raise while a decode step handles a target request (only that request fails).
+    fail_decode_step: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.target_token_id is not None
+
+
 class RayConfig(_Section):
     # None starts a local Ray instance; "auto" or "host:port" joins a cluster.
     address: str | None = None
@@ -206,6 +223,7 @@ class PdserveConfig(_Section):
     limits: LimitsConfig = LimitsConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     reliability: ReliabilityConfig = ReliabilityConfig()
+    faults: FaultsConfig = FaultsConfig()
     security: SecurityConfig = SecurityConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -111,6 +111,8 @@ class DecodeRequest:
     deadline: float
     # See PrefillRequest.num_previous_tokens.
     num_previous_tokens: int = 0
+    # The prompt's first token id; used only to aim injected faults (config `faults`).
+    prompt_first_token_id: int = -1
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from engine.stopping import finish_reason
 from kvtransfer import KVLayout
 from pdserve.config import PdserveConfig
 from pdserve.errors import Cancelled, DeadlineExceeded, Internal, PdserveError
+from pdserve.faults import FaultInjector
 from pdserve.messages import LoadReport, PrefillEvent, PrefillRequest
 from prefill_worker.batcher import PrefillBatcher
 from prefill_worker.hand_off import KVHandOff
@@ -58,6 +59,7 @@ class PrefillWorker:
         layout = KVLayout(**engine.kv_layout_fields())  # type: ignore[arg-type]
         self._hand_off = KVHandOff(layout, engine.kv_cache, config, self._on_send_done)
         self._pipelining = config.kv_transfer.layer_pipelining
+        self._faults = FaultInjector(config.faults, replica_id)
         # Forward passes get a thread of their own: pipelined sends wait on them.
         self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill")
         pool = config.prefill
@@ -180,6 +182,7 @@ class PrefillWorker:
         job.first_token_for_send = first_token
 
     def _forward(self, batch: list[PrefillJob], progress: LayerProgress | None) -> list[int]:
+        self._faults.before_prefill([job.request.prompt_token_ids for job in batch])
         chunks = [
             SequenceChunk(job.request.prompt_token_ids, 0, job.block_table or []) for job in batch
         ]

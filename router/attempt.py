@@ -223,6 +223,7 @@ class Attempt:
             request_id=self._request_id, transfer_id=self.transfer_id,
             sampling=self._request.sampling, eos_token_ids=self._eos_token_ids,
             deadline=self._deadline, num_previous_tokens=len(self._previous),
+            prompt_first_token_id=self._request.prompt_token_ids[0],
         )
 
 

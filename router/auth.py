@@ -182,7 +182,7 @@ def _rejecting_handler(
 
 
 def _service_of(method: str) -> str:
-    """"/pdserve.v1.Generation/Info" -> "pdserve.v1.Generation"."""
+    """The service of a method path: `/pdserve.v1.Generation/Info` -> `pdserve.v1.Generation`."""
     return method.lstrip("/").partition("/")[0]
 
 

@@ -41,8 +41,14 @@ def tiny_service(ray_cluster: None, tiny_model_dir: Path) -> Iterator[Service]:
 
 
 def load_reports(service: Service) -> list[LoadReport]:
-    actors = {**service.prefill_actors, **service.decode_actors}
-    return [decode(LoadReport, ray.get(a.load.remote(), timeout=30)) for a in actors.values()]
+    """Load of every live replica (killed ones are skipped)."""
+    reports = []
+    for actor in {**service.prefill_actors, **service.decode_actors}.values():
+        try:
+            reports.append(decode(LoadReport, ray.get(actor.load.remote(), timeout=30)))
+        except ray.exceptions.RayActorError:
+            continue
+    return reports
 
 
 def assert_quiet(service: Service) -> list[LoadReport]:

@@ -92,7 +92,7 @@ def test_multinode_example() -> None:
 @pytest.mark.parametrize(
     ("raw", "key", "valid"),
     [
-        ({"modle": {}}, "modle", "decode, kv_transfer, limits, log_level, mode, model"),
+        ({"modle": {}}, "modle", "decode, faults, kv_transfer, limits, log_level, mode, model"),
         ({"decode": {"replica": 2}}, "decode.replica", "kv_cache, max_batch_size, replicas"),
         (
             {"prefill": {"resources": {"gpus": 1}}},
@@ -199,3 +199,45 @@ def test_config_is_frozen() -> None:
     config = parse_config({})
     with pytest.raises(Exception, match="frozen"):
         config.router.port = 1  # type: ignore[misc]
+
+
+def test_security_is_off_by_default() -> None:
+    security = parse_config({}).security
+    assert security.api_tokens_file is None
+    assert (security.tls_cert_file, security.tls_key_file) == (None, None)
+
+
+def test_security_paths_load() -> None:
+    raw = {
+        "security": {
+            "api_tokens_file": "/etc/pdserve/tokens",
+            "tls_cert_file": "/etc/pdserve/tls.crt",
+            "tls_key_file": "/etc/pdserve/tls.key",
+        }
+    }
+    security = parse_config(raw).security
+    assert security.api_tokens_file == "/etc/pdserve/tokens"
+    assert (security.tls_cert_file, security.tls_key_file) == (
+        "/etc/pdserve/tls.crt",
+        "/etc/pdserve/tls.key",
+    )
+
+
+@pytest.mark.parametrize("given", ["tls_cert_file", "tls_key_file"])
+def test_tls_needs_both_files_and_names_both_keys(given: str) -> None:
+    message = _error({"security": {given: "/etc/pdserve/tls.pem"}})
+    assert "security.tls_cert_file and security.tls_key_file must be set together" in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"security": {"api_tokens": "/x"}}, "security.api_tokens: unknown key; valid keys: "
+         "api_tokens_file, tls_cert_file, tls_key_file"),
+        ({"security": {"api_tokens_file": ""}}, "security.api_tokens_file"),
+        ({"security": {"api_tokens_file": 7}}, "security.api_tokens_file"),
+        ({"security": {"tls_cert_file": "", "tls_key_file": "/k"}}, "security.tls_cert_file"),
+    ],
+)
+def test_bad_security_values_name_the_key(raw: Any, key: str) -> None:
+    assert key in _error(raw)

@@ -28,25 +28,45 @@ class HandshakeRequest(_message.Message):
     def __init__(self, layout: _Optional[_Union[KVLayoutProto, _Mapping]] = ...) -> None: ...
 
 class HandshakeReply(_message.Message):
-    __slots__ = ("layout",)
+    __slots__ = ("layout", "group_store")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    GROUP_STORE_FIELD_NUMBER: _ClassVar[int]
     layout: KVLayoutProto
-    def __init__(self, layout: _Optional[_Union[KVLayoutProto, _Mapping]] = ...) -> None: ...
+    group_store: str
+    def __init__(self, layout: _Optional[_Union[KVLayoutProto, _Mapping]] = ..., group_store: _Optional[str] = ...) -> None: ...
+
+class JoinGroupRequest(_message.Message):
+    __slots__ = ("sender_id", "group_id", "backend")
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    sender_id: str
+    group_id: str
+    backend: str
+    def __init__(self, sender_id: _Optional[str] = ..., group_id: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class JoinGroupReply(_message.Message):
+    __slots__ = ("backend",)
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    def __init__(self, backend: _Optional[str] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("transfer_id", "layout", "num_tokens", "num_chunks")
+    __slots__ = ("transfer_id", "layout", "num_tokens", "num_chunks", "group_id")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     layout: KVLayoutProto
     num_tokens: int
     num_chunks: int
-    def __init__(self, transfer_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayoutProto, _Mapping]] = ..., num_tokens: _Optional[int] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+    group_id: str
+    def __init__(self, transfer_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayoutProto, _Mapping]] = ..., num_tokens: _Optional[int] = ..., num_chunks: _Optional[int] = ..., group_id: _Optional[str] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("seq", "layer_start", "layer_end", "token_start", "token_end", "crc32c", "data", "shm")
+    __slots__ = ("seq", "layer_start", "layer_end", "token_start", "token_end", "crc32c", "data", "shm", "via_group")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +75,7 @@ class KVChunk(_message.Message):
     CRC32C_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
+    VIA_GROUP_FIELD_NUMBER: _ClassVar[int]
     seq: int
     layer_start: int
     layer_end: int
@@ -63,7 +84,8 @@ class KVChunk(_message.Message):
     crc32c: int
     data: bytes
     shm: ShmRef
-    def __init__(self, seq: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., crc32c: _Optional[int] = ..., data: _Optional[bytes] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ...) -> None: ...
+    via_group: bool
+    def __init__(self, seq: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., crc32c: _Optional[int] = ..., data: _Optional[bytes] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ..., via_group: _Optional[bool] = ...) -> None: ...
 
 class ShmRef(_message.Message):
     __slots__ = ("segment", "offset", "length")

@@ -45,6 +45,11 @@ class KVTransferStub:
                 request_serializer=pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.KVMessage.SerializeToString,
                 response_deserializer=pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.PushReply.FromString,
                 _registered_method=True)
+        self.JoinGroup = channel.unary_unary(
+                '/pdserve.internal.v1.KVTransfer/JoinGroup',
+                request_serializer=pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.JoinGroupRequest.SerializeToString,
+                response_deserializer=pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.JoinGroupReply.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -69,6 +74,17 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinGroup(self, request, context):
+        """Starts the receiver's side of a torch.distributed group for one (prefill replica, decode
+        replica) pair, used by the "nccl" transport (gloo on CPU): the receiver joins as rank 1 in
+        the background and replies at once; the sender then joins as rank 0. Replaces the sender's
+        previous group, if any. FAILED_PRECONDITION when this receiver does not take the "nccl"
+        transport or the backends differ; INVALID_ARGUMENT for malformed ids.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +97,11 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.KVMessage.FromString,
                     response_serializer=pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.PushReply.SerializeToString,
+            ),
+            'JoinGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinGroup,
+                    request_deserializer=pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.JoinGroupRequest.FromString,
+                    response_serializer=pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.JoinGroupReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +159,33 @@ class KVTransfer:
             '/pdserve.internal.v1.KVTransfer/Push',
             pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.KVMessage.SerializeToString,
             pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.internal.v1.KVTransfer/JoinGroup',
+            pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.JoinGroupRequest.SerializeToString,
+            pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.JoinGroupReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,221 @@
+"""Bearer tokens and TLS on the public port of a real service.
+
+With `security.api_tokens_file` set, Generate and Info need a configured token while the health
+service stays open. With a certificate and key set, the port speaks TLS only: a client trusting
+the certificate generates, a plaintext client or one trusting another CA cannot connect.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdserve import cli
+from pdserve.client import GenerationClient, collect
+from pdserve.errors import ConfigError
+from pdserve.serve import Service
+from router.auth import read_tls_credentials
+from tests.factories.config import make_config
+from tests.integration.conftest import assert_quiet
+
+TOKENS = ("ops-token-5f1d0c7e9a2b4c68", "ci-token-0b9e8d7c6a5f4e3d")
+PROMPT = [1, 2, 3, 4]
+NUM_TOKENS = 5
+
+
+def _write_pem_pair(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost, and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    hosts = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(hosts), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def token_service(
+    ray_cluster: None, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    tokens_file = tmp_path_factory.mktemp("auth") / "tokens"
+    tokens_file.write_text(f"# who may call\n{TOKENS[0]}\n\n{TOKENS[1]}\n")
+    config = make_config(str(tiny_model_dir), security={"api_tokens_file": str(tokens_file)})
+    with Service(config) as running:
+        yield running
+
+
+def _generate(client: GenerationClient) -> list[int]:
+    result = collect(client.generate(PROMPT, max_tokens=NUM_TOKENS, ignore_eos=True))
+    assert result.final is not None
+    return result.token_ids
+
+
+def _rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+@pytest.mark.parametrize("token", [None, "not-a-configured-token-42"])
+def test_calls_without_a_valid_token_are_unauthenticated(
+    token_service: Service, token: str | None
+) -> None:
+    with GenerationClient(token_service.address, timeout_s=30, token=token) as client:
+        for call in (lambda: _generate(client), client.info):
+            error = _rpc_error(call)
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            expected = "missing bearer token" if token is None else "invalid bearer token"
+            assert expected in error.details()
+            assert token is None or token not in error.details()
+    # A rejected call never reached the flow: nothing was admitted or reserved.
+    assert_quiet(token_service)
+
+
+@pytest.mark.parametrize("token", TOKENS)
+def test_a_configured_token_generates_and_info_says_auth_is_on(
+    token_service: Service, token: str
+) -> None:
+    with GenerationClient(token_service.address, timeout_s=60, token=token) as client:
+        assert len(_generate(client)) == NUM_TOKENS
+        assert client.info().auth_required is True
+    assert_quiet(token_service)
+
+
+def test_health_needs_no_token(token_service: Service) -> None:
+    with grpc.insecure_channel(token_service.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service_name in ("", "pdserve.v1.Generation"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service_name), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_cli_takes_the_token_from_flag_or_environment(
+    token_service: Service, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    info = ["info", "--address", token_service.address]
+    monkeypatch.delenv(cli.TOKEN_ENV, raising=False)
+    assert cli.main(info) == 1
+    assert "error: UNAUTHENTICATED: missing bearer token" in capsys.readouterr().err
+    assert cli.main([*info, "--token", TOKENS[1]]) == 0
+    assert "replicas" in capsys.readouterr().out
+    monkeypatch.setenv(cli.TOKEN_ENV, TOKENS[0])
+    argv = ["generate", "--address", token_service.address, "--max-tokens", "3", "hi"]
+    assert cli.main(argv) == 0
+    assert "completion_tokens=" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return _write_pem_pair(tmp_path_factory.mktemp("tls"), "pdserve-test")
+
+
+@pytest.fixture(scope="module")
+def tls_service(
+    ray_cluster: None, tiny_model_dir: Path, tls_files: tuple[Path, Path]
+) -> Iterator[tuple[Service, list[logging.LogRecord]]]:
+    cert, key = tls_files
+    config = make_config(
+        str(tiny_model_dir), security={"tls_cert_file": str(cert), "tls_key_file": str(key)}
+    )
+    records = _Records()
+    router_logger = logging.getLogger("router.server")
+    router_logger.addHandler(records)
+    try:
+        with Service(config) as running:
+            yield running, records.records
+    finally:
+        router_logger.removeHandler(records)
+
+
+def test_tls_client_trusting_the_certificate_generates(
+    tls_service: tuple[Service, list[logging.LogRecord]], tls_files: tuple[Path, Path]
+) -> None:
+    service, _ = tls_service
+    cert, _ = tls_files
+    with GenerationClient(service.address, timeout_s=60, tls_ca_file=str(cert)) as client:
+        assert len(_generate(client)) == NUM_TOKENS
+        assert client.info().auth_required is False
+    assert_quiet(service)
+
+
+def test_open_api_is_logged_as_a_warning(
+    tls_service: tuple[Service, list[logging.LogRecord]],
+) -> None:
+    _, records = tls_service
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any("public API is open" in m and "api_tokens_file" in m for m in warnings)
+
+
+def test_plaintext_or_untrusting_clients_cannot_connect(
+    tls_service: tuple[Service, list[logging.LogRecord]], tmp_path: Path
+) -> None:
+    service, _ = tls_service
+    other_ca, _ = _write_pem_pair(tmp_path, "someone-else")
+    for tls_ca_file in (None, str(other_ca)):
+        with GenerationClient(service.address, timeout_s=10, tls_ca_file=tls_ca_file) as client:
+            assert _rpc_error(client.info).code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_cli_and_health_over_tls(
+    tls_service: tuple[Service, list[logging.LogRecord]],
+    tls_files: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    service, _ = tls_service
+    cert, _ = tls_files
+    argv = ["generate", "--address", service.address, "--tls-ca", str(cert), "--max-tokens", "2"]
+    assert cli.main([*argv, "hi"]) == 0
+    assert "completion_tokens=" in capsys.readouterr().err
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    with grpc.secure_channel(service.address, credentials) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=10
+        )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_tls_key_must_match_the_certificate(tmp_path: Path) -> None:
+    cert, _ = _write_pem_pair(tmp_path, "one")
+    _, other_key = _write_pem_pair(tmp_path, "two")
+    with pytest.raises(ConfigError, match="security.tls_cert_file .* security.tls_key_file"):
+        read_tls_credentials(str(cert), str(other_key))
