@@ -7,6 +7,7 @@ no torch: the engine is imported inside the constructor, in the actor's own proc
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator
 
 import ray
@@ -36,12 +37,13 @@ class DecodeActor:
         self._engine = engine
         self._worker = DecodeWorker(config, replica_id, engine, receiver)
         self._node_id = ray.get_runtime_context().get_node_id()
+        self._epoch = uuid.uuid4().hex[:12]
 
     async def model_info(self) -> bytes:
         return encode(self._engine.model_info())
 
     async def load(self) -> bytes:
-        return encode(self._worker.load(self._node_id, os.getpid()))
+        return encode(self._worker.load(self._node_id, os.getpid(), self._epoch))
 
     async def reserve(self, request_data: bytes) -> bytes:
         return encode(self._worker.reserve(decode(ReserveRequest, request_data)))

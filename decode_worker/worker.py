@@ -144,7 +144,7 @@ class DecodeWorker:
             self._release(seq)  # no generate() will come to clean up
         return True
 
-    def load(self, node_id: str, pid: int) -> LoadReport:
+    def load(self, node_id: str, pid: int, epoch: str = "") -> LoadReport:
         blocks = self._engine.block_manager
         waiting = sum(1 for s in self._sequences.values() if s.state is not SequenceState.RUNNING)
         return LoadReport(
@@ -153,7 +153,7 @@ class DecodeWorker:
             num_free_blocks=blocks.num_free_blocks, num_total_blocks=blocks.num_total_blocks,
             kv_address=self.kv_address, num_transfers=self._receiver.num_pending,
             total_kv_bytes=self._receiver.total_bytes_received,
-            total_requests=self._total_requests,
+            total_requests=self._total_requests, epoch=epoch,
             total_decode_steps=self._batch.num_steps,
             total_decode_tokens=self._batch.num_step_tokens,
         )

@@ -183,6 +183,8 @@ class ReliabilityConfig(_Section):
     on_decode_failure: Literal["fail", "migrate"] = "migrate"
     # Most migrations of one request.
     max_migrations: int = Field(default=1, ge=0, le=5)
+    # Times Ray restarts a dead replica (it reloads the model and rejoins with a new epoch).
+    max_replica_restarts: int = Field(default=3, ge=0, le=1000)
 
 
 class FaultsConfig(_Section):

@@ -148,6 +148,9 @@ class LoadReport:
     # Lifetime totals, for tests and metrics.
     total_kv_bytes: int = 0
     total_requests: int = 0
+    # Random id of this incarnation of the replica: a restarted replica has a new one, and
+    # whatever the router placed on the old one is lost.
+    epoch: str = ""
     # Decode: forward steps run and tokens they produced (tokens > steps means batching).
     total_decode_steps: int = 0
     total_decode_tokens: int = 0

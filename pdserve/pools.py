@@ -26,14 +26,15 @@ def create_pools(config: PdserveConfig) -> tuple[dict[str, Any], dict[str, Any]]
 
     Returns {replica_id: actor handle} for each pool; does not wait for the models to load."""
     config_data = encode_config(config)
+    restarts = config.reliability.max_replica_restarts
     prefill = {
-        f"prefill-{i}": _actor(PrefillActor, config.prefill.resources).remote(
+        f"prefill-{i}": _actor(PrefillActor, config.prefill.resources, restarts).remote(
             config_data, f"prefill-{i}"
         )
         for i in range(config.prefill.replicas)
     }
     decode = {
-        f"decode-{i}": _actor(DecodeActor, config.decode.resources).remote(
+        f"decode-{i}": _actor(DecodeActor, config.decode.resources, restarts).remote(
             config_data, f"decode-{i}"
         )
         for i in range(config.decode.replicas)
@@ -72,12 +73,15 @@ def kill_pools(*pools: dict[str, Any]) -> None:
             ray.kill(actor, no_restart=True)
 
 
-def _actor(cls: type, resources: ResourcesConfig) -> Any:
+def _actor(cls: type, resources: ResourcesConfig, max_restarts: int) -> Any:
+    # Calls in flight when a replica dies fail (no task retries): the router decides what to
+    # do with their requests; the restarted replica starts empty with a new epoch.
     return ray.remote(cls).options(
         num_cpus=resources.num_cpus,
         num_gpus=resources.num_gpus,
         max_concurrency=_MAX_CONCURRENCY,
-        max_restarts=0,
+        max_restarts=max_restarts,
+        max_task_retries=0,
     )
 
 

@@ -8,6 +8,7 @@ driver can create actors without loading torch.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator
 
 import ray
@@ -30,12 +31,13 @@ class PrefillActor:
         self._engine = engine
         self._worker = PrefillWorker(config, replica_id, engine)
         self._node_id = ray.get_runtime_context().get_node_id()
+        self._epoch = uuid.uuid4().hex[:12]
 
     async def model_info(self) -> bytes:
         return encode(self._engine.model_info())
 
     async def load(self) -> bytes:
-        return encode(self._worker.load(self._node_id, os.getpid()))
+        return encode(self._worker.load(self._node_id, os.getpid(), self._epoch))
 
     async def prefill(self, request_data: bytes) -> AsyncIterator[bytes]:
         """Streaming method: one `PrefillEvent` per yield."""

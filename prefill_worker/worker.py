@@ -106,7 +106,7 @@ class PrefillWorker:
             job.first_token.set_exception(Cancelled(f"transfer {transfer_id} aborted"))
         return True
 
-    def load(self, node_id: str, pid: int) -> LoadReport:
+    def load(self, node_id: str, pid: int, epoch: str = "") -> LoadReport:
         blocks = self._engine.block_manager
         return LoadReport(
             replica_id=self.replica_id, role="prefill", pid=pid, node_id=node_id,
@@ -114,7 +114,7 @@ class PrefillWorker:
             num_free_blocks=blocks.num_free_blocks, num_total_blocks=blocks.num_total_blocks,
             num_transfers=sum(1 for j in self._jobs.values() if j.sending),
             num_leases=blocks.num_owners, total_kv_bytes=self._hand_off.total_kv_bytes,
-            total_requests=self._total_requests,
+            total_requests=self._total_requests, epoch=epoch,
         )
 
     def _on_send_done(self, job: PrefillJob) -> None:

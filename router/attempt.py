@@ -91,6 +91,8 @@ class Attempt:
         self._prefill: Replica | None = None
         self._decode: Replica | None = None
         self._streams: list[EventStream] = []
+        # Epoch of each replica when this attempt used it: a restart loses the attempt.
+        self._placed_epochs: dict[str, str] = {}
         self._finished = False
 
     async def tokens(self) -> AsyncIterator[TokenEvent]:
@@ -146,6 +148,8 @@ class Attempt:
             except DeadlineExceeded:
                 if replica.state in (UNRESPONSIVE, DEAD):
                     raise ReplicaLost(replica, f"stopped responding ({replica.state})") from None
+                if replica.epoch != self._placed_epochs.get(replica.replica_id, replica.epoch):
+                    raise ReplicaLost(replica, "restarted") from None
                 if left > stall_check_s:
                     continue  # a quiet stream on a healthy replica: keep waiting
                 raise
@@ -161,6 +165,7 @@ class Attempt:
     def _open(
         self, replica: Replica, method: str, event_type: type, message: object
     ) -> EventStream:
+        self._placed_epochs.setdefault(replica.replica_id, replica.epoch)
         stream = EventStream(
             getattr(replica.handle, method), event_type, encode(message),
             f"{replica.replica_id}.{method}",

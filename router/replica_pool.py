@@ -39,6 +39,10 @@ class Replica:
     def node_id(self) -> str:
         return self.load.node_id if self.load else ""
 
+    @property
+    def epoch(self) -> str:
+        return self.load.epoch if self.load else ""
+
     def pending_requests(self) -> int:
         reported = self.load.num_active_requests if self.load else 0
         return reported + self.num_placed_since_report
@@ -99,11 +103,17 @@ class ReplicaPool:
 
     async def _poll(self, replica: Replica) -> None:
         previous = replica.state
+        previous_epoch = replica.epoch
         try:
             replica.load = await call_message(
                 replica.handle.load, LoadReport, timeout_s=self._poll_timeout_s,
                 what=f"{replica.replica_id}.load",
             )
+            if previous_epoch and replica.epoch != previous_epoch:
+                logger.warning(
+                    "%s %s restarted: epoch %s -> %s", self.role, replica.replica_id,
+                    previous_epoch, replica.epoch,
+                )
             replica.num_placed_since_report = 0
             replica.state = READY
         except Unavailable:

@@ -180,3 +180,31 @@ def test_request_failing_inside_a_decode_step_leaves_bystanders(service_factory,
     assert "injected fault" in results[0].details()
     assert [results[i] for i in range(1, 4)] == expected
     assert_quiet(service)
+
+
+def test_dead_replica_is_restarted_and_rejoins_with_a_new_epoch(service_factory, tiny_model_dir):
+    service = service_factory()
+    [before] = [r for r in load_reports(service) if r.role == "decode"]
+    ray.kill(service.decode_actors["decode-0"], no_restart=False)
+    deadline = time.monotonic() + 180
+    while True:
+        reports = [r for r in load_reports(service) if r.role == "decode"]
+        if reports and reports[0].epoch != before.epoch:
+            break
+        assert time.monotonic() < deadline, "the decode replica was not restarted"
+        time.sleep(0.2)  # polling interval of a bounded wait
+    assert reports[0].pid != before.pid
+    expected = reference(tiny_model_dir, BYSTANDER_PROMPTS[0])
+    deadline = time.monotonic() + 30
+    while True:  # the router's next poll sees the new replica
+        with GenerationClient(service.address, timeout_s=60) as client:
+            try:
+                result = collect(
+                    client.generate(BYSTANDER_PROMPTS[0], max_tokens=MAX_TOKENS, ignore_eos=True)
+                )
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline
+                time.sleep(0.2)  # polling interval of a bounded wait
+    assert result.token_ids == expected
+    assert_quiet(service)
