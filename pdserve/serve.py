@@ -16,6 +16,7 @@ import ray
 
 from pdserve.config import PdserveConfig
 from pdserve.pools import create_pools, kill_pools, wait_until_ready
+from router.auth import load_public_security
 from router.server import Router
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class Service:
 
     def start(self) -> None:
         """Blocks until the router serves; raises if a replica fails to start."""
+        # Bad token or TLS files fail the start now, not after the replicas loaded the model.
+        load_public_security(self.config.security)
         self._init_ray()
         self._prefill, self._decode = create_pools(self.config)
         try:
