@@ -82,7 +82,7 @@ class KVTransferConfig(_Section):
     """How KV moves from a prefill to a decode replica."""
 
     # auto: shm for a prefill/decode pair on one node, grpc otherwise (decided per request).
-    transport: Literal["auto", "grpc", "shm"] = "auto"
+    transport: Literal["auto", "grpc", "shm", "nccl"] = "auto"
     # Address the decode replicas' KV servers bind to and advertise to prefill replicas.
     # "127.0.0.1" keeps KV on one machine; "auto" uses the IP Ray knows each node by
     # (`ray.util.get_node_ip_address()`), which multi-node clusters need.
@@ -157,6 +157,8 @@ class TimeoutsConfig(_Section):
     max_deadline_s: float = Field(default=900.0, gt=0)
     # How long `pdserve serve` waits for replicas to load the model.
     replica_start_s: float = Field(default=900.0, gt=0)
+    # On shutdown (SIGTERM, Ctrl-C): how long in-flight streams may run before they are cut.
+    drain_grace_s: float = Field(default=30.0, ge=0)
     # How often the router polls replica load and liveness.
     load_poll_interval_s: float = Field(default=0.5, gt=0)
     # A replica that does not answer a poll within this is marked unresponsive.

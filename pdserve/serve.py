@@ -76,7 +76,8 @@ class Service:
         loop, router, thread = self._loop, self.router, self._thread
         self._loop, self.router, self._thread = None, None, None
         if loop is not None and router is not None:
-            asyncio.run_coroutine_threadsafe(router.stop(), loop).result(timeout=30)
+            drain_s = self.config.timeouts.drain_grace_s
+            asyncio.run_coroutine_threadsafe(router.stop(), loop).result(timeout=drain_s + 30)
         if loop is not None:
             loop.call_soon_threadsafe(loop.stop)
         if thread is not None:

@@ -90,12 +90,21 @@ class Router:
         logger.info("router serving on %s:%d", router_config.host, self.port)
         return self.port
 
-    async def stop(self, grace_s: float = 5.0) -> None:
+    async def stop(self) -> None:
+        """Drains, then stops: health goes NOT_SERVING, new requests get UNAVAILABLE, and
+        in-flight streams may finish within `timeouts.drain_grace_s`; the rest are cut."""
         await self._health.enter_graceful_shutdown()
+        grace_s = self._config.timeouts.drain_grace_s
+        if self.servicer is not None:
+            num_inflight = self.servicer.num_inflight
+            if not await self.servicer.drain(grace_s):
+                logger.warning("drain: streams still running after %.0f s are cut", grace_s)
+            elif num_inflight:
+                logger.info("drain: %d in-flight streams finished", num_inflight)
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
         for pool in (self.prefill_pool, self.decode_pool):
             await pool.stop()
-        if self._server is not None:
-            await self._server.stop(grace_s)
 
     async def _model_info(self) -> ModelInfo:
         infos = {}

@@ -7,6 +7,7 @@ mapping to gRPC statuses).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import grpc
 
 from pdserve.config import PdserveConfig
-from pdserve.errors import PdserveError, ResourceExhausted
+from pdserve.errors import PdserveError, ResourceExhausted, Unavailable
 from pdserve.v1 import pdserve_pb2
 from router.replica_pool import ReplicaPool
 from router.request_codec import InvalidRequestBytes, generate_request_deserializer
@@ -59,6 +60,10 @@ class GenerationServicer:
             config.model.max_context_tokens, tokenizer.max_context_tokens
         )
         self.num_inflight = 0
+        # Set by `drain()`: new requests are refused, in-flight ones finish.
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's method table, with the size-limited, UTF-8-safe request parser."""
@@ -91,18 +96,33 @@ class GenerationServicer:
             validated = validate_request(
                 request, self._tokenizer, self._config.limits, self._max_context_tokens
             )
+            if self._draining:
+                raise Unavailable("the server is shutting down")
             if self.num_inflight >= self._config.router.max_inflight_requests:
                 raise ResourceExhausted(
                     f"router at capacity ({self.num_inflight} requests in flight)"
                 )
             self.num_inflight += 1
+            self._idle.clear()
             try:
                 async for chunk in self._flow.run(validated, self._deadline(context)):
                     yield _to_proto(chunk)
             finally:
                 self.num_inflight -= 1
+                if not self.num_inflight:
+                    self._idle.set()
         except PdserveError as exc:
             await abort_with(context, exc)
+
+    async def drain(self, grace_s: float) -> bool:
+        """Refuses new requests and waits up to `grace_s` for in-flight ones to finish.
+        Returns whether they all did."""
+        self._draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def Info(  # noqa: N802 - gRPC method name
         self, request: pdserve_pb2.InfoRequest, context: grpc.aio.ServicerContext

@@ -79,7 +79,7 @@ class KVTransferServicer:
         replica) pair, used by the "nccl" transport (gloo on CPU): the receiver joins as rank 1 in
         the background and replies at once; the sender then joins as rank 0. Replaces the sender's
         previous group, if any. FAILED_PRECONDITION when this receiver does not take the "nccl"
-        transport or the backends differ; INVALID_ARGUMENT for malformed ids.
+        transport, the backends differ or the ids are malformed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
