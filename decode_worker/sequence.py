@@ -36,6 +36,8 @@ class DecodeSequence:
     events: asyncio.Queue[DecodeEvent] = field(default_factory=asyncio.Queue)
     # True while a decode step may read or write this sequence's blocks.
     in_step: bool = False
+    # Set by abort(): whatever stage notices it next ends the request.
+    aborted: bool = False
     reserved_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0
 

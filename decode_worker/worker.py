@@ -37,8 +37,11 @@ from pdserve.config import PdserveConfig
 from pdserve.errors import (
     Cancelled,
     DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
     NotFound,
     PdserveError,
+    Unavailable,
     error_from_info,
 )
 from pdserve.faults import FaultInjector
@@ -70,12 +73,28 @@ class DecodeWorker:
         """Reserves blocks for one request and arms the KV receiver for its transfer."""
         blocks = self._engine.block_manager
         if request.transfer_id in self._sequences:
-            return ReserveReply(ok=False, error=NotFound("duplicate transfer id").to_info())
+            error = FailedPrecondition(f"transfer id {request.transfer_id} is already reserved")
+            return ReserveReply(ok=False, error=error.to_info())
+        if request.num_prompt_tokens < 1 or request.max_tokens < 1:
+            error = InvalidArgument(
+                "reserve", f"{request.num_prompt_tokens} prompt tokens and "
+                f"{request.max_tokens} max_tokens cannot be served",
+            )
+            return ReserveReply(ok=False, error=error.to_info())
         num_slots = request.num_prompt_tokens + request.max_tokens
         try:
             block_table = blocks.allocate(request.transfer_id, num_slots)
         except PdserveError as exc:
             return ReserveReply(ok=False, error=exc.to_info())
+        try:
+            self._arm(request, block_table)
+        except Exception as exc:  # e.g. the receiver is stopped: hold nothing
+            blocks.free(request.transfer_id)
+            self._sequences.pop(request.transfer_id, None)
+            return ReserveReply(ok=False, error=Unavailable(f"reserve: {exc}").to_info())
+        return ReserveReply(ok=True, kv_address=self.kv_address)
+
+    def _arm(self, request: ReserveRequest, block_table: list[int]) -> None:
         loop = asyncio.get_running_loop()
         seq = DecodeSequence(
             transfer_id=request.transfer_id, request_id=request.request_id,
@@ -90,8 +109,10 @@ class DecodeWorker:
             loop.call_soon_threadsafe(self._on_kv_done, result)
 
         self._receiver.expect(seq.transfer_id, request.num_prompt_tokens, sink, on_kv_done)
-        loop.call_later(self._config.kv_transfer.timeout_s, self._expire_unclaimed, seq)
-        return ReserveReply(ok=True, kv_address=self.kv_address)
+        # A reservation nobody claims (the router died) is freed once its request's deadline
+        # has passed; the prefill queue may legitimately hold the request until then.
+        expire_in_s = max(0.0, request.deadline - time.time()) + 1.0
+        loop.call_later(expire_in_s, self._expire_unclaimed, seq)
 
     async def generate(self, request: DecodeRequest) -> AsyncIterator[DecodeEvent]:
         """Streams the tokens after the first one; the last event has finish_reason or error."""
@@ -104,6 +125,8 @@ class DecodeWorker:
         waited_from = time.monotonic()
         try:
             first_token = await self._await_kv(seq)
+            if seq.aborted:  # the abort arrived between the commit and this resumption
+                raise Cancelled(f"transfer {seq.transfer_id} aborted")
             kv_wait_s = time.monotonic() - waited_from
             seq.token_ids.append(first_token)
             seq.started_at = time.monotonic()
@@ -136,12 +159,14 @@ class DecodeWorker:
         seq = self._sequences.get(transfer_id)
         if seq is None:
             return False
+        seq.aborted = True
+        if seq.request is None:
+            self._release(seq)  # no generate() will come to clean up
+            return True
         if not seq.kv_ready.done():
             seq.kv_ready.set_exception(Cancelled(f"transfer {transfer_id} aborted"))
         if seq.state is SequenceState.RUNNING:
             seq.events.put_nowait(DecodeEvent(error=Cancelled("aborted").to_info()))
-        if seq.request is None:
-            self._release(seq)  # no generate() will come to clean up
         return True
 
     def load(self, node_id: str, pid: int, epoch: str = "") -> LoadReport:

@@ -93,6 +93,8 @@ class ReserveRequest:
     transfer_id: str
     num_prompt_tokens: int
     max_tokens: int
+    # The request's wall-clock deadline: an unclaimed reservation is freed after it.
+    deadline: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,11 @@ def decode(cls: type[T], data: bytes) -> T:
     """Parses msgpack bytes into `cls`, checking size, keys and field types."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MessageError(f"{cls.__name__}: expected bytes, got {type(data).__name__}")
+    if isinstance(data, memoryview):
+        try:
+            data = data.cast("B")  # count bytes, and give msgpack a byte buffer
+        except TypeError as exc:
+            raise MessageError(f"{cls.__name__}: not a byte buffer: {exc}") from None
     if len(data) > MAX_CONTROL_MESSAGE_BYTES:
         raise MessageError(f"{cls.__name__}: {len(data)} bytes exceeds the control message limit")
     try:

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from engine.kv_cache import PagedKVCache
 from engine.kv_io import PagedKVSource
 from engine.layer_progress import LayerProgress
-from kvtransfer import KVLayout, KVSender, make_sender
+from kvtransfer import KVLayout, KVSender, TransferStats, make_sender
 from kvtransfer.base import FirstToken
 from pdserve.config import PdserveConfig
 from pdserve.errors import DeadlineExceeded, FailedPrecondition
@@ -64,7 +64,7 @@ class KVHandOff:
         job.sending = True
         job.send_started_at = time.monotonic()
         job.send_task = asyncio.get_running_loop().run_in_executor(self._pool, send)
-        job.send_task.add_done_callback(lambda _: self._on_send_done(job))
+        job.send_task.add_done_callback(lambda task: self._send_done(job, task))
 
     async def finish(self, job: PrefillJob, first_token_id: int) -> PrefillEvent:
         """Waits for `job`'s send (starting it now if it was not pipelined)."""
@@ -81,6 +81,11 @@ class KVHandOff:
             kind="transferred", transfer_s=exposed_s, num_bytes=stats.num_bytes,
             transport=stats.transport,
         )
+
+    def _send_done(self, job: PrefillJob, task: asyncio.Future[TransferStats]) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved: finish() may never await a cancelled job's send
+        self._on_send_done(job)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

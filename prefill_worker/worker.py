@@ -106,6 +106,13 @@ class PrefillWorker:
             job.first_token.set_exception(Cancelled(f"transfer {transfer_id} aborted"))
         return True
 
+    def close(self) -> None:
+        """Stops the batch loop and the worker threads (replica shutdown, tests)."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self._forward_pool.shutdown(wait=False, cancel_futures=True)
+        self._hand_off.close()
+
     def load(self, node_id: str, pid: int, epoch: str = "") -> LoadReport:
         blocks = self._engine.block_manager
         return LoadReport(
@@ -194,6 +201,13 @@ class PrefillWorker:
     def _resolve(
         self, job: PrefillJob, token: int | PdserveError, started: float, prefill_s: float
     ) -> None:
+        request = job.request
+        reason = ""
+        if not isinstance(token, PdserveError):
+            num_generated = request.num_previous_tokens + 1
+            reason = finish_reason(token, num_generated, request.sampling, request.eos_token_ids)
+        if reason:
+            job.cancel.set()  # a pipelined send must not commit KV nobody will decode
         if job.first_token_for_send is not None:
             if isinstance(token, PdserveError):
                 job.first_token_for_send.set_exception(token)
@@ -204,9 +218,6 @@ class PrefillWorker:
         if isinstance(token, PdserveError):
             job.first_token.set_exception(token)
             return
-        request = job.request
-        num_generated = request.num_previous_tokens + 1
-        reason = finish_reason(token, num_generated, request.sampling, request.eos_token_ids)
         job.first_token.set_result(
             FirstToken(token, reason, queue_s=started - job.enqueued_at, prefill_s=prefill_s)
         )

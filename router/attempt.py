@@ -179,6 +179,7 @@ class Attempt:
                 request_id=self._request_id, transfer_id=self.transfer_id,
                 num_prompt_tokens=self._request.num_prompt_tokens + len(self._previous),
                 max_tokens=self._request.sampling.max_tokens - len(self._previous),
+                deadline=self._deadline,
             )
         )
         last_error: PdserveError = Unavailable("no live decode replica")

@@ -26,8 +26,19 @@ def test_rejects_empty_geometry() -> None:
 
 @pytest.mark.parametrize(
     ("block_size", "num_tokens", "expected"),
-    [(16, 0, 0), (16, 1, 1), (16, 15, 1), (16, 16, 1), (16, 17, 2), (16, 32, 2), (16, 33, 3),
-     (1, 7, 7), (5, 24, 5), (5, 25, 5), (5, 26, 6)],
+    [
+        (16, 0, 0),
+        (16, 1, 1),
+        (16, 15, 1),
+        (16, 16, 1),
+        (16, 17, 2),
+        (16, 32, 2),
+        (16, 33, 3),
+        (1, 7, 7),
+        (5, 24, 5),
+        (5, 25, 5),
+        (5, 26, 6),
+    ],
 )
 def test_blocks_needed_rounds_up(block_size: int, num_tokens: int, expected: int) -> None:
     assert BlockManager(8, block_size).blocks_needed(num_tokens) == expected

@@ -14,7 +14,9 @@ import torch
 from decode_worker.batch_loop import DecodeBatchLoop
 from decode_worker.sequence import DecodeSequence, SequenceState
 from engine.model_runner import SequenceChunk
+from pdserve.config import FaultsConfig
 from pdserve.errors import StatusCode
+from pdserve.faults import FaultInjector
 from pdserve.messages import DecodeEvent, DecodeRequest, SamplingParams
 
 VOCAB = 100
@@ -63,11 +65,19 @@ class Exits:
         self.in_step_at_exit.append(seq.in_step)
 
 
+def make_loop(runner: FakeRunner, max_batch_size: int, exits: Exits) -> DecodeBatchLoop:
+    no_faults = FaultInjector(FaultsConfig(), "test")
+    return DecodeBatchLoop(runner, max_batch_size, exits, no_faults)  # type: ignore[arg-type]
+
+
 _next_block = 0
 
 
 def make_seq(
-    name: str, num_prompt_tokens: int, first_token: int, max_tokens: int,
+    name: str,
+    num_prompt_tokens: int,
+    first_token: int,
+    max_tokens: int,
     deadline_s: float = 60.0,
 ) -> DecodeSequence:
     global _next_block
@@ -75,14 +85,21 @@ def make_seq(
     block_table = list(range(_next_block, _next_block + num_blocks))
     _next_block += num_blocks
     request = DecodeRequest(
-        request_id=f"r-{name}", transfer_id=name,
-        sampling=SamplingParams(max_tokens=max_tokens), eos_token_ids=[EOS],
+        request_id=f"r-{name}",
+        transfer_id=name,
+        sampling=SamplingParams(max_tokens=max_tokens),
+        eos_token_ids=[EOS],
         deadline=time.time() + deadline_s,
     )
     return DecodeSequence(
-        transfer_id=name, request_id=request.request_id, num_prompt_tokens=num_prompt_tokens,
-        block_table=block_table, kv_ready=asyncio.get_running_loop().create_future(),
-        state=SequenceState.RUNNING, request=request, token_ids=[first_token],
+        transfer_id=name,
+        request_id=request.request_id,
+        num_prompt_tokens=num_prompt_tokens,
+        block_table=block_table,
+        kv_ready=asyncio.get_running_loop().create_future(),
+        state=SequenceState.RUNNING,
+        request=request,
+        token_ids=[first_token],
     )
 
 
@@ -120,7 +137,7 @@ def seqs_in(call: list[SequenceChunk], *seqs: DecodeSequence) -> list[str]:
 
 async def test_one_sequence_runs_to_its_length() -> None:
     runner, exits = FakeRunner(), Exits()
-    loop = DecodeBatchLoop(runner, 8, exits)  # type: ignore[arg-type]
+    loop = make_loop(runner, 8, exits)
     seq = make_seq("a", num_prompt_tokens=5, first_token=10, max_tokens=4)
     loop.add(seq)
     events = await events_until_end(seq)
@@ -140,7 +157,7 @@ async def test_one_sequence_runs_to_its_length() -> None:
 
 async def test_eos_finishes_with_stop() -> None:
     runner = FakeRunner(choose=lambda chunk: EOS if chunk.token_ids[-1] == 31 else 31)
-    loop = DecodeBatchLoop(runner, 8, Exits())  # type: ignore[arg-type]
+    loop = make_loop(runner, 8, Exits())
     seq = make_seq("a", 3, first_token=30, max_tokens=10)
     loop.add(seq)
     events = await events_until_end(seq)
@@ -152,7 +169,7 @@ async def test_eos_finishes_with_stop() -> None:
 
 async def test_sequences_join_between_steps() -> None:
     runner = FakeRunner(hold=True)
-    loop = DecodeBatchLoop(runner, 8, Exits())  # type: ignore[arg-type]
+    loop = make_loop(runner, 8, Exits())
     a = make_seq("a", 3, first_token=20, max_tokens=10)
     b = make_seq("b", 7, first_token=50, max_tokens=10)
     loop.add(a)
@@ -172,7 +189,7 @@ async def test_sequences_join_between_steps() -> None:
 
 async def test_a_finished_sequence_leaves_the_batch() -> None:
     runner = FakeRunner()
-    loop = DecodeBatchLoop(runner, 8, Exits())  # type: ignore[arg-type]
+    loop = make_loop(runner, 8, Exits())
     short = make_seq("short", 4, first_token=1, max_tokens=2)
     long = make_seq("long", 4, first_token=60, max_tokens=4)
     loop.add(short)
@@ -180,7 +197,9 @@ async def test_a_finished_sequence_leaves_the_batch() -> None:
     assert tokens(await events_until_end(short)) == [2]
     assert tokens(await events_until_end(long)) == [61, 62, 63]
     assert [sorted(seqs_in(call, short, long)) for call in runner.calls] == [
-        ["long", "short"], ["long"], ["long"],
+        ["long", "short"],
+        ["long"],
+        ["long"],
     ]
     assert [chunk_of(call, long).num_cached_tokens for call in runner.calls] == [4, 5, 6]
     assert (loop.num_steps, loop.num_step_tokens) == (3, 4)
@@ -188,7 +207,7 @@ async def test_a_finished_sequence_leaves_the_batch() -> None:
 
 async def test_a_sequence_removed_during_a_step_exits_after_it() -> None:
     runner, exits = FakeRunner(hold=True), Exits()
-    loop = DecodeBatchLoop(runner, 8, exits)  # type: ignore[arg-type]
+    loop = make_loop(runner, 8, exits)
     gone = make_seq("gone", 3, first_token=5, max_tokens=10)
     stays = make_seq("stays", 3, first_token=40, max_tokens=3)
     loop.add(gone)
@@ -213,7 +232,7 @@ async def test_a_sequence_removed_during_a_step_exits_after_it() -> None:
 async def test_a_failed_step_fails_its_sequences_and_the_loop_keeps_serving() -> None:
     runner, exits = FakeRunner(hold=True), Exits()
     runner.fail_calls = {2}
-    loop = DecodeBatchLoop(runner, 8, exits)  # type: ignore[arg-type]
+    loop = make_loop(runner, 8, exits)
     a = make_seq("a", 3, first_token=10, max_tokens=10)
     b = make_seq("b", 3, first_token=20, max_tokens=10)
     removed = make_seq("removed", 3, first_token=30, max_tokens=10)
@@ -246,7 +265,7 @@ async def test_a_failed_step_fails_its_sequences_and_the_loop_keeps_serving() ->
 
 async def test_max_batch_size_caps_a_step_and_everyone_gets_a_turn() -> None:
     runner = FakeRunner(hold=True)
-    loop = DecodeBatchLoop(runner, 2, Exits())  # type: ignore[arg-type]
+    loop = make_loop(runner, 2, Exits())
     seqs = [make_seq(name, 3, first_token=i * 20, max_tokens=5) for i, name in enumerate("abc")]
     for seq in seqs:
         loop.add(seq)
@@ -266,7 +285,7 @@ async def test_max_batch_size_caps_a_step_and_everyone_gets_a_turn() -> None:
 
 
 async def test_a_sequence_past_its_deadline_ends_with_deadline_exceeded() -> None:
-    loop = DecodeBatchLoop(FakeRunner(), 8, Exits())  # type: ignore[arg-type]
+    loop = make_loop(FakeRunner(), 8, Exits())
     late = make_seq("late", 3, first_token=5, max_tokens=10, deadline_s=-1.0)
     loop.add(late)
     events = await events_until_end(late)
@@ -279,7 +298,7 @@ async def test_a_sequence_past_its_deadline_ends_with_deadline_exceeded() -> Non
 @pytest.mark.parametrize("num_seqs", [1, 3])
 async def test_the_loop_restarts_after_going_idle(num_seqs: int) -> None:
     runner = FakeRunner()
-    loop = DecodeBatchLoop(runner, 8, Exits())  # type: ignore[arg-type]
+    loop = make_loop(runner, 8, Exits())
     first = make_seq("first", 2, first_token=1, max_tokens=2)
     loop.add(first)
     await events_until_end(first)

@@ -45,7 +45,10 @@ class FakeReceiver(KVReceiver):
         pass
 
     def expect(
-        self, transfer_id: str, num_tokens: int, sink: KVSink,
+        self,
+        transfer_id: str,
+        num_tokens: int,
+        sink: KVSink,
         on_done: Callable[[TransferResult], None],
     ) -> None:
         if num_tokens < 1 or transfer_id in self.expected:
@@ -128,8 +131,10 @@ def reserve_request(transfer_id: str, num_prompt_tokens: int = 6, max_tokens: in
 
 def decode_request(transfer_id: str, max_tokens: int = 10, deadline_s: float = 30.0):
     return DecodeRequest(
-        request_id=f"r-{transfer_id}", transfer_id=transfer_id,
-        sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True), eos_token_ids=[0],
+        request_id=f"r-{transfer_id}",
+        transfer_id=transfer_id,
+        sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        eos_token_ids=[0],
         deadline=time.time() + deadline_s,
     )
 
@@ -224,7 +229,8 @@ async def test_duplicate_reservation_is_refused_and_keeps_the_first(make_decode:
 
 
 @pytest.mark.parametrize(
-    ("num_prompt_tokens", "max_tokens"), [(0, 4), (-3, 10), (20, -19)],
+    ("num_prompt_tokens", "max_tokens"),
+    [(0, 4), (-3, 10), (20, -19)],
     ids=["empty-prompt", "negative-prompt", "negative-max-tokens"],
 )
 async def test_reserve_with_impossible_sizes_is_refused_and_holds_nothing(
@@ -306,7 +312,9 @@ async def test_abort_while_running_cancels_and_frees_after_the_step(make_decode:
     await until(decode.is_quiet, "the blocks to be freed after the step")
 
 
-@pytest.mark.parametrize("commit_first", [True, False], ids=["commit-then-generate", "generate-then-commit"])
+@pytest.mark.parametrize(
+    "commit_first", [True, False], ids=["commit-then-generate", "generate-then-commit"]
+)
 async def test_abort_that_races_the_commit_still_cancels(
     make_decode: Any, commit_first: bool
 ) -> None:
@@ -335,3 +343,16 @@ async def test_abort_that_races_the_commit_still_cancels(
         f"finish_reason={events[-1].finish_reason!r}"
     )
     await until(decode.is_quiet, "the blocks to be freed")
+
+
+async def test_dropping_the_stream_frees_the_sequence(make_decode: Any) -> None:
+    decode = make_decode(receiver="fake")
+    assert decode.worker.reserve(reserve_request("t", 6, 200)).ok
+    decode.receiver.complete("t", first_token_id=42)
+    stream = decode.worker.generate(decode_request("t", 200))
+    first = await asyncio.wait_for(stream.__anext__(), WAIT_S)
+    assert len(first.token_ids) == 1
+    await stream.aclose()  # what the router's stream close does to the generator
+    await until(decode.is_quiet, "the blocks to be freed after the step")
+    steps = decode.worker.load("node", 1).total_decode_steps
+    assert steps < 199, "decoding went on after the stream was dropped"

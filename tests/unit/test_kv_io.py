@@ -3,11 +3,14 @@ written into another with a different block table and block size arrives intact.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 from engine.kv_cache import KVCacheSpec, PagedKVCache
 from engine.kv_io import PagedKVSink, PagedKVSource
+from engine.layer_progress import LayerProgress
 from kvtransfer import ChunkSpec, KVLayout, plan_chunks
 
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM = 3, 2, 8
@@ -20,8 +23,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def make_cache(dtype: torch.dtype, block_size: int, num_blocks: int) -> PagedKVCache:
     return PagedKVCache(
         KVCacheSpec(
-            num_layers=NUM_LAYERS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, dtype=dtype,
-            block_size=block_size, num_blocks=num_blocks,
+            num_layers=NUM_LAYERS,
+            num_kv_heads=NUM_KV_HEADS,
+            head_dim=HEAD_DIM,
+            dtype=dtype,
+            block_size=block_size,
+            num_blocks=num_blocks,
         )
     )
 
@@ -44,8 +51,11 @@ def filled_source(dtype: torch.dtype) -> PagedKVCache:
 
 def layout_for(dtype_name: str) -> KVLayout:
     return KVLayout(
-        model_fingerprint="test", num_layers=NUM_LAYERS, num_kv_heads=NUM_KV_HEADS,
-        head_dim=HEAD_DIM, dtype=dtype_name,
+        model_fingerprint="test",
+        num_layers=NUM_LAYERS,
+        num_kv_heads=NUM_KV_HEADS,
+        head_dim=HEAD_DIM,
+        dtype=dtype_name,
     )
 
 
@@ -135,3 +145,44 @@ def test_sink_writes_only_the_chunk_it_is_given() -> None:
                 assert torch.equal(target, source)
             else:
                 assert target.abs().sum() == 0, (layer, token)
+
+
+def test_source_waits_for_the_layers_of_a_chunk_being_computed() -> None:
+    cache = filled_source(torch.float32)
+    progress = LayerProgress(NUM_LAYERS)
+    source = PagedKVSource(cache, SOURCE_TABLE, NUM_TOKENS, progress)
+    chunk = ChunkSpec(0, 1, 3, 0, NUM_TOKENS)  # needs layers 0..2
+    results: list[bytes] = []
+    reader = threading.Thread(target=lambda: results.append(bytes(source.read(chunk))))
+    progress.layer_written(0)
+    progress.layer_written(1)
+    reader.start()
+    reader.join(0.1)
+    assert reader.is_alive() and not results, "read a chunk before its last layer was written"
+    progress.layer_written(2)
+    reader.join(5)
+    assert not reader.is_alive()
+    got = torch.frombuffer(bytearray(results[0]), dtype=torch.float32)
+    expected = expected_chunk(cache, chunk)
+    assert torch.equal(got.view(expected.shape), expected)
+
+
+def test_source_raises_the_error_of_a_failed_pass() -> None:
+    progress = LayerProgress(NUM_LAYERS)
+    source = PagedKVSource(filled_source(torch.float32), SOURCE_TABLE, NUM_TOKENS, progress)
+    progress.layer_written(0)
+    assert len(bytes(source.read(ChunkSpec(0, 0, 1, 0, NUM_TOKENS)))) > 0  # layer 0 is there
+    errors: list[BaseException] = []
+
+    def read_layer_two() -> None:
+        try:
+            source.read(ChunkSpec(1, 2, 3, 0, NUM_TOKENS))
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    reader = threading.Thread(target=read_layer_two)
+    reader.start()
+    progress.fail(RuntimeError("pass failed"))
+    reader.join(5)
+    assert not reader.is_alive()
+    assert [str(e) for e in errors] == ["pass failed"]

@@ -25,15 +25,21 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 def make_job(loop: asyncio.AbstractEventLoop, name: str, num_tokens: int) -> PrefillJob:
     request = PrefillRequest(
-        request_id=f"r-{name}", transfer_id=name, prompt_token_ids=list(range(num_tokens)),
-        sampling=SamplingParams(max_tokens=4), eos_token_ids=[0],
-        kv_target=KVTarget("d", "inproc://0", "inproc"), deadline=0.0,
+        request_id=f"r-{name}",
+        transfer_id=name,
+        prompt_token_ids=list(range(num_tokens)),
+        sampling=SamplingParams(max_tokens=4),
+        eos_token_ids=[0],
+        kv_target=KVTarget("d", "inproc://0", "inproc"),
+        deadline=0.0,
     )
     return PrefillJob(request, loop.create_future())
 
 
 def make_batcher(
-    num_blocks: int = 64, max_batch_tokens: int = 1000, max_batch_size: int = 100,
+    num_blocks: int = 64,
+    max_batch_tokens: int = 1000,
+    max_batch_size: int = 100,
     max_waiting: int = 100,
 ) -> tuple[PrefillBatcher, BlockManager]:
     blocks = BlockManager(num_blocks, BLOCK_SIZE)
