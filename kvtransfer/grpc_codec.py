@@ -21,6 +21,7 @@ def message_to_proto(message: Message) -> kv_transfer_pb2.KVMessage:
             layout=message.layout.to_proto(),
             num_tokens=message.num_tokens,
             num_chunks=message.num_chunks,
+            group_id=message.group_id,
         ))
     if isinstance(message, Chunk):
         spec = message.spec
@@ -33,6 +34,7 @@ def message_to_proto(message: Message) -> kv_transfer_pb2.KVMessage:
             token_end=spec.token_end,
             crc32c=message.crc32c,
             data=data,
+            via_group=message.via_group,
         )
         if message.shm is not None:
             ref = message.shm
@@ -56,6 +58,7 @@ def message_from_proto(proto: kv_transfer_pb2.KVMessage) -> Message:
             layout=layout_from_proto(header.layout),
             num_tokens=header.num_tokens,
             num_chunks=header.num_chunks,
+            group_id=header.group_id,
         )
     if kind == "chunk":
         chunk = proto.chunk
@@ -65,7 +68,8 @@ def message_from_proto(proto: kv_transfer_pb2.KVMessage) -> Message:
         shm = None
         if chunk.HasField("shm"):
             shm = ShmRef(chunk.shm.segment, chunk.shm.offset, chunk.shm.length)
-        return Chunk(spec=spec, crc32c=chunk.crc32c, data=chunk.data, shm=shm)
+        return Chunk(spec=spec, crc32c=chunk.crc32c, data=chunk.data, shm=shm,
+                     via_group=chunk.via_group)
     if kind == "commit":
         return Commit(num_chunks=proto.commit.num_chunks,
                       first_token_id=proto.commit.first_token_id)

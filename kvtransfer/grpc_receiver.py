@@ -3,12 +3,16 @@
 One sync `grpc.server` with a small thread pool; each Push occupies one pool thread for its
 duration and runs a ReceiveSession, which writes chunks into the sink from that thread and
 calls `on_done` from it. `receiver.cancel` cancels the call from the caller's thread.
+A receiver made for "nccl" (dist_receiver.py) adds a GroupHost: JoinGroup, and a group channel
+per push for the chunks that arrive over a pair group.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from typing import Protocol
 
 import grpc
 
@@ -21,7 +25,7 @@ from kvtransfer.errors import (
 )
 from kvtransfer.grpc_codec import grpc_status, layout_from_proto, message_from_proto
 from kvtransfer.layout import KVLayout
-from kvtransfer.receive_session import ReceiveSession
+from kvtransfer.receive_session import GroupChannel, ReceiveSession
 from kvtransfer.transfer_table import Expectation, TransferTable
 from pdserve.config import KVTransferConfig
 from pdserve.internal.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
@@ -29,15 +33,38 @@ from pdserve.internal.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
 # Pushes served at once; more wait in gRPC's queue. A decode replica rarely receives more
 # transfers concurrently than it has prefill peers.
 _NUM_SERVER_THREADS = 8
+# How long a stream that ended without its commit waits to learn that its call was cancelled.
+_CANCEL_NOTICE_S = 0.1
+
+
+class GroupHost(Protocol):
+    """The receiver's side of pair groups (transport "nccl"); called from gRPC threads."""
+
+    @property
+    def store_address(self) -> str:
+        """"host:port" of the store where pair groups meet (told to senders at handshake)."""
+        ...
+
+    def join(self, request: kv_transfer_pb2.JoinGroupRequest) -> str:
+        """Starts joining the sender's new group; returns the receiver's backend without
+        waiting for the rendezvous. Raises TransferError."""
+        ...
+
+    def channel(self, context: grpc.ServicerContext) -> GroupChannel:
+        """A channel for one push, bounded by the call's deadline."""
+        ...
 
 
 class _KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
     """Thin adapter: protobuf in, session calls, status out."""
 
-    def __init__(self, table: TransferTable, layout: KVLayout, allow_shm: bool) -> None:
+    def __init__(
+        self, table: TransferTable, layout: KVLayout, allow_shm: bool, groups: GroupHost | None
+    ) -> None:
         self._table = table
         self._layout = layout
         self._allow_shm = allow_shm
+        self._groups = groups
 
     def Handshake(
         self, request: kv_transfer_pb2.HandshakeRequest, context: grpc.ServicerContext
@@ -48,18 +75,36 @@ class _KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
                 raise TransferFailedPrecondition(f"layout mismatch: {mismatch}")
         except TransferError as err:
             context.abort(grpc_status(err.code), err.message)
-        return kv_transfer_pb2.HandshakeReply(layout=self._layout.to_proto())
+        store = "" if self._groups is None else self._groups.store_address
+        return kv_transfer_pb2.HandshakeReply(layout=self._layout.to_proto(), group_store=store)
+
+    def JoinGroup(
+        self, request: kv_transfer_pb2.JoinGroupRequest, context: grpc.ServicerContext
+    ) -> kv_transfer_pb2.JoinGroupReply:
+        try:
+            if self._groups is None:
+                raise TransferFailedPrecondition("this receiver does not accept the nccl transport")
+            backend = self._groups.join(request)
+        except TransferError as err:
+            context.abort(grpc_status(err.code), err.message)
+        return kv_transfer_pb2.JoinGroupReply(backend=backend)
 
     def Push(
         self,
         request_iterator: Iterator[kv_transfer_pb2.KVMessage],
         context: grpc.ServicerContext,
     ) -> kv_transfer_pb2.PushReply:
+        channel = None if self._groups is None else self._groups.channel(context)
         session = ReceiveSession(
-            self._table, self._layout, abort_stream=context.cancel, allow_shm=self._allow_shm
+            self._table,
+            self._layout,
+            abort_stream=context.cancel,
+            allow_shm=self._allow_shm,
+            group_channel=channel,
         )
         try:
-            return kv_transfer_pb2.PushReply(num_bytes=_receive(session, request_iterator, context))
+            num_bytes = _receive(session, request_iterator, context)
+            return kv_transfer_pb2.PushReply(num_bytes=num_bytes)
         except TransferError as err:
             # No-op when the session already reported it; covers decode and transport errors.
             session.abort(err)
@@ -74,12 +119,19 @@ def _receive(
     request_iterator: Iterator[kv_transfer_pb2.KVMessage],
     context: grpc.ServicerContext,
 ) -> int:
+    terminated = threading.Event()
+    if not context.add_callback(terminated.set):
+        terminated.set()
     try:
         for proto in request_iterator:
             session.handle(message_from_proto(proto))
     except grpc.RpcError as exc:
         raise _broken_stream_error(context) from exc
-    # gRPC ends the iteration quietly when the call died underneath it.
+    # gRPC ends the iteration quietly when the call died underneath it, at times just before
+    # it marks the call cancelled: a stream without its commit waits a moment to tell a
+    # cancelled push (CANCELLED) from a truncated one (DATA_LOSS).
+    if not session.committed:
+        terminated.wait(_CANCEL_NOTICE_S)
     if not context.is_active():
         raise _broken_stream_error(context)
     return session.end()
@@ -130,7 +182,8 @@ class GrpcReceiver(KVReceiver):
             ],
         )
         kv_transfer_pb2_grpc.add_KVTransferServicer_to_server(
-            _KVTransferServicer(self._table, self._layout, self._allow_shm), server
+            _KVTransferServicer(self._table, self._layout, self._allow_shm, self._group_host()),
+            server,
         )
         bracketed = f"[{host}]" if ":" in host else host
         port = server.add_insecure_port(f"{bracketed}:0")
@@ -139,6 +192,10 @@ class GrpcReceiver(KVReceiver):
         server.start()
         self._server = server
         self._address = f"{bracketed}:{port}"
+
+    def _group_host(self) -> GroupHost | None:
+        """Pair-group support; only the "nccl" receiver (dist_receiver.py) has it."""
+        return None
 
     def stop(self) -> None:
         # Fail the table first so in-flight transfers end as UNAVAILABLE, not as cancelled.

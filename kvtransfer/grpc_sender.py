@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -18,7 +19,7 @@ import grpc
 from kvtransfer.base import FirstToken, KVSender, KVSource, TransferStats
 from kvtransfer.errors import TransferCancelled, TransferError, as_transfer_error
 from kvtransfer.grpc_codec import error_from_rpc, message_to_proto
-from kvtransfer.layout import KVLayout, plan_chunks
+from kvtransfer.layout import ChunkSpec, KVLayout, plan_chunks
 from kvtransfer.shm_segment import ShmSegmentWriter
 from kvtransfer.stream import (
     Header,
@@ -63,6 +64,16 @@ class _Feeder:
         self._released.set()
 
 
+@dataclass(frozen=True)
+class PushPlan:
+    """What one transfer streams: the header and chunk plan, where the bytes come from."""
+
+    header: Header
+    chunks: list[ChunkSpec]
+    source: KVSource
+    first_token_id: FirstToken
+
+
 class GrpcSender(KVSender):
     """KVSender over gRPC; one cached channel per receiver address.
 
@@ -75,7 +86,8 @@ class GrpcSender(KVSender):
         self._config = config
         self._lock = threading.Lock()
         self._channels: dict[str, tuple[grpc.Channel, kv_transfer_pb2_grpc.KVTransferStub]] = {}
-        self._handshaken: set[tuple[str, KVLayout]] = set()
+        # (address, layout) handshaken -> the receiver's group store ("" when it has none).
+        self._handshaken: dict[tuple[str, KVLayout], str] = {}
 
     def send(
         self,
@@ -98,24 +110,16 @@ class GrpcSender(KVSender):
             raise TransferCancelled(f"transfer {transfer_id} was cancelled before it started")
         stub = self._stub(address)
         try:
-            self._handshake(stub, address, layout, deadline, cancel)
+            group_store = self._handshake(stub, address, layout, deadline, cancel)
             header = Header(transfer_id, layout, num_tokens, len(chunks))
-            messages = outgoing_messages(header, chunks, source, first_token_id, cancel.is_set)
-            segment = ShmSegmentWriter(transfer_id, layout.kv_bytes(num_tokens)) \
-                if self._via_shm else None
-            try:
-                if segment is not None:
-                    messages = via_shm(messages, segment)
-                reply = self._push(stub, messages, deadline, cancel)
-            finally:
-                if segment is not None:
-                    segment.close()
+            plan = PushPlan(header, chunks, source, first_token_id)
+            reply = self._transfer(stub, address, group_store, plan, deadline, cancel)
             check_acknowledged(layout, num_tokens, reply.num_bytes)
         except TransferError as err:
             if err.code in (StatusCode.UNAVAILABLE, StatusCode.FAILED_PRECONDITION):
                 # The peer may have restarted with another layout: handshake again next time.
                 with self._lock:
-                    self._handshaken.discard((address, layout))
+                    self._handshaken.pop((address, layout), None)
             raise
         return TransferStats(
             transfer_id=transfer_id,
@@ -124,6 +128,29 @@ class GrpcSender(KVSender):
             elapsed_s=time.monotonic() - start,
             transport=self.transport,
         )
+
+    def _transfer(
+        self,
+        stub: kv_transfer_pb2_grpc.KVTransferStub,
+        address: str,
+        group_store: str,
+        plan: PushPlan,
+        deadline: float,
+        cancel: threading.Event,
+    ) -> kv_transfer_pb2.PushReply:
+        """Streams one transfer after the handshake; the "nccl" sender (dist_sender.py)
+        overrides it to move the chunk bytes over a pair group."""
+        header = plan.header
+        messages = outgoing_messages(
+            header, plan.chunks, plan.source, plan.first_token_id, cancel.is_set
+        )
+        if not self._via_shm:
+            return self._push(stub, messages, deadline, cancel)
+        segment = ShmSegmentWriter(header.transfer_id, header.layout.kv_bytes(header.num_tokens))
+        try:
+            return self._push(stub, via_shm(messages, segment), deadline, cancel)
+        finally:
+            segment.close()
 
     def close(self) -> None:
         with self._lock:
@@ -154,15 +181,25 @@ class GrpcSender(KVSender):
         layout: KVLayout,
         deadline: float,
         cancel: threading.Event,
-    ) -> None:
+    ) -> str:
+        """Returns the receiver's group store address ("" when it takes no group chunks)."""
         with self._lock:
             if (address, layout) in self._handshaken:
-                return
+                return self._handshaken[(address, layout)]
         request = kv_transfer_pb2.HandshakeRequest(layout=layout.to_proto())
-        call = stub.Handshake.future(request, timeout=_remaining(deadline))
-        _await(call, cancel, None, f"handshake with {address}")
+        reply: kv_transfer_pb2.HandshakeReply = self._unary(
+            stub.Handshake, request, deadline, cancel, f"handshake with {address}"
+        )
         with self._lock:
-            self._handshaken.add((address, layout))
+            self._handshaken[(address, layout)] = reply.group_store
+        return reply.group_store
+
+    def _unary(
+        self, method: Any, request: Any, deadline: float, cancel: threading.Event, doing: str
+    ) -> Any:
+        """One unary call bounded by `deadline` and stopped by `cancel`; raises TransferError."""
+        call = method.future(request, timeout=_remaining(deadline))
+        return _await(call, cancel, None, doing)
 
     def _push(
         self,

@@ -12,6 +12,7 @@ TransferTable), so the transport only turns the TransferError into its own statu
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from kvtransfer.checksum import checksum
 from kvtransfer.errors import (
@@ -27,6 +28,22 @@ from kvtransfer.stream import Chunk, Commit, Header, Message
 from kvtransfer.transfer_table import ActiveTransfer, TransferTable
 
 
+class GroupChannel(Protocol):
+    """Where one push's `via_group` chunks come from: the receiver's end of a pair group
+    (transport "nccl", kvtransfer/dist_receiver.py). Driven by the session's thread."""
+
+    def receive(self, group_id: str, spec: ChunkSpec, num_bytes: int) -> memoryview:
+        """Receives the `num_bytes` bytes (computed by the session from the layout) the sender
+        sends right after announcing `spec`. BLOCKS until they arrived, the stream is aborted or
+        its deadline passed. The view is valid until the next call or `close`. Raises
+        TransferError (UNAVAILABLE for an unknown or broken group)."""
+        ...
+
+    def close(self, failed: bool) -> None:
+        """The push is over; a failed push tears the group down (its byte order is lost)."""
+        ...
+
+
 class ReceiveSession:
     """State of one push stream: awaiting header -> receiving chunks -> committed -> ended.
 
@@ -40,6 +57,7 @@ class ReceiveSession:
         layout: KVLayout,
         abort_stream: Callable[[], None],
         allow_shm: bool = False,
+        group_channel: GroupChannel | None = None,
     ) -> None:
         self._table = table
         self._layout = layout
@@ -47,6 +65,8 @@ class ReceiveSession:
         # Chunks in a shared-memory segment are accepted only where the config allows shm.
         self._allow_shm = allow_shm
         self._segment: ShmSegmentReader | None = None
+        # Chunks sent over a pair group are accepted only by a receiver made for "nccl".
+        self._group_channel = group_channel
         self._header: Header | None = None
         self._active: ActiveTransfer | None = None
         self._commit: Commit | None = None
@@ -56,6 +76,11 @@ class ReceiveSession:
         self._next_seq = 0
         self._next_layer = 0
         self._next_token = 0
+
+    @property
+    def committed(self) -> bool:
+        """A valid commit arrived."""
+        return self._commit is not None
 
     @property
     def transfer_id(self) -> str | None:
@@ -155,6 +180,8 @@ class ReceiveSession:
         self._advance(spec)
 
     def _chunk_bytes(self, chunk: Chunk, expected_bytes: int) -> memoryview:
+        if chunk.via_group:
+            return self._group_bytes(chunk, expected_bytes)
         if chunk.shm is None:
             return memoryview(chunk.data).cast("B")
         assert self._header is not None, "header handled first"
@@ -171,12 +198,26 @@ class ReceiveSession:
             self._segment = ShmSegmentReader(self._header.transfer_id, total)
         return self._segment.view(chunk.shm)
 
+    def _group_bytes(self, chunk: Chunk, expected_bytes: int) -> memoryview:
+        assert self._header is not None, "header handled first"
+        if self._group_channel is None:
+            raise TransferFailedPrecondition("this receiver does not accept the nccl transport")
+        if chunk.data or chunk.shm is not None:
+            raise TransferDataLoss(f"chunk {chunk.spec.seq}: via_group with inline data or shm")
+        if not self._header.group_id:
+            raise TransferDataLoss(f"chunk {chunk.spec.seq}: via_group but the header names no"
+                                   " group")
+        return self._group_channel.receive(self._header.group_id, chunk.spec, expected_bytes)
+
     def close(self) -> None:
-        """Releases the shared-memory segment, if any. Called by the transport when the stream
-        is over, whatever its outcome."""
+        """Releases the shared-memory segment or the pair group, if any. Called by the
+        transport when the stream is over, whatever its outcome."""
         if self._segment is not None:
             self._segment.close()
             self._segment = None
+        if self._group_channel is not None:
+            self._group_channel.close(failed=self._error is not None or not self._ended)
+            self._group_channel = None
 
     def _check_position(self, spec: ChunkSpec) -> None:
         assert self._header is not None, "header handled first"

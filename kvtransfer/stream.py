@@ -31,6 +31,8 @@ class Header:
     layout: KVLayout
     num_tokens: int
     num_chunks: int
+    # The pair group (transport "nccl") that carries the chunks marked `via_group`; "" if none.
+    group_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,11 @@ class Chunk:
     spec: ChunkSpec
     crc32c: int
     # 1-D unsigned-byte view (or bytes) of exactly spec.num_bytes(layout) bytes; empty when
-    # the bytes travel in a shared-memory segment (`shm`).
+    # the bytes travel in a shared-memory segment (`shm`) or over the header's pair group
+    # (`via_group`, sent right after this message).
     data: bytes | memoryview
     shm: ShmRef | None = None
+    via_group: bool = False
 
 
 @dataclass(frozen=True)

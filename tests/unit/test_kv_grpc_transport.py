@@ -1,4 +1,5 @@
-"""Sender and receiver end to end: gRPC over 127.0.0.1, and the in-process transport."""
+"""Sender and receiver end to end: gRPC over 127.0.0.1, shm, the in-process transport, and
+"nccl" (gloo on the CPU: both ranks of the pair group in this process, on two threads)."""
 
 from __future__ import annotations
 
@@ -89,7 +90,11 @@ class DoneRecorder:
         return result
 
 
-@pytest.fixture(params=["grpc", "shm", "inproc"])
+# What TransferStats.transport reports: "nccl" runs gloo when the KV is on the CPU.
+REPORTED_TRANSPORT = {"nccl": "gloo"}
+
+
+@pytest.fixture(params=["grpc", "shm", "inproc", "nccl"])
 def transport(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -138,7 +143,8 @@ def test_round_trip_moves_every_byte(sender: KVSender, receiver: KVReceiver,
     stats = sender.send(address=receiver.address, transfer_id="t1", layout=LAYOUT,
                         num_tokens=NUM_TOKENS, source=source, first_token_id=1234)
     num_chunks = len(plan_chunks(LAYOUT, NUM_TOKENS, CONFIG.chunk_bytes))
-    assert (stats.transfer_id, stats.num_chunks, stats.transport) == ("t1", num_chunks, transport)
+    reported = REPORTED_TRANSPORT.get(transport, transport)
+    assert (stats.transfer_id, stats.num_chunks, stats.transport) == ("t1", num_chunks, reported)
     assert stats.num_bytes == LAYOUT.kv_bytes(NUM_TOKENS)
     result = done.wait()
     assert result.ok and result.first_token_id == 1234
@@ -354,7 +360,7 @@ def test_corrupted_chunk_on_the_wire_is_data_loss(sender: KVSender,
 
 
 def test_unknown_transport_names_the_choices() -> None:
-    with pytest.raises(ValueError, match="grpc, shm, inproc"):
+    with pytest.raises(ValueError, match="grpc, shm, inproc, nccl"):
         make_sender("pigeon", CONFIG)
-    with pytest.raises(ValueError, match="grpc, shm, inproc"):
+    with pytest.raises(ValueError, match="grpc, shm, inproc, nccl"):
         make_receiver("pigeon", LAYOUT, CONFIG)
