@@ -57,11 +57,22 @@ def grpc_service(ray_cluster: None, tiny_model_dir: Path) -> Iterator[Service]:
         yield running
 
 
-@pytest.mark.parametrize("transport", ["shm", "grpc"])
+@pytest.fixture(scope="module")
+def nccl_service(ray_cluster: None, tiny_model_dir: Path) -> Iterator[Service]:
+    """torch.distributed point-to-point; on CPU it runs (and reports) the gloo backend."""
+    config = make_config(str(tiny_model_dir), kv_transfer={"transport": "nccl"})
+    with Service(config) as running:
+        yield running
+
+
+SERVICE_BY_TRANSPORT = {"shm": "tiny_service", "grpc": "grpc_service", "gloo": "nccl_service"}
+
+
+@pytest.mark.parametrize("transport", sorted(SERVICE_BY_TRANSPORT))
 def test_each_request_alone_matches_transformers(
     transport: str, request: pytest.FixtureRequest, references
 ) -> None:
-    service = request.getfixturevalue("tiny_service" if transport == "shm" else "grpc_service")
+    service = request.getfixturevalue(SERVICE_BY_TRANSPORT[transport])
     for prompt, expected in zip(PROMPTS, references):
         result = generate(service.address, prompt)
         assert result.token_ids == expected, f"prompt {prompt}"
