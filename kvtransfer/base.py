@@ -20,11 +20,14 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kvtransfer.errors import TransferError
 from kvtransfer.layout import ChunkSpec, KVLayout
 from pdserve.errors import ErrorInfo
+
+if TYPE_CHECKING:
+    from kvtransfer.faults import ChunkFault
 
 __all__ = [
     "KVReceiver",
@@ -110,6 +113,7 @@ class KVSender(ABC):
         first_token_id: FirstToken,
         cancel: threading.Event | None = None,
         timeout_s: float | None = None,
+        fault: ChunkFault | None = None,
     ) -> TransferStats:
         """Moves one request's KV to the receiver at `address`.
 
@@ -125,6 +129,7 @@ class KVSender(ABC):
         Raises TransferError: FAILED_PRECONDITION (layout mismatch, naming the field),
         NOT_FOUND (unknown transfer id), DATA_LOSS, DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE,
         INTERNAL (the source raised). Raises ValueError when num_tokens < 1 (a caller bug).
+        `fault` injects a wire fault (tests and chaos runs only; see kvtransfer/faults.py).
         """
 
     @abstractmethod

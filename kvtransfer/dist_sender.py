@@ -165,7 +165,7 @@ class DistSender(GrpcSender):
             return cancel.is_set() or finished.is_set()
 
         messages = outgoing_messages(
-            header, plan.chunks, plan.source, plan.first_token_id, cancel.is_set
+            header, plan.chunks, plan.source, plan.first_token_id, cancel.is_set, plan.fault
         )
         try:
             return self._push(

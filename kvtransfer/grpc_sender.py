@@ -18,6 +18,7 @@ import grpc
 
 from kvtransfer.base import FirstToken, KVSender, KVSource, TransferStats
 from kvtransfer.errors import TransferCancelled, TransferError, as_transfer_error
+from kvtransfer.faults import ChunkFault
 from kvtransfer.grpc_codec import error_from_rpc, message_to_proto
 from kvtransfer.layout import ChunkSpec, KVLayout, plan_chunks
 from kvtransfer.shm_segment import ShmSegmentWriter
@@ -72,6 +73,7 @@ class PushPlan:
     chunks: list[ChunkSpec]
     source: KVSource
     first_token_id: FirstToken
+    fault: ChunkFault | None = None
 
 
 class GrpcSender(KVSender):
@@ -100,6 +102,7 @@ class GrpcSender(KVSender):
         first_token_id: FirstToken,
         cancel: threading.Event | None = None,
         timeout_s: float | None = None,
+        fault: ChunkFault | None = None,
     ) -> TransferStats:
         start = time.monotonic()
         deadline = start + (self._config.timeout_s if timeout_s is None else timeout_s)
@@ -112,7 +115,7 @@ class GrpcSender(KVSender):
         try:
             group_store = self._handshake(stub, address, layout, deadline, cancel)
             header = Header(transfer_id, layout, num_tokens, len(chunks))
-            plan = PushPlan(header, chunks, source, first_token_id)
+            plan = PushPlan(header, chunks, source, first_token_id, fault)
             reply = self._transfer(stub, address, group_store, plan, deadline, cancel)
             check_acknowledged(layout, num_tokens, reply.num_bytes)
         except TransferError as err:
@@ -142,7 +145,7 @@ class GrpcSender(KVSender):
         overrides it to move the chunk bytes over a pair group."""
         header = plan.header
         messages = outgoing_messages(
-            header, plan.chunks, plan.source, plan.first_token_id, cancel.is_set
+            header, plan.chunks, plan.source, plan.first_token_id, cancel.is_set, plan.fault
         )
         if not self._via_shm:
             return self._push(stub, messages, deadline, cancel)

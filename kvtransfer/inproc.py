@@ -30,6 +30,7 @@ from kvtransfer.errors import (
     TransferFailedPrecondition,
     TransferUnavailable,
 )
+from kvtransfer.faults import ChunkFault
 from kvtransfer.inproc_pipe import Pipe, PushCall
 from kvtransfer.layout import KVLayout, plan_chunks
 from kvtransfer.receive_session import ReceiveSession
@@ -173,6 +174,7 @@ class InprocSender(KVSender):
         first_token_id: FirstToken,
         cancel: threading.Event | None = None,
         timeout_s: float | None = None,
+        fault: ChunkFault | None = None,
     ) -> TransferStats:
         start = time.monotonic()
         deadline = start + (self._config.timeout_s if timeout_s is None else timeout_s)
@@ -189,7 +191,7 @@ class InprocSender(KVSender):
         call = receiver.accept(pipe)
         header = Header(transfer_id, layout, num_tokens, len(chunks))
         messages = outgoing_messages(header, chunks, source, first_token_id,
-                                     lambda: cancel.is_set() or pipe.error is not None)
+                                     lambda: cancel.is_set() or pipe.error is not None, fault)
         # Reading on a thread of its own keeps cancel and the deadline prompt while the
         # source blocks, as gRPC's request thread does.
         threading.Thread(target=_feed, args=(pipe, messages, cancel), daemon=True,

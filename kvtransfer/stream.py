@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvtransfer.base import FirstToken, KVSource
 from kvtransfer.checksum import checksum
@@ -20,6 +21,9 @@ from kvtransfer.errors import (
 )
 from kvtransfer.layout import ChunkSpec, KVLayout
 from kvtransfer.shm_segment import ShmRef, ShmSegmentWriter
+
+if TYPE_CHECKING:
+    from kvtransfer.faults import ChunkFault
 
 # Room for the protobuf framing of a chunk message around its data.
 MESSAGE_OVERHEAD_BYTES = 1024
@@ -81,12 +85,25 @@ def outgoing_messages(
     source: KVSource,
     first_token_id: FirstToken,
     should_stop: Callable[[], bool],
+    fault: ChunkFault | None = None,
 ) -> Iterator[Message]:
     """Yields the header, each chunk read from `source` only when it is due, then the commit.
 
     Returns early (without a commit) as soon as `should_stop()` is true. Raises a TransferError
-    when the source fails or returns the wrong number of bytes.
+    when the source fails or returns the wrong number of bytes. `fault` (tests and chaos runs
+    only) damages the stream after checksums are computed.
     """
+    messages = _messages(header, chunks, source, first_token_id, should_stop)
+    return fault.apply(messages) if fault is not None else messages
+
+
+def _messages(
+    header: Header,
+    chunks: list[ChunkSpec],
+    source: KVSource,
+    first_token_id: FirstToken,
+    should_stop: Callable[[], bool],
+) -> Iterator[Message]:
     yield header
     for spec in chunks:
         if should_stop():

@@ -200,6 +200,11 @@ class FaultsConfig(_Section):
     decode_step_delay_s: float = Field(default=0.0, ge=0, le=600)
     # Raise while a decode step handles a target request (only that request fails).
     fail_decode_step: bool = False
+    # Damage one chunk of a target request's KV transfer on the wire, after checksums.
+    kv_chunk_fault: Literal["none", "corrupt", "drop", "duplicate", "delay"] = "none"
+    # Which chunk (its seq) is damaged, and how late a delayed one is.
+    kv_chunk_fault_seq: int = Field(default=0, ge=0)
+    kv_chunk_delay_s: float = Field(default=0.0, ge=0, le=600)
 
     @property
     def enabled(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
+from kvtransfer.faults import ChunkFault
 from pdserve.config import FaultsConfig
 from pdserve.errors import Internal
 
@@ -34,6 +35,13 @@ class FaultInjector:
         """Runs on the forward thread before a decode step."""
         if self._config.decode_step_delay_s and any(self.is_target(p) for p in prompts):
             time.sleep(self._config.decode_step_delay_s)  # the injected stall itself
+
+    def kv_chunk_fault(self, prompt_token_ids: list[int]) -> ChunkFault | None:
+        """The wire fault for a target request's KV transfer, if one is configured."""
+        kind = self._config.kv_chunk_fault
+        if kind == "none" or not self.is_target(prompt_token_ids):
+            return None
+        return ChunkFault(kind, self._config.kv_chunk_fault_seq, self._config.kv_chunk_delay_s)
 
     def check_decode_token(self, prompt_token_ids: list[int]) -> None:
         """Raises for a target request while its step's token is being handled."""

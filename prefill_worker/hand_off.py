@@ -21,6 +21,7 @@ from kvtransfer import KVLayout, KVSender, TransferStats, make_sender
 from kvtransfer.base import FirstToken
 from pdserve.config import PdserveConfig
 from pdserve.errors import DeadlineExceeded, FailedPrecondition
+from pdserve.faults import FaultInjector
 from pdserve.messages import PrefillEvent
 from prefill_worker.job import PrefillJob
 
@@ -32,8 +33,10 @@ class KVHandOff:
         kv_cache: PagedKVCache,
         config: PdserveConfig,
         on_send_done: Callable[[PrefillJob], None],
+        faults: FaultInjector,
     ) -> None:
         self._senders: dict[str, KVSender] = {}
+        self._faults = faults
         self._layout = layout
         self._kv_cache = kv_cache
         self._config = config
@@ -60,6 +63,7 @@ class KVHandOff:
             address=job.request.kv_target.address,
             transfer_id=job.transfer_id, layout=self._layout, num_tokens=job.num_prompt_tokens,
             source=source, first_token_id=first_token, cancel=job.cancel, timeout_s=timeout_s,
+            fault=self._faults.kv_chunk_fault(job.request.prompt_token_ids),
         )
         job.sending = True
         job.send_started_at = time.monotonic()

@@ -57,9 +57,11 @@ class PrefillWorker:
         self._config = config
         self._engine = engine
         layout = KVLayout(**engine.kv_layout_fields())  # type: ignore[arg-type]
-        self._hand_off = KVHandOff(layout, engine.kv_cache, config, self._on_send_done)
-        self._pipelining = config.kv_transfer.layer_pipelining
         self._faults = FaultInjector(config.faults, replica_id)
+        self._hand_off = KVHandOff(
+            layout, engine.kv_cache, config, self._on_send_done, self._faults
+        )
+        self._pipelining = config.kv_transfer.layer_pipelining
         # Forward passes get a thread of their own: pipelined sends wait on them.
         self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill")
         pool = config.prefill
