@@ -14,6 +14,7 @@ Every failure is a `TransferError`; each subclass also derives from the matching
 | CANCELLED           | the sender's cancel event was set, or the receiver cancelled       |
 | UNAVAILABLE         | the peer cannot be reached or was stopped                          |
 | RESOURCE_EXHAUSTED  | a message exceeded the peer's size limit                          |
+| UNAUTHENTICATED     | the sender lacks the internal KV peer token                        |
 | INTERNAL            | a bug or an unexpected exception (e.g. a source or sink raised)    |
 """
 
@@ -29,6 +30,7 @@ from pdserve.errors import (
     PdserveError,
     ResourceExhausted,
     StatusCode,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -65,6 +67,10 @@ class TransferResourceExhausted(TransferError, ResourceExhausted):
     pass
 
 
+class TransferUnauthenticated(TransferError, Unauthenticated):
+    pass
+
+
 class TransferInternal(TransferError, Internal):
     pass
 
@@ -79,6 +85,7 @@ _CLASS_BY_CODE: dict[StatusCode, type[TransferError]] = {
         TransferCancelled,
         TransferUnavailable,
         TransferResourceExhausted,
+        TransferUnauthenticated,
         TransferInternal,
     )
 }

@@ -25,6 +25,7 @@ from kvtransfer.errors import (
 )
 from kvtransfer.grpc_codec import grpc_status, layout_from_proto, message_from_proto
 from kvtransfer.layout import KVLayout
+from kvtransfer.peer_auth import bind, server_interceptors
 from kvtransfer.receive_session import GroupChannel, ReceiveSession
 from kvtransfer.transfer_table import Expectation, TransferTable
 from pdserve.config import KVTransferConfig
@@ -180,13 +181,16 @@ class GrpcReceiver(KVReceiver):
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
             ],
+            interceptors=server_interceptors(self._config.auth_token),
         )
         kv_transfer_pb2_grpc.add_KVTransferServicer_to_server(
             _KVTransferServicer(self._table, self._layout, self._allow_shm, self._group_host()),
             server,
         )
         bracketed = f"[{host}]" if ":" in host else host
-        port = server.add_insecure_port(f"{bracketed}:0")
+        port = bind(
+            server, f"{bracketed}:0", self._config.tls_cert_file, self._config.tls_key_file
+        )
         if port == 0:
             raise RuntimeError(f"cannot bind the KV receiver to {host}")
         server.start()

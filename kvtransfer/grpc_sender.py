@@ -21,6 +21,7 @@ from kvtransfer.errors import TransferCancelled, TransferError, as_transfer_erro
 from kvtransfer.faults import ChunkFault
 from kvtransfer.grpc_codec import error_from_rpc, message_to_proto
 from kvtransfer.layout import ChunkSpec, KVLayout, plan_chunks
+from kvtransfer.peer_auth import secure_channel
 from kvtransfer.shm_segment import ShmSegmentWriter
 from kvtransfer.stream import (
     Header,
@@ -167,12 +168,14 @@ class GrpcSender(KVSender):
         with self._lock:
             if address not in self._channels:
                 limit = self._config.max_message_bytes
-                channel = grpc.insecure_channel(
+                channel = secure_channel(
                     address,
-                    options=[
+                    [
                         ("grpc.max_send_message_length", limit),
                         ("grpc.max_receive_message_length", limit),
                     ],
+                    self._config.auth_token,
+                    self._config.tls_ca_file,
                 )
                 self._channels[address] = (channel, kv_transfer_pb2_grpc.KVTransferStub(channel))
             return self._channels[address][1]

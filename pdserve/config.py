@@ -96,6 +96,24 @@ class KVTransferConfig(_Section):
     # Send each layer's KV as soon as the prefill pass has computed it, overlapping the
     # hand-off with the rest of the pass (false: send after the pass, to measure the gain).
     layer_pipelining: bool = True
+    # Internal token every KV call between replicas must carry. Leave unset: `pdserve serve`
+    # mints a random one per start (replicas get it with their config; clients never do).
+    auth_token: str | None = Field(default=None, min_length=16)
+    # TLS on the KV port: the decode replicas' certificate and key (PEM), and the CA prefill
+    # replicas verify them with. All three or none.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_all_or_none(self) -> KVTransferConfig:
+        files = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+        if any(files) and not all(files):
+            raise ValueError(
+                "kv_transfer.tls_cert_file, kv_transfer.tls_key_file and kv_transfer.tls_ca_file "
+                "must be set together"
+            )
+        return self
 
     @model_validator(mode="after")
     def _chunk_fits_message(self) -> KVTransferConfig:

@@ -78,6 +78,10 @@ class DataLoss(PdserveError):
     code = StatusCode.DATA_LOSS
 
 
+class Unauthenticated(PdserveError):
+    code = StatusCode.UNAUTHENTICATED
+
+
 class Internal(PdserveError):
     code = StatusCode.INTERNAL
 
@@ -96,6 +100,7 @@ _ERROR_BY_CODE: dict[StatusCode, type[PdserveError]] = {
         FailedPrecondition,
         NotFound,
         DataLoss,
+        Unauthenticated,
         Internal,
     )
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 from typing import Any
 
@@ -24,6 +25,12 @@ logger = logging.getLogger(__name__)
 
 class Service:
     def __init__(self, config: PdserveConfig, ray_address: str | None = None) -> None:
+        if config.kv_transfer.auth_token is None:
+            # The replicas' internal KV credential: minted per start, never shown to clients.
+            kv_transfer = config.kv_transfer.model_copy(
+                update={"auth_token": secrets.token_hex(32)}
+            )
+            config = config.model_copy(update={"kv_transfer": kv_transfer})
         self.config = config
         self._ray_address = ray_address if ray_address is not None else config.ray.address
         self._started_ray = False

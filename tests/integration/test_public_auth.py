@@ -7,18 +7,12 @@ the certificate generates, a plaintext client or one trusting another CA cannot 
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve import cli
@@ -27,41 +21,12 @@ from pdserve.errors import ConfigError
 from pdserve.serve import Service
 from router.auth import read_tls_credentials
 from tests.factories.config import make_config
+from tests.factories.tls import write_pem_pair
 from tests.integration.conftest import assert_quiet
 
 TOKENS = ("ops-token-5f1d0c7e9a2b4c68", "ci-token-0b9e8d7c6a5f4e3d")
 PROMPT = [1, 2, 3, 4]
 NUM_TOKENS = 5
-
-
-def _write_pem_pair(folder: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and localhost, and its key, as PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    hosts = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(hosts), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 class _Records(logging.Handler):
@@ -146,7 +111,7 @@ def test_cli_takes_the_token_from_flag_or_environment(
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return _write_pem_pair(tmp_path_factory.mktemp("tls"), "pdserve-test")
+    return write_pem_pair(tmp_path_factory.mktemp("tls"), "pdserve-test")
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +155,7 @@ def test_plaintext_or_untrusting_clients_cannot_connect(
     tls_service: tuple[Service, list[logging.LogRecord]], tmp_path: Path
 ) -> None:
     service, _ = tls_service
-    other_ca, _ = _write_pem_pair(tmp_path, "someone-else")
+    other_ca, _ = write_pem_pair(tmp_path, "someone-else")
     for tls_ca_file in (None, str(other_ca)):
         with GenerationClient(service.address, timeout_s=10, tls_ca_file=tls_ca_file) as client:
             assert _rpc_error(client.info).code() == grpc.StatusCode.UNAVAILABLE
@@ -215,7 +180,7 @@ def test_cli_and_health_over_tls(
 
 
 def test_tls_key_must_match_the_certificate(tmp_path: Path) -> None:
-    cert, _ = _write_pem_pair(tmp_path, "one")
-    _, other_key = _write_pem_pair(tmp_path, "two")
+    cert, _ = write_pem_pair(tmp_path, "one")
+    _, other_key = write_pem_pair(tmp_path, "two")
     with pytest.raises(ConfigError, match="security.tls_cert_file .* security.tls_key_file"):
         read_tls_credentials(str(cert), str(other_key))
