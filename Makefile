@@ -8,7 +8,7 @@ TORCH_CPU ?= torch==2.13.0
 CONFIG ?= configs/local.yaml
 PROTOS := proto/pdserve/v1/pdserve.proto proto/pdserve/internal/v1/kv_transfer.proto
 
-.PHONY: install proto demo serve test test-all lint clean
+.PHONY: install proto demo serve test test-all chaos lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,10 @@ serve: install
 	$(VENV)/bin/pdserve serve --config $(CONFIG)
 
 test: install
-	$(PY) -m pytest -q -m "not slow and not gpu" tests
+	$(PY) -m pytest -q -m "not slow and not gpu and not chaos" tests
+
+chaos: install
+	$(PY) -m pytest -q -s -m chaos tests/chaos
 
 test-all: install
 	$(PY) -m pytest -q tests

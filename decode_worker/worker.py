@@ -196,9 +196,14 @@ class DecodeWorker:
             return
         if result.ok:
             seq.kv_ready.set_result(result.first_token_id)
-        else:
-            assert result.error is not None, "a failed transfer carries its error"
-            seq.kv_ready.set_exception(error_from_info(result.error))
+            return
+        assert result.error is not None, "a failed transfer carries its error"
+        seq.kv_ready.set_exception(error_from_info(result.error))
+        if seq.request is None:
+            # Nobody waits yet. The receiver is done with the blocks: free them now; the record
+            # stays (its error for a later generate) until abort or expiry removes it.
+            seq.kv_ready.exception()  # marks it retrieved
+            self._engine.block_manager.free(seq.transfer_id)
 
     def _on_done(self, seq: DecodeSequence) -> None:
         """Called by the batch loop after the step in which `seq` left the batch."""
