@@ -25,10 +25,9 @@ from tests.factories.config import make_config
 from tests.integration.conftest import assert_quiet, load_reports
 from tests.integration.test_replica_failures import reference
 
-pytestmark = pytest.mark.chaos
-
 SOAK_SECONDS = 300.0
 MAX_REQUESTS = 10_000
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(SOAK_SECONDS + 600)]
 NUM_CLIENTS = 4
 TARGET = 333  # prompts starting with it get a corrupted KV chunk
 PROMPTS = [[5, 6, 7], [11, 12, 13, 14], [40, 41, 42, 43, 44, 45], list(range(60, 90))]
