@@ -1,4 +1,5 @@
-"""The `pdserve` command: `serve` runs the service, `generate` and `info` talk to it.
+"""The `pdserve` command: `serve` runs the service, `generate` and `info` talk to it, `bench
+serve` measures it under load.
 
 Exit codes: 0 success, 1 a failed call or service error, 2 a bad config or bad arguments.
 `RAY_ADDRESS` and `PDSERVE_TOKEN` are read here, and only here, to pass them on explicitly.
@@ -15,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from pdserve.bench import add_serve_arguments, options_from_args, run_serve_bench
 from pdserve.client import GenerationClient, collect
 from pdserve.config import load_config
 from pdserve.errors import ConfigError, PdserveError
@@ -85,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_security(info)
     info.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
     info.set_defaults(run=_info)
+
+    bench = commands.add_parser("bench", help="measure a running service")
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    bench_serve = benchmarks.add_parser(
+        "serve", help="load generator: TTFT, inter-token latency, throughput, goodput"
+    )
+    _add_address(bench_serve)
+    _add_client_security(bench_serve)
+    add_serve_arguments(bench_serve)
+    bench_serve.set_defaults(run=_bench_serve)
     return parser
 
 
@@ -153,6 +165,14 @@ def _generate(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     with _client(args) as client:
         print(format_info(client.info()))
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    results = run_serve_bench(options_from_args(args, token=resolve_token(args.token)))
+    if results["summary"]["num_ok"] == 0:
+        print("error: no request finished OK", file=sys.stderr)
+        return 1
     return 0
 
 
