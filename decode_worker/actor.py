@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import ray
 
 from pdserve.messages import DecodeRequest, ReserveRequest, decode, encode
+from pdserve.metrics import ReplicaMetrics
 from pdserve.replica_setup import decode_config, setup_replica_logging
 
 
@@ -35,7 +36,10 @@ class DecodeActor:
         receiver = make_receiver(kv_config.transport, layout, kv_config)
         receiver.start()
         self._engine = engine
-        self._worker = DecodeWorker(config, replica_id, engine, receiver)
+        metrics = ReplicaMetrics.start(
+            config.metrics, replica_id, "decode", ray.util.get_node_ip_address()
+        )
+        self._worker = DecodeWorker(config, replica_id, engine, receiver, metrics)
         self._node_id = ray.get_runtime_context().get_node_id()
         self._epoch = uuid.uuid4().hex[:12]
 

@@ -21,6 +21,7 @@ from engine.stopping import finish_reason
 from pdserve.errors import DeadlineExceeded, Internal, PdserveError
 from pdserve.faults import FaultInjector
 from pdserve.messages import DecodeEvent
+from pdserve.metrics import ReplicaMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,10 @@ class DecodeBatchLoop:
         max_batch_size: int,
         on_step_exit: Callable[[DecodeSequence], None],
         faults: FaultInjector,
+        metrics: ReplicaMetrics | None = None,
     ) -> None:
         self._runner = runner
+        self._metrics = metrics or ReplicaMetrics("", "decode")
         self._faults = faults
         self._max_batch_size = max_batch_size
         self._on_step_exit = on_step_exit
@@ -63,6 +66,7 @@ class DecodeBatchLoop:
                 self._running.pop(seq.transfer_id)
                 self._running[seq.transfer_id] = seq
                 seq.in_step = True
+            started = time.monotonic()
             try:
                 token_ids = await asyncio.to_thread(self._step, batch)
             except Exception as exc:  # a failed step fails its sequences, not the replica
@@ -74,6 +78,7 @@ class DecodeBatchLoop:
                     seq.in_step = False
             self.num_steps += 1
             self.num_step_tokens += len(batch)
+            self._metrics.observe_decode_step(len(batch), time.monotonic() - started)
             self._deliver(batch, token_ids)
 
     def _step(self, batch: list[DecodeSequence]) -> list[int]:

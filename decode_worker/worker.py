@@ -46,22 +46,32 @@ from pdserve.errors import (
 )
 from pdserve.faults import FaultInjector
 from pdserve.messages import DecodeEvent, DecodeRequest, LoadReport, ReserveReply, ReserveRequest
+from pdserve.metrics import ReplicaMetrics
 
 logger = logging.getLogger(__name__)
 
 
 class DecodeWorker:
     def __init__(
-        self, config: PdserveConfig, replica_id: str, engine: ReplicaEngine, receiver: KVReceiver
+        self,
+        config: PdserveConfig,
+        replica_id: str,
+        engine: ReplicaEngine,
+        receiver: KVReceiver,
+        metrics: ReplicaMetrics | None = None,
     ) -> None:
         self.replica_id = replica_id
         self._config = config
         self._engine = engine
         self._receiver = receiver
+        self._metrics = metrics or ReplicaMetrics(replica_id, "decode")
+        # An `auto` receiver takes grpc and shm pushes and cannot tell which one arrived.
+        configured = config.kv_transfer.transport
+        self._receive_transport = "auto" if configured == "auto" else receiver.transport
         self._sequences: dict[str, DecodeSequence] = {}
         self._batch = DecodeBatchLoop(
             engine.runner, config.decode.max_batch_size, self._on_done,
-            FaultInjector(config.faults, replica_id),
+            FaultInjector(config.faults, replica_id), self._metrics,
         )
         self._total_requests = 0
 
@@ -172,7 +182,7 @@ class DecodeWorker:
     def load(self, node_id: str, pid: int, epoch: str = "") -> LoadReport:
         blocks = self._engine.block_manager
         waiting = sum(1 for s in self._sequences.values() if s.state is not SequenceState.RUNNING)
-        return LoadReport(
+        report = LoadReport(
             replica_id=self.replica_id, role="decode", pid=pid, node_id=node_id,
             num_active_requests=len(self._sequences), num_waiting_requests=waiting,
             num_free_blocks=blocks.num_free_blocks, num_total_blocks=blocks.num_total_blocks,
@@ -181,7 +191,10 @@ class DecodeWorker:
             total_requests=self._total_requests, epoch=epoch,
             total_decode_steps=self._batch.num_steps,
             total_decode_tokens=self._batch.num_step_tokens,
+            metrics_address=self._metrics.address,
         )
+        self._metrics.observe_load(report)
+        return report
 
     async def _await_kv(self, seq: DecodeSequence) -> int:
         timeout_s = min(self._config.kv_transfer.timeout_s, seq.seconds_left())
@@ -191,6 +204,10 @@ class DecodeWorker:
             raise DeadlineExceeded("KV transfer did not complete in time") from None
 
     def _on_kv_done(self, result: TransferResult) -> None:
+        if result.ok:
+            self._metrics.count_kv_received(self._receive_transport, result.num_bytes)
+        elif result.error is not None:
+            self._metrics.count_kv_transfer_failure(result.error.code.value)
         seq = self._sequences.get(result.transfer_id)
         if seq is None or seq.kv_ready.done():
             return

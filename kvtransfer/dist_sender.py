@@ -34,10 +34,10 @@ from kvtransfer.dist_group import (
     split_host_port,
 )
 from kvtransfer.errors import TransferError, TransferFailedPrecondition
-from kvtransfer.grpc_sender import GrpcSender, PushPlan
+from kvtransfer.grpc_sender import GrpcSender, KVStub, PushPlan
 from kvtransfer.stream import Chunk, Message, outgoing_messages
 from pdserve.config import KVTransferConfig
-from pdserve.internal.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
+from pdserve.internal.v1 import kv_transfer_pb2
 
 
 @dataclasses.dataclass
@@ -89,7 +89,7 @@ class DistSender(GrpcSender):
 
     def _transfer(
         self,
-        stub: kv_transfer_pb2_grpc.KVTransferStub,
+        stub: KVStub,
         address: str,
         group_store: str,
         plan: PushPlan,
@@ -122,7 +122,7 @@ class DistSender(GrpcSender):
 
     def _build(
         self,
-        stub: kv_transfer_pb2_grpc.KVTransferStub,
+        stub: KVStub,
         address: str,
         group_store: str,
         deadline: float,
@@ -151,7 +151,7 @@ class DistSender(GrpcSender):
 
     def _push_over(
         self,
-        stub: kv_transfer_pb2_grpc.KVTransferStub,
+        stub: KVStub,
         group: PairGroup,
         plan: PushPlan,
         deadline: float,

@@ -47,6 +47,38 @@ def message_to_proto(message: Message) -> kv_transfer_pb2.KVMessage:
     ))
 
 
+# Protobuf tags (field number << 3 | wire type 2 = length-delimited) of KVMessage.chunk and
+# KVChunk.data, for writing a chunk without protobuf copying its payload.
+_CHUNK_TAG = b"\x12"
+_DATA_TAG = b"\x3a"
+
+
+def encode_message(message: Message) -> bytes:
+    """A KVMessage's wire bytes. An inline chunk's payload is copied once (into the result):
+    protobuf fields may come in any order, so the small fields are serialized by protobuf and
+    the data field is appended by hand. Byte-for-byte a valid KVMessage."""
+    if not isinstance(message, Chunk) or message.shm is not None or not message.data:
+        return message_to_proto(message).SerializeToString()
+    data = memoryview(message.data).cast("B")
+    without_data = Chunk(message.spec, message.crc32c, b"", None, message.via_group)
+    head = message_to_proto(without_data).chunk.SerializeToString()
+    data_length = _varint(data.nbytes)
+    chunk_length = len(head) + len(_DATA_TAG) + len(data_length) + data.nbytes
+    return b"".join((_CHUNK_TAG, _varint(chunk_length), head, _DATA_TAG, data_length, data))
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
 def message_from_proto(proto: kv_transfer_pb2.KVMessage) -> Message:
     """Raises TransferError: FAILED_PRECONDITION for an invalid layout, DATA_LOSS for a
     message with no kind set."""

@@ -19,7 +19,7 @@ import grpc
 from kvtransfer.base import FirstToken, KVSender, KVSource, TransferStats
 from kvtransfer.errors import TransferCancelled, TransferError, as_transfer_error
 from kvtransfer.faults import ChunkFault
-from kvtransfer.grpc_codec import error_from_rpc, message_to_proto
+from kvtransfer.grpc_codec import encode_message, error_from_rpc
 from kvtransfer.layout import ChunkSpec, KVLayout, plan_chunks
 from kvtransfer.peer_auth import secure_channel
 from kvtransfer.shm_segment import ShmSegmentWriter
@@ -39,6 +39,19 @@ from pdserve.internal.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
 _POLL_S = 0.02
 
 
+class KVStub(kv_transfer_pb2_grpc.KVTransferStub):
+    """The generated stub, plus `PushEncoded`: Push taking messages already encoded by
+    `encode_message` (protobuf would copy each chunk's payload three more times)."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        super().__init__(channel)
+        self.PushEncoded = channel.stream_unary(
+            "/pdserve.internal.v1.KVTransfer/Push",
+            request_serializer=None,
+            response_deserializer=kv_transfer_pb2.PushReply.FromString,
+        )
+
+
 class _Feeder:
     """The request iterator of one Push. Stops when cancelled or when the source fails; then it
     holds the stream open (ending it would look like a truncated push) until released."""
@@ -51,10 +64,10 @@ class _Feeder:
         self.stopped = threading.Event()
         self.error: TransferError | None = None
 
-    def __iter__(self) -> Iterator[kv_transfer_pb2.KVMessage]:
+    def __iter__(self) -> Iterator[bytes]:
         try:
             for message in self._messages:
-                yield message_to_proto(message)
+                yield encode_message(message)
         except Exception as exc:
             self.error = as_transfer_error(exc, "sending KV")
         if self.error is None and not self._cancel.is_set():
@@ -88,7 +101,7 @@ class GrpcSender(KVSender):
         self.transport = "shm" if via_shm else "grpc"
         self._config = config
         self._lock = threading.Lock()
-        self._channels: dict[str, tuple[grpc.Channel, kv_transfer_pb2_grpc.KVTransferStub]] = {}
+        self._channels: dict[str, tuple[grpc.Channel, KVStub]] = {}
         # (address, layout) handshaken -> the receiver's group store ("" when it has none).
         self._handshaken: dict[tuple[str, KVLayout], str] = {}
 
@@ -135,7 +148,7 @@ class GrpcSender(KVSender):
 
     def _transfer(
         self,
-        stub: kv_transfer_pb2_grpc.KVTransferStub,
+        stub: KVStub,
         address: str,
         group_store: str,
         plan: PushPlan,
@@ -164,7 +177,7 @@ class GrpcSender(KVSender):
         for channel in channels:
             channel.close()
 
-    def _stub(self, address: str) -> kv_transfer_pb2_grpc.KVTransferStub:
+    def _stub(self, address: str) -> KVStub:
         with self._lock:
             if address not in self._channels:
                 limit = self._config.max_message_bytes
@@ -177,12 +190,12 @@ class GrpcSender(KVSender):
                     self._config.auth_token,
                     self._config.tls_ca_file,
                 )
-                self._channels[address] = (channel, kv_transfer_pb2_grpc.KVTransferStub(channel))
+                self._channels[address] = (channel, KVStub(channel))
             return self._channels[address][1]
 
     def _handshake(
         self,
-        stub: kv_transfer_pb2_grpc.KVTransferStub,
+        stub: KVStub,
         address: str,
         layout: KVLayout,
         deadline: float,
@@ -209,14 +222,14 @@ class GrpcSender(KVSender):
 
     def _push(
         self,
-        stub: kv_transfer_pb2_grpc.KVTransferStub,
+        stub: KVStub,
         messages: Iterator[Message],
         deadline: float,
         cancel: threading.Event,
     ) -> kv_transfer_pb2.PushReply:
         feeder = _Feeder(messages, cancel, hold_s=_remaining(deadline))
         try:
-            call = stub.Push.future(iter(feeder), timeout=_remaining(deadline))
+            call = stub.PushEncoded.future(iter(feeder), timeout=_remaining(deadline))
             reply: kv_transfer_pb2.PushReply = _await(call, cancel, feeder, "push")
             return reply
         finally:

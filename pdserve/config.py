@@ -168,6 +168,20 @@ class SecurityConfig(_Section):
         return self
 
 
+class MetricsConfig(_Section):
+    """Prometheus metrics: the router and every replica serve `/metrics` over HTTP."""
+
+    # Serve the endpoints (false: metrics are still counted, but nothing listens).
+    enabled: bool = True
+    # Interface the endpoints bind to; "0.0.0.0" lets a remote Prometheus scrape them.
+    host: str = Field(default="127.0.0.1", min_length=1)
+    # Port of the router's endpoint; 0 picks a free port.
+    router_port: int = Field(default=9400, ge=0, le=65535)
+    # Port of each replica's endpoint; 0 picks a free port per replica (a replica reports its
+    # address in its load report). A fixed port fits one replica per node only.
+    replica_port: int = Field(default=0, ge=0, le=65535)
+
+
 class TimeoutsConfig(_Section):
     # Deadline of a request whose client set none.
     default_deadline_s: float = Field(default=300.0, gt=0)
@@ -252,6 +266,7 @@ class PdserveConfig(_Section):
     reliability: ReliabilityConfig = ReliabilityConfig()
     faults: FaultsConfig = FaultsConfig()
     security: SecurityConfig = SecurityConfig()
+    metrics: MetricsConfig = MetricsConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")

@@ -156,6 +156,8 @@ class LoadReport:
     # Decode: forward steps run and tokens they produced (tokens > steps means batching).
     total_decode_steps: int = 0
     total_decode_tokens: int = 0
+    # "host:port" of the replica's Prometheus `/metrics` endpoint ("" when not served).
+    metrics_address: str = ""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import ray
 
 from pdserve.messages import PrefillRequest, decode, encode
+from pdserve.metrics import ReplicaMetrics
 from pdserve.replica_setup import decode_config, setup_replica_logging
 
 
@@ -29,7 +30,10 @@ class PrefillActor:
         pool = config.prefill
         engine = build_replica_engine(config.model, pool.kv_cache, pool.resources.torch_threads)
         self._engine = engine
-        self._worker = PrefillWorker(config, replica_id, engine)
+        metrics = ReplicaMetrics.start(
+            config.metrics, replica_id, "prefill", ray.util.get_node_ip_address()
+        )
+        self._worker = PrefillWorker(config, replica_id, engine, metrics)
         self._node_id = ray.get_runtime_context().get_node_id()
         self._epoch = uuid.uuid4().hex[:12]
 

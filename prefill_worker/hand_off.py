@@ -20,9 +20,10 @@ from engine.layer_progress import LayerProgress
 from kvtransfer import KVLayout, KVSender, TransferStats, make_sender
 from kvtransfer.base import FirstToken
 from pdserve.config import PdserveConfig
-from pdserve.errors import DeadlineExceeded, FailedPrecondition
+from pdserve.errors import DeadlineExceeded, FailedPrecondition, PdserveError, StatusCode
 from pdserve.faults import FaultInjector
 from pdserve.messages import PrefillEvent
+from pdserve.metrics import ReplicaMetrics
 from prefill_worker.job import PrefillJob
 
 
@@ -34,8 +35,10 @@ class KVHandOff:
         config: PdserveConfig,
         on_send_done: Callable[[PrefillJob], None],
         faults: FaultInjector,
+        metrics: ReplicaMetrics,
     ) -> None:
         self._senders: dict[str, KVSender] = {}
+        self._metrics = metrics
         self._faults = faults
         self._layout = layout
         self._kv_cache = kv_cache
@@ -87,9 +90,22 @@ class KVHandOff:
         )
 
     def _send_done(self, job: PrefillJob, task: asyncio.Future[TransferStats]) -> None:
-        if not task.cancelled():
-            task.exception()  # retrieved: finish() may never await a cancelled job's send
+        self._count_send(task)
         self._on_send_done(job)
+
+    def _count_send(self, task: asyncio.Future[TransferStats]) -> None:
+        """Counts the send's bytes or its failure. Retrieving the exception matters too:
+        finish() may never await an aborted job's send."""
+        if task.cancelled():
+            self._metrics.count_kv_transfer_failure(StatusCode.CANCELLED.value)
+            return
+        error = task.exception()
+        if error is None:
+            stats = task.result()
+            self._metrics.count_kv_sent(stats.transport, stats.num_bytes)
+            return
+        code = error.code if isinstance(error, PdserveError) else StatusCode.INTERNAL
+        self._metrics.count_kv_transfer_failure(code.value)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -44,6 +44,7 @@ from pdserve.config import PdserveConfig
 from pdserve.errors import Cancelled, DeadlineExceeded, Internal, PdserveError
 from pdserve.faults import FaultInjector
 from pdserve.messages import LoadReport, PrefillEvent, PrefillRequest
+from pdserve.metrics import ReplicaMetrics
 from prefill_worker.batcher import PrefillBatcher
 from prefill_worker.hand_off import KVHandOff
 from prefill_worker.job import FirstToken, PrefillJob
@@ -52,14 +53,21 @@ logger = logging.getLogger(__name__)
 
 
 class PrefillWorker:
-    def __init__(self, config: PdserveConfig, replica_id: str, engine: ReplicaEngine) -> None:
+    def __init__(
+        self,
+        config: PdserveConfig,
+        replica_id: str,
+        engine: ReplicaEngine,
+        metrics: ReplicaMetrics | None = None,
+    ) -> None:
         self.replica_id = replica_id
         self._config = config
         self._engine = engine
+        self._metrics = metrics or ReplicaMetrics(replica_id, "prefill")
         layout = KVLayout(**engine.kv_layout_fields())  # type: ignore[arg-type]
         self._faults = FaultInjector(config.faults, replica_id)
         self._hand_off = KVHandOff(
-            layout, engine.kv_cache, config, self._on_send_done, self._faults
+            layout, engine.kv_cache, config, self._on_send_done, self._faults, self._metrics
         )
         self._pipelining = config.kv_transfer.layer_pipelining
         # Forward passes get a thread of their own: pipelined sends wait on them.
@@ -117,14 +125,17 @@ class PrefillWorker:
 
     def load(self, node_id: str, pid: int, epoch: str = "") -> LoadReport:
         blocks = self._engine.block_manager
-        return LoadReport(
+        report = LoadReport(
             replica_id=self.replica_id, role="prefill", pid=pid, node_id=node_id,
             num_active_requests=len(self._jobs), num_waiting_requests=self._batcher.num_waiting,
             num_free_blocks=blocks.num_free_blocks, num_total_blocks=blocks.num_total_blocks,
             num_transfers=sum(1 for j in self._jobs.values() if j.sending),
             num_leases=blocks.num_owners, total_kv_bytes=self._hand_off.total_kv_bytes,
             total_requests=self._total_requests, epoch=epoch,
+            metrics_address=self._metrics.address,
         )
+        self._metrics.observe_load(report)
+        return report
 
     def _on_send_done(self, job: PrefillJob) -> None:
         job.sending = False
@@ -175,6 +186,9 @@ class PrefillWorker:
                 progress.fail(failure)
             token_ids = [failure] * len(batch)
         done_at = time.monotonic()
+        self._metrics.observe_prefill_pass(
+            len(batch), sum(job.num_prompt_tokens for job in batch), done_at - started
+        )
         for job, token in zip(batch, token_ids):
             job.in_forward = False
             job.forward_done_at = done_at

@@ -34,6 +34,7 @@ from pdserve.messages import (
     ReserveRequest,
     encode,
 )
+from pdserve.metrics import RouterMetrics
 from router.ray_calls import EventStream, call_message
 from router.replica_pool import DEAD, UNRESPONSIVE, Replica, ReplicaPool
 from router.validation import ValidatedRequest
@@ -77,8 +78,10 @@ class Attempt:
         previous_tokens: list[int],
         request_id: str,
         deadline: float,
+        metrics: RouterMetrics,
     ) -> None:
         self._config = config
+        self._metrics = metrics
         self._prefill_pool, self._decode_pool = pools
         self._eos_token_ids = eos_token_ids
         self._request = request
@@ -100,7 +103,8 @@ class Attempt:
         self._decode = await self._reserve()
         self._prefill = self._prefill_pool.by_least_loaded()[0]
         self._prefill.num_placed_since_report += 1
-        prefill = self._open(self._prefill, "prefill", PrefillEvent, self._prefill_request())
+        prefill_request = self._prefill_request()
+        prefill = self._open(self._prefill, "prefill", PrefillEvent, prefill_request)
         first: PrefillEvent = await self._next(prefill, self._prefill)
         self.report.timings.update(queue_s=first.queue_s, prefill_s=first.prefill_s)
         if first.finished:
@@ -109,7 +113,7 @@ class Attempt:
             return
         yield TokenEvent([first.token_id])
         decode = self._open(self._decode, "generate", DecodeEvent, self._decode_request())
-        handed_off: PrefillEvent = await self._next(prefill, self._prefill)
+        handed_off = await self._hand_off(prefill, prefill_request.kv_target.transport)
         self.report.timings["kv_transfer_s"] = handed_off.transfer_s
         self.report.kv_transport = handed_off.transport
         self.report.kv_bytes = handed_off.num_bytes
@@ -132,6 +136,17 @@ class Attempt:
                     replica.handle.abort.remote(self.transfer_id)
         self.report.prefill_replica = self._prefill.replica_id if self._prefill else ""
         self.report.decode_replica = self._decode.replica_id if self._decode else ""
+
+    async def _hand_off(self, prefill: EventStream, transport: str) -> PrefillEvent:
+        """Waits for prefill's `transferred` event; counts the hand-off or its failure."""
+        assert self._prefill is not None, "placed first"
+        try:
+            event: PrefillEvent = await self._next(prefill, self._prefill)
+        except PdserveError as exc:
+            self._metrics.count_kv_transfer_failure(transport, exc.code.value)
+            raise
+        self._metrics.observe_kv_transfer(event.transport, event.num_bytes, event.transfer_s)
+        return event
 
     def _first_token_reason(self, first: PrefillEvent) -> str:
         num_generated = len(self._previous) + 1

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from pdserve.config import PdserveConfig
 from pdserve.errors import Unavailable
+from pdserve.metrics import RouterMetrics
 from router.attempt import Attempt, AttemptReport, ReplicaLost
 from router.replica_pool import ReplicaPool
 from router.text_output import TextOutput
@@ -68,10 +69,12 @@ class RequestFlow:
         tokenizer: RouterTokenizer,
         prefill_pool: ReplicaPool,
         decode_pool: ReplicaPool,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self._config = config
         self._tokenizer = tokenizer
         self._pools = (prefill_pool, decode_pool)
+        self._metrics = metrics or RouterMetrics()
 
     async def run(self, request: ValidatedRequest, deadline: float) -> AsyncIterator[StreamChunk]:
         """Streams one request; raises a PdserveError on failure. `deadline` is wall-clock."""
@@ -81,10 +84,12 @@ class RequestFlow:
         sent: list[int] = []
         timings: dict[str, float] = {}
         num_retries = num_migrations = 0
+        timer = self._metrics.stream_timer(admitted_at)
         while True:
+            num_previous = len(sent)
             attempt = Attempt(
                 self._config, self._pools, self._tokenizer.eos_token_ids, request, sent,
-                request_id, deadline,
+                request_id, deadline, self._metrics,
             )
             tokens = attempt.tokens()
             try:
@@ -92,6 +97,8 @@ class RequestFlow:
                 async for event in tokens:
                     if not sent:
                         timings["time_to_first_token_s"] = time.monotonic() - admitted_at
+                    if event.token_ids:
+                        timer.tokens_sent(len(event.token_ids))
                     sent.extend(event.token_ids)
                     chunk = StreamChunk(event.token_ids, text.push(event.token_ids))
                     if chunk.token_ids or chunk.text:
@@ -104,10 +111,12 @@ class RequestFlow:
                 await self._refresh()
                 if not sent and num_retries < self._config.reliability.prefill_retries:
                     num_retries += 1
+                    self._metrics.count_retry()
                     logger.warning("request %s: %s; retrying", request_id, lost.message)
                     continue
                 if sent and self._may_migrate(num_migrations):
                     num_migrations += 1
+                    self._metrics.count_migration()
                     logger.warning(
                         "request %s: %s after %d tokens; migrating", request_id, lost.message,
                         len(sent),
@@ -118,6 +127,7 @@ class RequestFlow:
                 await tokens.aclose()
                 attempt.close()
             timings.update(report.timings, total_s=time.monotonic() - admitted_at)
+            self._metrics.observe_completion(timings, len(sent) - num_previous)
             completion = self._completion(
                 request_id, request, finish_reason, text, timings, report, num_migrations
             )

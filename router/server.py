@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pdserve.config import PdserveConfig
 from pdserve.errors import FailedPrecondition
 from pdserve.messages import ModelInfo
+from pdserve.metrics import RouterMetrics
 from router.auth import PublicSecurity, load_public_security
 from router.ray_calls import call_message
 from router.replica_pool import ReplicaPool
@@ -52,17 +53,22 @@ class Router:
         self._health = health.aio.HealthServicer()
         self.servicer: GenerationServicer | None = None
         self.port = 0
+        # Counted even when not served (`metrics.enabled: false`); `metrics.address` says where.
+        self.metrics = RouterMetrics()
 
     async def start(self) -> int:
         """Starts serving; returns the bound port. Raises FailedPrecondition when the pools
         serve different models."""
         model_info = await self._model_info()
         tokenizer = RouterTokenizer.from_model_info(model_info)
-        flow = RequestFlow(self._config, tokenizer, self.prefill_pool, self.decode_pool)
+        flow = RequestFlow(
+            self._config, tokenizer, self.prefill_pool, self.decode_pool, self.metrics
+        )
         self.servicer = GenerationServicer(
             self._config, tokenizer, flow, self.prefill_pool, self.decode_pool,
-            model_name=model_info.model, version=_pdserve_version(),
+            model_name=model_info.model, version=_pdserve_version(), metrics=self.metrics,
         )
+        self._serve_metrics()
         security = load_public_security(self._config.security)
         server = grpc.aio.server(
             interceptors=security.interceptors,
@@ -105,6 +111,7 @@ class Router:
             await self._server.stop(grace=1.0)
         for pool in (self.prefill_pool, self.decode_pool):
             await pool.stop()
+        await asyncio.to_thread(self.metrics.stop)
 
     async def _model_info(self) -> ModelInfo:
         infos = {}
@@ -122,6 +129,13 @@ class Router:
                     "their KV cannot be handed over"
                 )
         return reference
+
+    def _serve_metrics(self) -> None:
+        config = self._config.metrics
+        if not config.enabled:
+            return
+        address = self.metrics.serve(config.host, config.router_port, "metrics.router_port")
+        logger.info("router metrics on http://%s/metrics", address)
 
     def _schedule_health_update(self) -> None:
         asyncio.get_running_loop().create_task(self._update_health())

@@ -16,6 +16,7 @@ import grpc
 
 from pdserve.config import PdserveConfig
 from pdserve.errors import PdserveError, ResourceExhausted, Unavailable
+from pdserve.metrics import RouterMetrics
 from pdserve.v1 import pdserve_pb2
 from router.replica_pool import ReplicaPool
 from router.request_codec import InvalidRequestBytes, generate_request_deserializer
@@ -48,6 +49,7 @@ class GenerationServicer:
         decode_pool: ReplicaPool,
         model_name: str,
         version: str,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self._config = config
         self._tokenizer = tokenizer
@@ -60,6 +62,8 @@ class GenerationServicer:
             config.model.max_context_tokens, tokenizer.max_context_tokens
         )
         self.num_inflight = 0
+        self._metrics = metrics or RouterMetrics()
+        self._metrics.watch_inflight(lambda: self.num_inflight)
         # Set by `drain()`: new requests are refused, in-flight ones finish.
         self._draining = False
         self._idle = asyncio.Event()
@@ -90,6 +94,8 @@ class GenerationServicer:
         request: pdserve_pb2.GenerateRequest | InvalidRequestBytes,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
+        # Unless set below, the call ended because the client went away (grpc cancelled it).
+        outcome = "CANCELLED"
         try:
             if isinstance(request, InvalidRequestBytes):
                 raise request.to_error()
@@ -107,12 +113,19 @@ class GenerationServicer:
             try:
                 async for chunk in self._flow.run(validated, self._deadline(context)):
                     yield _to_proto(chunk)
+                outcome = "OK"
             finally:
                 self.num_inflight -= 1
                 if not self.num_inflight:
                     self._idle.set()
         except PdserveError as exc:
+            outcome = exc.code.value
             await abort_with(context, exc)
+        except Exception:
+            outcome = "UNKNOWN"  # what grpc reports for an unexpected exception
+            raise
+        finally:
+            self._metrics.count_request(outcome)
 
     async def drain(self, grace_s: float) -> bool:
         """Refuses new requests and waits up to `grace_s` for in-flight ones to finish.

@@ -60,6 +60,7 @@ def test_serve_generate_info_and_ctrl_c(tmp_path: Path) -> None:
     config_path.write_text(yaml.safe_dump({
         "ray": {"num_cpus": 4},
         "router": {"port": port},
+        "metrics": {"router_port": 0},
         "prefill": {"kv_cache": {"memory_mb": 64}},
         "decode": {"kv_cache": {"memory_mb": 64}},
     }))

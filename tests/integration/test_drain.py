@@ -40,9 +40,9 @@ def test_stop_drains_streams_in_flight(ray_cluster: None, tiny_model_dir: Path) 
     stopper = threading.Thread(target=service.stop)
     stopper.start()
     assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
-    with GenerationClient(service.address, timeout_s=30) as late_client:
-        with pytest.raises(grpc.RpcError) as caught:
-            collect(late_client.generate([5, 6, 7], max_tokens=4))
+    late_client = GenerationClient(service.address, timeout_s=30)
+    with late_client, pytest.raises(grpc.RpcError) as caught:
+        collect(late_client.generate([5, 6, 7], max_tokens=4))
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "shutting down" in caught.value.details()
     rest = collect(stream)

@@ -92,7 +92,11 @@ def test_multinode_example() -> None:
 @pytest.mark.parametrize(
     ("raw", "key", "valid"),
     [
-        ({"modle": {}}, "modle", "decode, faults, kv_transfer, limits, log_level, mode, model"),
+        (
+            {"modle": {}},
+            "modle",
+            "decode, faults, kv_transfer, limits, log_level, metrics, mode, model",
+        ),
         ({"decode": {"replica": 2}}, "decode.replica", "kv_cache, max_batch_size, replicas"),
         (
             {"prefill": {"resources": {"gpus": 1}}},

@@ -100,6 +100,7 @@ MESSAGES: list[Any] = [
         epoch="epoch-1",
         total_decode_steps=6,
         total_decode_tokens=7,
+        metrics_address="127.0.0.1:9401",
     ),
     ModelInfo(
         model="tiny",

@@ -1,0 +1,138 @@
+"""What one replica measures: its load, its forward passes, and the KV it moves.
+
+Created by the replica's actor (which serves it when `metrics.enabled`) and handed to the
+worker, which passes it on to its batch loop and KV hand-off. Every series carries the
+replica's `replica` and `role` labels; the KV counters add `transport` or `status`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from pdserve.config import MetricsConfig
+from pdserve.messages import LoadReport
+from pdserve.metrics.buckets import BATCH_SIZES, BATCH_TOKENS, REQUEST_SECONDS, TOKEN_SECONDS
+from pdserve.metrics.endpoint import MetricsEndpoint
+
+_REPLICA = ["replica", "role"]
+
+
+class ReplicaMetrics(MetricsEndpoint):
+    """One replica's metrics. Recording methods never block and are thread-safe; the worker's
+    event loop calls them (a replica built without one, as in unit tests, gets an unserved
+    instance)."""
+
+    def __init__(self, replica_id: str, role: str) -> None:
+        super().__init__()
+        self._labels = (replica_id, role)
+        registry = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, _REPLICA, registry=registry)
+
+        self.active_requests = gauge(
+            "pdserve_replica_active_requests", "Requests on the replica, at any stage."
+        )
+        self.waiting_requests = gauge(
+            "pdserve_replica_waiting_requests",
+            "Prefill: prompts queued for a pass. Decode: reservations waiting for their KV.",
+        )
+        self.running_sequences = gauge(
+            "pdserve_replica_running_sequences",
+            "Requests past waiting. Decode: in the running batch. Prefill: in a pass or "
+            "handing off KV.",
+        )
+        self.kv_blocks_used = gauge("pdserve_replica_kv_blocks_used", "KV cache blocks in use.")
+        self.kv_blocks_total = gauge("pdserve_replica_kv_blocks_total", "KV cache blocks.")
+        self.kv_transfers_in_flight = gauge(
+            "pdserve_replica_kv_transfers_in_flight",
+            "KV transfers in progress (sending on prefill, receiving on decode).",
+        )
+        self.prefill_batch_size = Histogram(
+            "pdserve_prefill_batch_size", "Prompts in one prefill pass.",
+            _REPLICA, registry=registry, buckets=BATCH_SIZES,
+        )
+        self.prefill_batch_tokens = Histogram(
+            "pdserve_prefill_batch_tokens", "Prompt tokens in one prefill pass.",
+            _REPLICA, registry=registry, buckets=BATCH_TOKENS,
+        )
+        self.prefill_pass_duration = Histogram(
+            "pdserve_prefill_pass_duration_seconds",
+            "One batched prefill forward pass, sampling included.",
+            _REPLICA, registry=registry, buckets=REQUEST_SECONDS,
+        )
+        self.decode_batch_size = Histogram(
+            "pdserve_decode_batch_size", "Sequences in one decode step.",
+            _REPLICA, registry=registry, buckets=BATCH_SIZES,
+        )
+        self.decode_step_duration = Histogram(
+            "pdserve_decode_step_duration_seconds",
+            "One batched decode step (forward and sampling).",
+            _REPLICA, registry=registry, buckets=TOKEN_SECONDS,
+        )
+        self.kv_sent_bytes = Counter(
+            "pdserve_replica_kv_sent_bytes_total",
+            "KV bytes of acknowledged sends (prefill), by the transport that carried them.",
+            [*_REPLICA, "transport"], registry=registry,
+        )
+        self.kv_received_bytes = Counter(
+            "pdserve_replica_kv_received_bytes_total",
+            "KV bytes of completed receives (decode), by the receiver's transport; `auto` "
+            "receivers take grpc and shm pushes alike (the prefill side and the router say "
+            "which one ran).",
+            [*_REPLICA, "transport"], registry=registry,
+        )
+        self.kv_transfer_failures = Counter(
+            "pdserve_replica_kv_transfer_failures_total",
+            "KV sends (prefill) or receives (decode) that failed, by status code name.",
+            [*_REPLICA, "status"], registry=registry,
+        )
+        self.prefix_cache_hits = Counter(
+            "pdserve_prefix_cache_hits_total",
+            "Prompt tokens served from a prefix cache. Always 0: prefix caching is not "
+            "implemented yet.",
+            _REPLICA, registry=registry,
+        )
+        self.prefix_cache_hits.labels(*self._labels)  # exported at 0 so dashboards find it
+
+    @classmethod
+    def start(
+        cls, config: MetricsConfig, replica_id: str, role: str, node_ip: str
+    ) -> ReplicaMetrics:
+        """The replica's metrics, served on `config.replica_port` when `config.enabled`.
+        Called once by the actor; raises FailedPrecondition when the port is taken."""
+        metrics = cls(replica_id, role)
+        if config.enabled:
+            metrics.serve(config.host, config.replica_port, "metrics.replica_port", node_ip)
+        return metrics
+
+    def observe_load(self, report: LoadReport) -> None:
+        """Sets the gauges from the load report the router polls (so they lag by at most
+        one poll interval). Called on the replica's event loop."""
+        labels = self._labels
+        self.active_requests.labels(*labels).set(report.num_active_requests)
+        self.waiting_requests.labels(*labels).set(report.num_waiting_requests)
+        self.running_sequences.labels(*labels).set(
+            report.num_active_requests - report.num_waiting_requests
+        )
+        self.kv_blocks_used.labels(*labels).set(report.num_total_blocks - report.num_free_blocks)
+        self.kv_blocks_total.labels(*labels).set(report.num_total_blocks)
+        self.kv_transfers_in_flight.labels(*labels).set(report.num_transfers)
+
+    def observe_prefill_pass(self, num_requests: int, num_tokens: int, seconds: float) -> None:
+        self.prefill_batch_size.labels(*self._labels).observe(num_requests)
+        self.prefill_batch_tokens.labels(*self._labels).observe(num_tokens)
+        self.prefill_pass_duration.labels(*self._labels).observe(seconds)
+
+    def observe_decode_step(self, num_seqs: int, seconds: float) -> None:
+        self.decode_batch_size.labels(*self._labels).observe(num_seqs)
+        self.decode_step_duration.labels(*self._labels).observe(seconds)
+
+    def count_kv_sent(self, transport: str, num_bytes: int) -> None:
+        self.kv_sent_bytes.labels(*self._labels, transport).inc(num_bytes)
+
+    def count_kv_received(self, transport: str, num_bytes: int) -> None:
+        self.kv_received_bytes.labels(*self._labels, transport).inc(num_bytes)
+
+    def count_kv_transfer_failure(self, status: str) -> None:
+        self.kv_transfer_failures.labels(*self._labels, status).inc()
