@@ -216,10 +216,11 @@ class DecodeWorker:
             return
         assert result.error is not None, "a failed transfer carries its error"
         seq.kv_ready.set_exception(error_from_info(result.error))
+        # Marked retrieved: a waiting generate() still gets it; nobody else must log it.
+        seq.kv_ready.exception()
         if seq.request is None:
             # Nobody waits yet. The receiver is done with the blocks: free them now; the record
             # stays (its error for a later generate) until abort or expiry removes it.
-            seq.kv_ready.exception()  # marks it retrieved
             self._engine.block_manager.free(seq.transfer_id)
 
     def _on_done(self, seq: DecodeSequence) -> None:

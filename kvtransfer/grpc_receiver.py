@@ -10,13 +10,12 @@ per push for the chunks that arrive over a pair group.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from typing import Protocol
 
 import grpc
 
-from kvtransfer.base import KVReceiver, KVSink, TransferResult
 from kvtransfer.errors import (
     TransferCancelled,
     TransferDeadlineExceeded,
@@ -27,7 +26,7 @@ from kvtransfer.grpc_codec import grpc_status, layout_from_proto, message_from_p
 from kvtransfer.layout import KVLayout
 from kvtransfer.peer_auth import bind, server_interceptors
 from kvtransfer.receive_session import GroupChannel, ReceiveSession
-from kvtransfer.transfer_table import Expectation, TransferTable
+from kvtransfer.transfer_table import TableReceiver, TransferTable
 from pdserve.config import KVTransferConfig
 from pdserve.internal.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
 
@@ -146,7 +145,7 @@ def _broken_stream_error(context: grpc.ServicerContext) -> TransferError:
                              "receiver cancelled the transfer)")
 
 
-class GrpcReceiver(KVReceiver):
+class GrpcReceiver(TableReceiver):
     """KVReceiver serving KVTransfer on `config.host`, on a port picked by the OS.
 
     With `allow_shm` it also takes chunks whose bytes lie in a same-node shared-memory segment
@@ -158,7 +157,7 @@ class GrpcReceiver(KVReceiver):
         self._layout = layout
         self._config = config
         self._allow_shm = allow_shm
-        self._table = TransferTable()
+        super().__init__()
         self._server: grpc.Server | None = None
         self._address = ""
 
@@ -207,22 +206,3 @@ class GrpcReceiver(KVReceiver):
         if self._server is not None:
             self._server.stop(grace=None).wait()
 
-    def expect(
-        self,
-        transfer_id: str,
-        num_tokens: int,
-        sink: KVSink,
-        on_done: Callable[[TransferResult], None],
-    ) -> None:
-        self._table.expect(Expectation(transfer_id, num_tokens, sink, on_done))
-
-    def cancel(self, transfer_id: str) -> None:
-        self._table.cancel(transfer_id)
-
-    @property
-    def num_pending(self) -> int:
-        return self._table.num_pending
-
-    @property
-    def total_bytes_received(self) -> int:
-        return self._table.num_bytes_written

@@ -20,14 +20,14 @@ from kvtransfer.base import FirstToken, KVSender, KVSource, TransferStats
 from kvtransfer.errors import TransferCancelled, TransferError, as_transfer_error
 from kvtransfer.faults import ChunkFault
 from kvtransfer.grpc_codec import encode_message, error_from_rpc
-from kvtransfer.layout import ChunkSpec, KVLayout, plan_chunks
+from kvtransfer.layout import ChunkSpec, KVLayout
 from kvtransfer.peer_auth import secure_channel
 from kvtransfer.shm_segment import ShmSegmentWriter
 from kvtransfer.stream import (
     Header,
     Message,
+    begin_send,
     check_acknowledged,
-    check_chunks_fit,
     outgoing_messages,
     via_shm,
 )
@@ -119,12 +119,9 @@ class GrpcSender(KVSender):
         fault: ChunkFault | None = None,
     ) -> TransferStats:
         start = time.monotonic()
-        deadline = start + (self._config.timeout_s if timeout_s is None else timeout_s)
-        cancel = cancel if cancel is not None else threading.Event()
-        chunks = plan_chunks(layout, num_tokens, self._config.chunk_bytes)
-        check_chunks_fit(layout, chunks, self._config.max_message_bytes)
-        if cancel.is_set():
-            raise TransferCancelled(f"transfer {transfer_id} was cancelled before it started")
+        deadline, cancel, chunks = begin_send(
+            self._config, transfer_id, layout, num_tokens, cancel, timeout_s
+        )
         stub = self._stub(address)
         try:
             group_store = self._handshake(stub, address, layout, deadline, cancel)

@@ -12,15 +12,12 @@ import dataclasses
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from kvtransfer.base import (
     FirstToken,
-    KVReceiver,
     KVSender,
-    KVSink,
     KVSource,
-    TransferResult,
     TransferStats,
 )
 from kvtransfer.errors import (
@@ -32,17 +29,17 @@ from kvtransfer.errors import (
 )
 from kvtransfer.faults import ChunkFault
 from kvtransfer.inproc_pipe import Pipe, PushCall
-from kvtransfer.layout import KVLayout, plan_chunks
+from kvtransfer.layout import KVLayout
 from kvtransfer.receive_session import ReceiveSession
 from kvtransfer.stream import (
     Chunk,
     Header,
     Message,
+    begin_send,
     check_acknowledged,
-    check_chunks_fit,
     outgoing_messages,
 )
-from kvtransfer.transfer_table import Expectation, TransferTable
+from kvtransfer.transfer_table import TableReceiver
 from pdserve.config import KVTransferConfig
 
 # How often a waiting sender looks at its cancel event and deadline.
@@ -78,12 +75,12 @@ class _Registry:
 _REGISTRY = _Registry()
 
 
-class InprocReceiver(KVReceiver):
+class InprocReceiver(TableReceiver):
     transport = "inproc"
 
     def __init__(self, layout: KVLayout, config: KVTransferConfig) -> None:
         self.layout = layout
-        self._table = TransferTable()
+        super().__init__()
         self._address = ""
         self._threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
@@ -106,25 +103,6 @@ class InprocReceiver(KVReceiver):
         for thread in threads:
             thread.join(_STOP_JOIN_S)
 
-    def expect(
-        self,
-        transfer_id: str,
-        num_tokens: int,
-        sink: KVSink,
-        on_done: Callable[[TransferResult], None],
-    ) -> None:
-        self._table.expect(Expectation(transfer_id, num_tokens, sink, on_done))
-
-    def cancel(self, transfer_id: str) -> None:
-        self._table.cancel(transfer_id)
-
-    @property
-    def num_pending(self) -> int:
-        return self._table.num_pending
-
-    @property
-    def total_bytes_received(self) -> int:
-        return self._table.num_bytes_written
 
     def accept(self, pipe: Pipe) -> PushCall:
         """Starts a receiver thread for one push. Called by InprocSender."""
@@ -177,12 +155,9 @@ class InprocSender(KVSender):
         fault: ChunkFault | None = None,
     ) -> TransferStats:
         start = time.monotonic()
-        deadline = start + (self._config.timeout_s if timeout_s is None else timeout_s)
-        cancel = cancel if cancel is not None else threading.Event()
-        chunks = plan_chunks(layout, num_tokens, self._config.chunk_bytes)
-        check_chunks_fit(layout, chunks, self._config.max_message_bytes)
-        if cancel.is_set():
-            raise TransferCancelled(f"transfer {transfer_id} was cancelled before it started")
+        deadline, cancel, chunks = begin_send(
+            self._config, transfer_id, layout, num_tokens, cancel, timeout_s
+        )
         receiver = _REGISTRY.lookup(address)
         mismatch = layout.mismatch(receiver.layout)
         if mismatch is not None:

@@ -14,6 +14,7 @@ import mmap
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,30 @@ class ShmRef:
     length: int
 
 
+# A segment untouched this long belongs to a transfer whose both ends died: remove it.
+STALE_SEGMENT_AGE_S = 600.0
+_SWEEP_EVERY_S = 60.0
+_last_sweep = 0.0
+
+
+def sweep_stale_segments(force: bool = False) -> int:
+    """Unlinks transfer segments older than STALE_SEGMENT_AGE_S (at most once a minute per
+    process unless `force`); returns how many. The one path the two ends cannot clean: both
+    died mid-transfer."""
+    global _last_sweep
+    now = time.time()
+    if not force and now - _last_sweep < _SWEEP_EVERY_S:
+        return 0
+    _last_sweep = now
+    removed = 0
+    for path in SHM_DIR.glob("pdkv-*"):
+        with contextlib.suppress(FileNotFoundError):
+            if now - path.stat().st_mtime > STALE_SEGMENT_AGE_S:
+                path.unlink()
+                removed += 1
+    return removed
+
+
 def shm_available() -> bool:
     return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
 
@@ -42,6 +67,7 @@ class ShmSegmentWriter:
     def __init__(self, transfer_id: str, num_bytes: int) -> None:
         if not shm_available():
             raise TransferUnavailable(f"the shm transport needs a writable {SHM_DIR}")
+        sweep_stale_segments()
         self.name = f"pdkv-{transfer_id}-{secrets.token_hex(4)}"
         if not _NAME_RE.match(self.name):
             raise TransferDataLoss(f"transfer id {transfer_id!r} cannot name a segment")

@@ -7,6 +7,8 @@ inproc passes them as they are.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -14,13 +16,15 @@ from typing import TYPE_CHECKING
 from kvtransfer.base import FirstToken, KVSource
 from kvtransfer.checksum import checksum
 from kvtransfer.errors import (
+    TransferCancelled,
     TransferDataLoss,
     TransferFailedPrecondition,
     TransferInternal,
     as_transfer_error,
 )
-from kvtransfer.layout import ChunkSpec, KVLayout
+from kvtransfer.layout import ChunkSpec, KVLayout, plan_chunks
 from kvtransfer.shm_segment import ShmRef, ShmSegmentWriter
+from pdserve.config import KVTransferConfig
 
 if TYPE_CHECKING:
     from kvtransfer.faults import ChunkFault
@@ -142,3 +146,22 @@ def via_shm(messages: Iterator[Message], writer: ShmSegmentWriter) -> Iterator[M
             ref = writer.append(message.data)
             message = Chunk(spec=message.spec, crc32c=message.crc32c, data=b"", shm=ref)
         yield message
+
+
+def begin_send(
+    config: KVTransferConfig,
+    transfer_id: str,
+    layout: KVLayout,
+    num_tokens: int,
+    cancel: threading.Event | None,
+    timeout_s: float | None,
+) -> tuple[float, threading.Event, list[ChunkSpec]]:
+    """What every sender does first: the deadline (monotonic), a cancel event, and the chunk
+    plan checked against the message limit. Raises CANCELLED if already cancelled."""
+    deadline = time.monotonic() + (config.timeout_s if timeout_s is None else timeout_s)
+    cancel = cancel if cancel is not None else threading.Event()
+    chunks = plan_chunks(layout, num_tokens, config.chunk_bytes)
+    check_chunks_fit(layout, chunks, config.max_message_bytes)
+    if cancel.is_set():
+        raise TransferCancelled(f"transfer {transfer_id} was cancelled before it started")
+    return deadline, cancel, chunks

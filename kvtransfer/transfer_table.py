@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvtransfer.base import KVSink, TransferResult
+from kvtransfer.base import KVReceiver, KVSink, TransferResult
 from kvtransfer.errors import (
     TransferCancelled,
     TransferError,
@@ -173,3 +173,31 @@ def _report(expectation: Expectation, result: TransferResult) -> None:
         expectation.on_done(result)
     except Exception:
         logger.exception("on_done of transfer %s raised", expectation.transfer_id)
+
+
+class TableReceiver(KVReceiver):
+    """The bookkeeping half of a receiver, shared by every transport: `expect`, `cancel` and
+    the counters work on the transfer table; subclasses add serving (start/stop/address)."""
+
+    def __init__(self) -> None:
+        self._table = TransferTable()
+
+    def expect(
+        self,
+        transfer_id: str,
+        num_tokens: int,
+        sink: KVSink,
+        on_done: Callable[[TransferResult], None],
+    ) -> None:
+        self._table.expect(Expectation(transfer_id, num_tokens, sink, on_done))
+
+    def cancel(self, transfer_id: str) -> None:
+        self._table.cancel(transfer_id)
+
+    @property
+    def num_pending(self) -> int:
+        return self._table.num_pending
+
+    @property
+    def total_bytes_received(self) -> int:
+        return self._table.num_bytes_written

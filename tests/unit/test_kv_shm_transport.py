@@ -3,13 +3,22 @@ segment is gone after every outcome, and a receiver refuses segments it should n
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kvtransfer import KVReceiver, TransferError, make_receiver, make_sender
-from kvtransfer.shm_segment import SHM_DIR, ShmRef, ShmSegmentReader, ShmSegmentWriter
+from kvtransfer.shm_segment import (
+    SHM_DIR,
+    STALE_SEGMENT_AGE_S,
+    ShmRef,
+    ShmSegmentReader,
+    ShmSegmentWriter,
+    sweep_stale_segments,
+)
 from pdserve.errors import StatusCode
 from tests.unit.test_kv_grpc_transport import (
     CONFIG,
@@ -22,8 +31,9 @@ from tests.unit.test_kv_grpc_transport import (
 )
 
 
-def segments() -> set[Path]:
-    return set(SHM_DIR.glob("pdkv-*"))
+def segments(transfer_id: str) -> set[Path]:
+    """This test's segments (other processes on the machine may be moving KV too)."""
+    return set(SHM_DIR.glob(f"pdkv-{transfer_id}-*"))
 
 
 @pytest.fixture
@@ -35,7 +45,6 @@ def receiver() -> Iterator[KVReceiver]:
 
 
 def test_shm_round_trip_leaves_no_segment(receiver: KVReceiver) -> None:
-    before = segments()
     sender = make_sender("shm", CONFIG)
     source, sink, done = ArraySource(LAYOUT, NUM_TOKENS), ArraySink(LAYOUT, NUM_TOKENS), \
         DoneRecorder()
@@ -44,18 +53,17 @@ def test_shm_round_trip_leaves_no_segment(receiver: KVReceiver) -> None:
     assert stats.transport == "shm"  # type: ignore[attr-defined]
     assert done.wait().ok
     assert (sink.keys == source.keys).all() and (sink.values == source.values).all()
-    assert segments() == before
+    assert not segments("t1")
     sender.close()
 
 
 def test_failed_shm_transfer_leaves_no_segment(receiver: KVReceiver) -> None:
-    before = segments()
     sender = make_sender("shm", CONFIG)
     receiver.expect("t2", NUM_TOKENS + 1, ArraySink(LAYOUT, NUM_TOKENS + 1), DoneRecorder())
     with pytest.raises(TransferError) as caught:
         send(sender, receiver, "t2", ArraySource(LAYOUT, NUM_TOKENS))
     assert caught.value.code is StatusCode.FAILED_PRECONDITION
-    assert segments() == before
+    assert not segments("t2")
     receiver.cancel("t2")
     sender.close()
 
@@ -95,3 +103,17 @@ def test_reader_refuses_foreign_missing_and_resized_segments() -> None:
         writer.close()
     with pytest.raises(TransferError, match="cannot open"):
         ShmSegmentReader("abc", size).view(ref)
+
+
+def test_stale_segments_of_dead_transfers_are_swept() -> None:
+    stale = ShmSegmentWriter("stale", 64)
+    fresh = ShmSegmentWriter("fresh", 64)
+    try:
+        old = time.time() - STALE_SEGMENT_AGE_S - 5
+        os.utime(SHM_DIR / stale.name, (old, old))
+        assert sweep_stale_segments(force=True) >= 1
+        assert not (SHM_DIR / stale.name).exists()
+        assert (SHM_DIR / fresh.name).exists()
+    finally:
+        stale.close()
+        fresh.close()
