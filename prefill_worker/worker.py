@@ -114,6 +114,7 @@ class PrefillWorker:
         self._batcher.remove(job)
         if not job.first_token.done():
             job.first_token.set_exception(Cancelled(f"transfer {transfer_id} aborted"))
+            job.first_token.exception()  # retrieved: prefill() may already be gone
         return True
 
     def close(self) -> None:
@@ -233,6 +234,7 @@ class PrefillWorker:
             return  # aborted while its pass ran
         if isinstance(token, PdserveError):
             job.first_token.set_exception(token)
+            job.first_token.exception()  # retrieved: prefill() may already be gone
             return
         job.first_token.set_result(
             FirstToken(token, reason, queue_s=started - job.enqueued_at, prefill_s=prefill_s)
