@@ -83,14 +83,14 @@ class DecodeWorker:
         """Reserves blocks for one request and arms the KV receiver for its transfer."""
         blocks = self._engine.block_manager
         if request.transfer_id in self._sequences:
-            error = FailedPrecondition(f"transfer id {request.transfer_id} is already reserved")
-            return ReserveReply(ok=False, error=error.to_info())
+            duplicate = FailedPrecondition(f"transfer id {request.transfer_id} is already reserved")
+            return ReserveReply(ok=False, error=duplicate.to_info())
         if request.num_prompt_tokens < 1 or request.max_tokens < 1:
-            error = InvalidArgument(
+            impossible = InvalidArgument(
                 "reserve", f"{request.num_prompt_tokens} prompt tokens and "
                 f"{request.max_tokens} max_tokens cannot be served",
             )
-            return ReserveReply(ok=False, error=error.to_info())
+            return ReserveReply(ok=False, error=impossible.to_info())
         num_slots = request.num_prompt_tokens + request.max_tokens
         try:
             block_table = blocks.allocate(request.transfer_id, num_slots)

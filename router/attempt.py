@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import Any
 
 from pdserve.config import PdserveConfig
 from pdserve.errors import (
@@ -98,7 +99,7 @@ class Attempt:
         self._placed_epochs: dict[str, str] = {}
         self._finished = False
 
-    async def tokens(self) -> AsyncIterator[TokenEvent]:
+    async def tokens(self) -> AsyncGenerator[TokenEvent, None]:
         """Yields new tokens; the last event carries a finish reason."""
         self._decode = await self._reserve()
         self._prefill = self._prefill_pool.by_least_loaded()[0]
@@ -152,7 +153,7 @@ class Attempt:
         num_generated = len(self._previous) + 1
         return "length" if num_generated >= self._request.sampling.max_tokens else "stop"
 
-    async def _next(self, stream: EventStream, replica: Replica) -> object:
+    async def _next(self, stream: EventStream, replica: Replica) -> Any:
         """The stream's next event; raises its error, or ReplicaLost when the replica died or
         stopped answering the router's polls while the stream waited."""
         stall_check_s = max(0.2, 2 * self._config.timeouts.load_poll_interval_s)
