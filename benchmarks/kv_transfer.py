@@ -43,8 +43,9 @@ from pdserve.config import KVTransferConfig
 
 # Transports that live in one process by design.
 IN_PROCESS_TRANSPORTS = frozenset({"inproc"})
-# Transports that cannot run without a GPU.
-GPU_TRANSPORTS = frozenset({"nccl", "nixl", "cuda_ipc"})
+# Transports that cannot run without a GPU ("nccl" can: on a CPU it runs torch.distributed's
+# gloo backend, and reports so in every TransferStats.transport).
+GPU_TRANSPORTS = frozenset({"nixl", "cuda_ipc"})
 SERVICE_PROMPT_TOKENS = 1024
 
 

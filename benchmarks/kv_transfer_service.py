@@ -41,7 +41,9 @@ def service_config(
         "model": {"source": EMBEDDED_MODEL, "dtype": "float32",
                   "max_context_tokens": max(2048, 2 * num_prompt_tokens)},
         "ray": {"num_cpus": 4, "namespace": "pdserve-bench"},
-        "prefill": {"replicas": 1, "resources": replica, "kv_cache": kv_cache},
+        # The same prompt is sent again and again: a prefix-cache hit would skip the pass.
+        "prefill": {"replicas": 1, "resources": replica, "kv_cache": kv_cache,
+                    "prefix_caching": False},
         "decode": {"replicas": 1, "resources": replica, "kv_cache": kv_cache},
         "kv_transfer": {"transport": transport, "layer_pipelining": layer_pipelining},
         "router": {"host": "127.0.0.1", "port": 0},

@@ -45,6 +45,7 @@ from pdserve.errors import (
     error_from_info,
 )
 from pdserve.faults import FaultInjector
+from pdserve.futures import fail_future
 from pdserve.messages import DecodeEvent, DecodeRequest, LoadReport, ReserveReply, ReserveRequest
 from pdserve.metrics import ReplicaMetrics
 
@@ -174,7 +175,7 @@ class DecodeWorker:
             self._release(seq)  # no generate() will come to clean up
             return True
         if not seq.kv_ready.done():
-            seq.kv_ready.set_exception(Cancelled(f"transfer {transfer_id} aborted"))
+            fail_future(seq.kv_ready, Cancelled(f"transfer {transfer_id} aborted"))
         if seq.state is SequenceState.RUNNING:
             seq.events.put_nowait(DecodeEvent(error=Cancelled("aborted").to_info()))
         return True
@@ -215,9 +216,7 @@ class DecodeWorker:
             seq.kv_ready.set_result(result.first_token_id)
             return
         assert result.error is not None, "a failed transfer carries its error"
-        seq.kv_ready.set_exception(error_from_info(result.error))
-        # Marked retrieved: a waiting generate() still gets it; nobody else must log it.
-        seq.kv_ready.exception()
+        fail_future(seq.kv_ready, error_from_info(result.error))
         if seq.request is None:
             # Nobody waits yet. The receiver is done with the blocks: free them now; the record
             # stays (its error for a later generate) until abort or expiry removes it.

@@ -9,49 +9,72 @@ to the attention function of every layer. For each layer the function:
 1. writes the new tokens' keys/values (already rotary-embedded) into their cache slots;
 2. computes each sequence's attention over its cached + new tokens.
 
-Prefill sequences with nothing cached attend over their own new tokens (causal); decode
-sequences (one new token each) are batched: their contexts are gathered from the cache into a
-padded `[batch, max_context, heads, dim]` tensor with a padding mask.
+Sequences with one new token (decode steps, and the last one-token chunk of a prompt) are
+attended together: their contexts are gathered from the cache into a padded
+`[rows, max_context, kv_heads, dim]` batch (one `index_select` per layer, with slot indices
+built once per forward pass) and masked. Sequences with several new tokens (prefill chunks)
+are attended one by one: causally over their own tokens, or over their cached prefix + new
+tokens. A batch may mix both kinds (colocated replicas run prefill chunks beside decode
+tokens); each token's output lands in its packed position.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from engine.kv_cache import PagedKVCache
+from engine.kv_cache import GatherBuffers, PagedKVCache
 
 ATTENTION_NAME = "pdserve_paged"
 
 
+@dataclass(frozen=True)
+class DecodeRows:
+    """Sequences with exactly one new token, attended as one padded batch."""
+
+    # [num_rows]: packed positions of their tokens; None when they are the whole batch, in order.
+    rows: torch.Tensor | None
+    # [num_rows * max_context]: slots of every row's whole context (row-major). Padding
+    # positions repeat one of the row's own slots and are masked out.
+    context_slots: torch.Tensor
+    num_rows: int
+    max_context: int
+    # [num_rows, 1, 1, max_context] additive mask (0 real, -inf padding) in the model dtype;
+    # None when every row's context is max_context long.
+    mask: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class PrefillRows:
+    """One sequence with several new tokens, at packed positions [start, start + num_tokens)."""
+
+    start: int
+    num_tokens: int
+    num_cached_tokens: int
+    # With cached tokens: slots of the whole context [0, num_cached + num_tokens) and the
+    # [num_tokens, context] causal mask; None when nothing is cached (plain causal attention).
+    context_slots: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
 @dataclass
 class AttentionMetadata:
-    """Where the batch's tokens are and where their KV goes; built per forward pass."""
+    """Where the batch's tokens are and where their KV goes; built once per forward pass and
+    read by every layer."""
 
     kv_cache: PagedKVCache
     # [total_new_tokens]: cache slot of every new token, in packed order.
     slot_mapping: torch.Tensor
-    # Per sequence: offsets of its new tokens in the packed row, and its cached-token count.
-    query_starts: list[int]
-    query_lens: list[int]
-    num_cached_tokens: list[int]
-    # Decode batches only (every query_len == 1): [batch, max_context] slots of each
-    # sequence's whole context (padding slots point at slot 0) and the [batch, 1, 1, max_context]
-    # mask of real positions.
-    context_slots: torch.Tensor | None = None
-    context_mask: torch.Tensor | None = None
-    # Prefill sequences with cached tokens: slots of their whole context (else None).
-    prefix_context_slots: list[torch.Tensor | None] | None = None
+    decode: DecodeRows | None = None
+    prefills: list[PrefillRows] = field(default_factory=list)
+    # Where layers gather contexts into (reused across layers); None = fresh tensors.
+    gather_buffers: GatherBuffers | None = None
     # Told each layer whose new KV is in the cache (layer-pipelined KV sends wait on it).
     on_layer_written: Callable[[int], None] | None = None
-
-    @property
-    def is_decode(self) -> bool:
-        return self.context_slots is not None
 
 
 def paged_attention(
@@ -75,80 +98,86 @@ def paged_attention(
     meta.kv_cache.write_layer(layer, meta.slot_mapping, new_keys, new_values)
     if meta.on_layer_written is not None:
         meta.on_layer_written(layer)
-    if meta.is_decode:
-        out = _decode_attention(meta, layer, query, scaling)
-    else:
-        out = _prefill_attention(meta, layer, query, key, value, scaling)
-    return out.transpose(1, 2).contiguous(), None
+    queries = query[0].transpose(0, 1)  # [N, q_heads, dim]
+    decode = meta.decode
+    if decode is not None and decode.rows is None:
+        return _decode_attention(meta, layer, queries, decode, scaling).unsqueeze(0), None
+    out = torch.empty_like(queries)
+    for prefill in meta.prefills:
+        end = prefill.start + prefill.num_tokens
+        out[prefill.start : end] = _prefill_attention(
+            meta, layer, queries[prefill.start : end], key, value, prefill, scaling
+        )
+    if decode is not None:
+        decode_queries = queries.index_select(0, decode.rows)  # type: ignore[arg-type]
+        decode_out = _decode_attention(meta, layer, decode_queries, decode, scaling)
+        out.index_copy_(0, decode.rows, decode_out)  # type: ignore[arg-type]
+    return out.unsqueeze(0), None
 
 
 def _decode_attention(
-    meta: AttentionMetadata, layer: int, query: torch.Tensor, scaling: float | None
+    meta: AttentionMetadata,
+    layer: int,
+    queries: torch.Tensor,
+    decode: DecodeRows,
+    scaling: float | None,
 ) -> torch.Tensor:
-    cache_keys, cache_values = meta.kv_cache.layer(layer)
-    assert meta.context_slots is not None
-    batch_queries = query[0].transpose(0, 1).unsqueeze(2)  # [B, q_heads, 1, dim]
-    keys = cache_keys[meta.context_slots].transpose(1, 2)  # [B, kv_heads, ctx, dim]
-    values = cache_values[meta.context_slots].transpose(1, 2)
+    """`queries` `[rows, q_heads, dim]` -> `[rows, q_heads, dim]`."""
+    cache_keys, cache_values = meta.kv_cache.gather_layer(
+        layer, decode.context_slots, meta.gather_buffers
+    )
+    if cache_keys.dtype != queries.dtype:  # replicas keep KV in the model dtype; tests may not
+        cache_keys, cache_values = cache_keys.to(queries.dtype), cache_values.to(queries.dtype)
+    context_shape = (decode.num_rows, decode.max_context, *cache_keys.shape[1:])
+    keys = cache_keys.view(context_shape).transpose(1, 2)  # [rows, kv_heads, ctx, dim]
+    values = cache_values.view(context_shape).transpose(1, 2)
     out = F.scaled_dot_product_attention(
-        batch_queries,
-        keys.to(query.dtype),
-        values.to(query.dtype),
-        attn_mask=meta.context_mask,
+        queries.unsqueeze(2),  # [rows, q_heads, 1, dim]
+        keys,
+        values,
+        attn_mask=decode.mask,
         scale=scaling,
         enable_gqa=True,
-    )  # [B, q_heads, 1, dim]
-    return out.squeeze(2).transpose(0, 1).unsqueeze(0)  # [1, q_heads, B, dim]
+    )  # [rows, q_heads, 1, dim]
+    return out.reshape(queries.shape)
 
 
 def _prefill_attention(
     meta: AttentionMetadata,
     layer: int,
-    query: torch.Tensor,
+    queries: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    prefill: PrefillRows,
     scaling: float | None,
 ) -> torch.Tensor:
-    outputs = []
-    for index, start in enumerate(meta.query_starts):
-        end = start + meta.query_lens[index]
-        seq_query = query[:, :, start:end]
-        prefix_slots = meta.prefix_context_slots[index] if meta.prefix_context_slots else None
-        if prefix_slots is None:
-            out = F.scaled_dot_product_attention(
-                seq_query,
-                key[:, :, start:end],
-                value[:, :, start:end],
-                is_causal=True,
-                scale=scaling,
-                enable_gqa=True,
-            )
-        else:
-            out = _attend_with_prefix(meta, layer, seq_query, prefix_slots, index, scaling)
-        outputs.append(out)
-    return torch.cat(outputs, dim=2)
-
-
-def _attend_with_prefix(
-    meta: AttentionMetadata,
-    layer: int,
-    seq_query: torch.Tensor,
-    context_slots: torch.Tensor,
-    index: int,
-    scaling: float | None,
-) -> torch.Tensor:
-    """New tokens of a sequence whose first tokens are already cached (chunked prefill)."""
-    cache_keys, cache_values = meta.kv_cache.layer(layer)
-    keys = cache_keys[context_slots].transpose(0, 1).unsqueeze(0).to(seq_query.dtype)
-    values = cache_values[context_slots].transpose(0, 1).unsqueeze(0).to(seq_query.dtype)
-    num_new = seq_query.shape[2]
-    num_cached = meta.num_cached_tokens[index]
-    # Query i (absolute position num_cached + i) sees context positions <= num_cached + i.
-    query_pos = torch.arange(num_new).unsqueeze(1) + num_cached
-    mask = torch.arange(num_cached + num_new).unsqueeze(0) <= query_pos
-    return F.scaled_dot_product_attention(
-        seq_query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True
-    )
+    """`queries` `[num_tokens, q_heads, dim]` of one sequence -> `[num_tokens, q_heads, dim]`."""
+    seq_query = queries.transpose(0, 1).unsqueeze(0)  # [1, q_heads, num_tokens, dim]
+    if prefill.context_slots is None:
+        end = prefill.start + prefill.num_tokens
+        out = F.scaled_dot_product_attention(
+            seq_query,
+            key[:, :, prefill.start : end],
+            value[:, :, prefill.start : end],
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=True,
+        )
+    else:
+        # A chunk after a cached prefix: attend over the whole context from the cache (its own
+        # new KV was written there above).
+        cache_keys, cache_values = meta.kv_cache.gather_layer(
+            layer, prefill.context_slots, meta.gather_buffers
+        )
+        out = F.scaled_dot_product_attention(
+            seq_query,
+            cache_keys.transpose(0, 1).unsqueeze(0).to(seq_query.dtype),
+            cache_values.transpose(0, 1).unsqueeze(0).to(seq_query.dtype),
+            attn_mask=prefill.mask,
+            scale=scaling,
+            enable_gqa=True,
+        )
+    return out[0].transpose(0, 1)
 
 
 def register_paged_attention() -> str:

@@ -31,7 +31,8 @@ class ChunkRange(Protocol):
 
 class PagedKVSource:
     """Reads a sequence's KV chunk by chunk (prefill side). The blocks must stay allocated
-    until the transfer using this source has finished."""
+    until the transfer using this source has finished; they may be shared with other sequences
+    (prefix caching), which is safe because this only reads them."""
 
     def __init__(
         self,
@@ -39,14 +40,18 @@ class PagedKVSource:
         block_table: list[int],
         num_tokens: int,
         progress: LayerProgress | None = None,
+        num_ready_tokens: int = 0,
     ) -> None:
         self._cache = cache
         self._slots = cache.slots(block_table, 0, num_tokens)
         # Set while the pass that writes this KV may still be running (layer pipelining).
         self._progress = progress
+        # Tokens [0, num_ready_tokens) were in the cache before that pass (a cached prefix):
+        # a chunk within them needs no wait.
+        self._num_ready_tokens = num_ready_tokens
 
     def read(self, chunk: ChunkRange) -> memoryview:
-        if self._progress is not None:
+        if self._progress is not None and chunk.token_end > self._num_ready_tokens:
             self._progress.wait_for(chunk.layer_end)
         slots = self._slots[chunk.token_start : chunk.token_end]
         kv = self._cache.read(chunk.layer_start, chunk.layer_end, slots).contiguous()

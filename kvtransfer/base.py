@@ -71,10 +71,14 @@ class TransferStats:
     """What a successful `KVSender.send` reports."""
 
     transfer_id: str
+    # KV bytes moved (as the caches hold them), whatever the wire dtype.
     num_bytes: int
     num_chunks: int
     elapsed_s: float
     transport: str
+    # Chunk bytes put on the wire (after `kv_transfer.wire_dtype`; equals `num_bytes` for
+    # "cache"); None when the sender does not report it. `begin_send`'s plan knows it.
+    num_wire_bytes: int | None = None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from kvtransfer.errors import TransferError, TransferFailedPrecondition, transfe
 from kvtransfer.layout import ChunkSpec, KVLayout
 from kvtransfer.shm_segment import ShmRef
 from kvtransfer.stream import Chunk, Commit, Header, Message
+from kvtransfer.wire_dtype import CACHE
 from pdserve.errors import StatusCode
 from pdserve.internal.v1 import kv_transfer_pb2
 
@@ -22,6 +23,8 @@ def message_to_proto(message: Message) -> kv_transfer_pb2.KVMessage:
             num_tokens=message.num_tokens,
             num_chunks=message.num_chunks,
             group_id=message.group_id,
+            # Empty for "cache": such a header is byte-identical to one from before the field.
+            wire_dtype="" if message.wire_dtype == CACHE else message.wire_dtype,
         ))
     if isinstance(message, Chunk):
         spec = message.spec
@@ -67,6 +70,20 @@ def encode_message(message: Message) -> bytes:
     return b"".join((_CHUNK_TAG, _varint(chunk_length), head, _DATA_TAG, data_length, data))
 
 
+def encode_side_channel_header(header: Header) -> bytes:
+    """A header announcing that the chunks travel on the TCP side channel, as KVMessage bytes."""
+    proto = message_to_proto(header)
+    proto.header.side_channel = True
+    return proto.SerializeToString()
+
+
+def encode_side_channel_commit(commit: Commit, chunk_crc32cs: list[int]) -> bytes:
+    """The commit of a side channel push, listing every chunk's CRC32C, as KVMessage bytes."""
+    proto = message_to_proto(commit)
+    proto.commit.chunk_crc32c.extend(chunk_crc32cs)
+    return proto.SerializeToString()
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while True:
@@ -91,6 +108,7 @@ def message_from_proto(proto: kv_transfer_pb2.KVMessage) -> Message:
             num_tokens=header.num_tokens,
             num_chunks=header.num_chunks,
             group_id=header.group_id,
+            wire_dtype=header.wire_dtype or CACHE,
         )
     if kind == "chunk":
         chunk = proto.chunk

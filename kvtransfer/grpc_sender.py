@@ -4,6 +4,12 @@ client-streaming Push per transfer, fed lazily from the KVSource.
 gRPC consumes the request iterator on its own thread; the calling thread waits for the reply
 while watching the cancel event, and cancels the call itself so the receiver sees a
 cancellation rather than a truncated stream.
+
+With `kv_transfer.side_channel: tcp` (the default) the push carries only the header and the
+commit (with every chunk's CRC32C), after an `OpenSideChannel` call handed out a one-time
+ticket; the chunks travel as frames on a TCP connection that presented it (tcp_sender_side.py,
+tcp_connection.py). The transport is still "grpc"; a side channel that cannot be opened fails
+the transfer rather than falling back to in-band bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from kvtransfer.faults import ChunkFault
 from kvtransfer.grpc_codec import encode_message, error_from_rpc
 from kvtransfer.layout import ChunkSpec, KVLayout
 from kvtransfer.peer_auth import secure_channel
-from kvtransfer.shm_segment import ShmSegmentWriter
+from kvtransfer.shm_staging import ShmStaging
 from kvtransfer.stream import (
     Header,
     Message,
@@ -31,6 +37,7 @@ from kvtransfer.stream import (
     outgoing_messages,
     via_shm,
 )
+from kvtransfer.tcp_sender_side import SideChannels
 from pdserve.config import KVTransferConfig
 from pdserve.errors import StatusCode
 from pdserve.internal.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
@@ -56,7 +63,9 @@ class _Feeder:
     """The request iterator of one Push. Stops when cancelled or when the source fails; then it
     holds the stream open (ending it would look like a truncated push) until released."""
 
-    def __init__(self, messages: Iterator[Message], cancel: threading.Event, hold_s: float):
+    def __init__(
+        self, messages: Iterator[Message | bytes], cancel: threading.Event, hold_s: float
+    ) -> None:
         self._messages = messages
         self._cancel = cancel
         self._hold_s = hold_s
@@ -67,7 +76,8 @@ class _Feeder:
     def __iter__(self) -> Iterator[bytes]:
         try:
             for message in self._messages:
-                yield encode_message(message)
+                # bytes: already encoded (a side channel push's header and commit).
+                yield message if isinstance(message, bytes) else encode_message(message)
         except Exception as exc:
             self.error = as_transfer_error(exc, "sending KV")
         if self.error is None and not self._cancel.is_set():
@@ -94,16 +104,26 @@ class GrpcSender(KVSender):
     """KVSender over gRPC; one cached channel per receiver address.
 
     With `via_shm` (transport "shm", same node only) each transfer's bytes go through a
-    shared-memory segment and the gRPC stream carries only the control messages."""
+    shared-memory region of the sender's pool (`shm_staging`) and the gRPC stream carries only
+    the control messages. Otherwise `side_channel` ("tcp" or "none", from the config) says
+    where the chunk bytes travel."""
 
     def __init__(self, config: KVTransferConfig, via_shm: bool = False) -> None:
         self._via_shm = via_shm
         self.transport = "shm" if via_shm else "grpc"
+        self.shm_staging = ShmStaging(config.shm_pool_mb) if via_shm else None
         self._config = config
         self._lock = threading.Lock()
         self._channels: dict[str, tuple[grpc.Channel, KVStub]] = {}
         # (address, layout) handshaken -> the receiver's group store ("" when it has none).
         self._handshaken: dict[tuple[str, KVLayout], str] = {}
+        self.side_channel = "tcp" if config.side_channel == "tcp" and not via_shm else "none"
+        self._side = SideChannels(config.tls_ca_file) if self.side_channel == "tcp" else None
+
+    @property
+    def num_side_channel_transfers(self) -> int:
+        """Transfers whose chunk bytes went over a TCP side channel (attempted ones included)."""
+        return 0 if self._side is None else self._side.num_opened
 
     def send(
         self,
@@ -141,6 +161,7 @@ class GrpcSender(KVSender):
             num_chunks=len(chunks),
             elapsed_s=time.monotonic() - start,
             transport=self.transport,
+            num_wire_bytes=chunks.num_wire_bytes,
         )
 
     def _transfer(
@@ -158,15 +179,18 @@ class GrpcSender(KVSender):
         messages = outgoing_messages(
             header, plan.chunks, plan.source, plan.first_token_id, cancel.is_set, plan.fault
         )
-        if not self._via_shm:
+        if self.shm_staging is None:
+            if self._side is not None:
+                return self._push_via_side_channel(stub, address, header.transfer_id, messages,
+                                                   deadline, cancel)
             return self._push(stub, messages, deadline, cancel)
-        segment = ShmSegmentWriter(header.transfer_id, header.layout.kv_bytes(header.num_tokens))
-        try:
-            return self._push(stub, via_shm(messages, segment), deadline, cancel)
-        finally:
-            segment.close()
+        num_bytes = header.layout.kv_bytes(header.num_tokens)
+        with self.shm_staging.writer(header.transfer_id, num_bytes) as writer:
+            return self._push(stub, via_shm(messages, writer), deadline, cancel)
 
     def close(self) -> None:
+        if self.shm_staging is not None:
+            self.shm_staging.close()
         with self._lock:
             channels = [channel for channel, _ in self._channels.values()]
             self._channels.clear()
@@ -208,6 +232,8 @@ class GrpcSender(KVSender):
         )
         with self._lock:
             self._handshaken[(address, layout)] = reply.group_store
+        if self._side is not None:
+            self._side.learn(address, reply.side_channel)
         return reply.group_store
 
     def _unary(
@@ -217,10 +243,32 @@ class GrpcSender(KVSender):
         call = method.future(request, timeout=_remaining(deadline))
         return _await(call, cancel, None, doing)
 
+    def _push_via_side_channel(
+        self,
+        stub: KVStub,
+        address: str,
+        transfer_id: str,
+        messages: Iterator[Message],
+        deadline: float,
+        cancel: threading.Event,
+    ) -> kv_transfer_pb2.PushReply:
+        """A ticket from the receiver, a TCP connection that presents it, then the push with
+        the bytes on that connection. Closing it on the way out wakes a send blocked on it."""
+        assert self._side is not None, "side channel configured"
+        request = kv_transfer_pb2.SideChannelRequest(transfer_id=transfer_id)
+        reply: kv_transfer_pb2.SideChannelReply = self._unary(
+            stub.OpenSideChannel, request, deadline, cancel, f"side channel ticket from {address}"
+        )
+        connection = self._side.open(address, transfer_id, reply.ticket, deadline)
+        try:
+            return self._push(stub, connection.stream(messages), deadline, cancel)
+        finally:
+            connection.close()
+
     def _push(
         self,
         stub: KVStub,
-        messages: Iterator[Message],
+        messages: Iterator[Message | bytes],
         deadline: float,
         cancel: threading.Event,
     ) -> kv_transfer_pb2.PushReply:

@@ -178,7 +178,7 @@ class InprocSender(KVSender):
             pipe.close(err)
             raise
         return TransferStats(transfer_id, num_bytes, len(chunks), time.monotonic() - start,
-                             self.transport)
+                             self.transport, num_wire_bytes=chunks.num_wire_bytes)
 
     def close(self) -> None:
         pass

@@ -3,7 +3,9 @@
 A transport thread creates one ReceiveSession per incoming stream and drives it:
 `handle(message)` for each message, then `end()` when the stream closes, or `abort(error)`
 when the transport itself fails (sender gone, deadline). Every check runs before the sink is
-touched; the rules are written down in kvtransfer/README.md ("Validation").
+touched; the rules are written down in kvtransfer/README.md ("Validation"). With a header's
+wire dtype other than "cache", each chunk goes back to cache bytes (wire_dtype.py) before the
+sink sees it.
 
 Whatever raises has already reported the failure to the transfer's `on_done` (once, via the
 TransferTable), so the transport only turns the TransferError into its own status.
@@ -23,9 +25,11 @@ from kvtransfer.errors import (
     TransferInternal,
 )
 from kvtransfer.layout import ChunkSpec, KVLayout
-from kvtransfer.shm_segment import ShmSegmentReader
+from kvtransfer.shm_mappings import ShmMappingCache
+from kvtransfer.shm_reader import ShmReader, open_shm_reader
 from kvtransfer.stream import Chunk, Commit, Header, Message
 from kvtransfer.transfer_table import ActiveTransfer, TransferTable
+from kvtransfer.wire_dtype import CACHE, WireDecoder, check_wire_dtype, wire_chunk_bytes
 
 
 class GroupChannel(Protocol):
@@ -58,13 +62,16 @@ class ReceiveSession:
         abort_stream: Callable[[], None],
         allow_shm: bool = False,
         group_channel: GroupChannel | None = None,
+        shm_mappings: ShmMappingCache | None = None,
     ) -> None:
         self._table = table
         self._layout = layout
         self._abort_stream = abort_stream
         # Chunks in a shared-memory segment are accepted only where the config allows shm.
         self._allow_shm = allow_shm
-        self._segment: ShmSegmentReader | None = None
+        # The receiver's pool-segment mappings, shared by its pushes (None: per push).
+        self._shm_mappings = shm_mappings
+        self._segment: ShmReader | None = None
         # Chunks sent over a pair group are accepted only by a receiver made for "nccl".
         self._group_channel = group_channel
         self._header: Header | None = None
@@ -72,6 +79,10 @@ class ReceiveSession:
         self._commit: Commit | None = None
         self._error: TransferError | None = None
         self._ended = False
+        # The header's wire dtype; chunks are turned back into cache bytes unless "cache".
+        self._wire_dtype = CACHE
+        self._decoder: WireDecoder | None = None
+        self._num_wire_bytes = 0
         # Where the next chunk must start in the canonical tiling, and its seq.
         self._next_seq = 0
         self._next_layer = 0
@@ -81,6 +92,11 @@ class ReceiveSession:
     def committed(self) -> bool:
         """A valid commit arrived."""
         return self._commit is not None
+
+    @property
+    def num_wire_bytes(self) -> int:
+        """Chunk bytes received so far as they travelled (before the wire dtype conversion)."""
+        return self._num_wire_bytes
 
     @property
     def transfer_id(self) -> str | None:
@@ -157,6 +173,9 @@ class ReceiveSession:
         max_chunks = self._layout.num_layers * header.num_tokens
         if not 1 <= header.num_chunks <= max_chunks:
             raise TransferDataLoss(f"num_chunks: {header.num_chunks} is not in [1, {max_chunks}]")
+        self._wire_dtype = check_wire_dtype(self._layout, header.wire_dtype)
+        if self._wire_dtype != CACHE:
+            self._decoder = WireDecoder(self._layout, self._wire_dtype)
 
     def _on_chunk(self, chunk: Chunk) -> None:
         assert self._header is not None and self._active is not None, "header handled first"
@@ -166,16 +185,20 @@ class ReceiveSession:
         if spec.seq >= self._header.num_chunks:
             raise TransferDataLoss(f"chunk seq {spec.seq}: the header announced fewer chunks")
         self._check_position(spec)
-        expected_bytes = spec.num_bytes(self._layout)
+        expected_bytes = wire_chunk_bytes(self._layout, self._wire_dtype, spec)
         data = self._chunk_bytes(chunk, expected_bytes)
         if data.nbytes != expected_bytes:
             raise TransferDataLoss(
                 f"chunk {spec.seq}: {data.nbytes} data bytes, expected {expected_bytes}"
+                f" (wire_dtype {self._wire_dtype})"
             )
         if checksum(data) != chunk.crc32c:
             raise TransferDataLoss(f"chunk {spec.seq}: crc32c mismatch")
-        self._active.write(spec, data)
-        self._table.add_bytes_written(data.nbytes)
+        self._num_wire_bytes += data.nbytes
+        kv = data if self._decoder is None else self._decoder.decode(spec, data)
+        self._active.write(spec, kv)
+        self._table.add_bytes_written(kv.nbytes)
+        kv.release()
         data.release()
         self._advance(spec)
 
@@ -195,7 +218,9 @@ class ReceiveSession:
             )
         if self._segment is None:
             total = self._layout.kv_bytes(self._header.num_tokens)
-            self._segment = ShmSegmentReader(self._header.transfer_id, total)
+            self._segment = open_shm_reader(
+                self._header.transfer_id, total, chunk.shm, self._shm_mappings
+            )
         return self._segment.view(chunk.shm)
 
     def _group_bytes(self, chunk: Chunk, expected_bytes: int) -> memoryview:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from kvtransfer.base import FirstToken, KVSource
@@ -23,7 +23,8 @@ from kvtransfer.errors import (
     as_transfer_error,
 )
 from kvtransfer.layout import ChunkSpec, KVLayout, plan_chunks
-from kvtransfer.shm_segment import ShmRef, ShmSegmentWriter
+from kvtransfer.shm_segment import ShmChunkWriter, ShmRef
+from kvtransfer.wire_dtype import CACHE, check_wire_dtype, encode_chunk, wire_bytes
 from pdserve.config import KVTransferConfig
 
 if TYPE_CHECKING:
@@ -41,13 +42,16 @@ class Header:
     num_chunks: int
     # The pair group (transport "nccl") that carries the chunks marked `via_group`; "" if none.
     group_id: str = ""
+    # The dtype the chunks' KV travels in (kvtransfer/wire_dtype.py); "cache" = no conversion.
+    wire_dtype: str = CACHE
 
 
 @dataclass(frozen=True)
 class Chunk:
     spec: ChunkSpec
     crc32c: int
-    # 1-D unsigned-byte view (or bytes) of exactly spec.num_bytes(layout) bytes; empty when
+    # 1-D unsigned-byte view (or bytes) of exactly wire_chunk_bytes(layout, header's
+    # wire_dtype, spec) bytes (spec.num_bytes(layout) for "cache"); empty when
     # the bytes travel in a shared-memory segment (`shm`) or over the header's pair group
     # (`via_group`, sent right after this message).
     data: bytes | memoryview
@@ -62,6 +66,17 @@ class Commit:
 
 
 Message = Header | Chunk | Commit
+
+
+class ChunkPlan(list[ChunkSpec]):
+    """The chunks of one send (a list, in stream order) and the wire dtype they travel in, as
+    `begin_send` planned them. `outgoing_messages` puts `wire_dtype` in the header."""
+
+    def __init__(self, chunks: Iterable[ChunkSpec], wire_dtype: str, num_wire_bytes: int) -> None:
+        super().__init__(chunks)
+        self.wire_dtype = wire_dtype
+        # Chunk bytes the whole transfer puts on the wire (KV bytes for "cache").
+        self.num_wire_bytes = num_wire_bytes
 
 
 def check_chunks_fit(
@@ -93,10 +108,15 @@ def outgoing_messages(
 ) -> Iterator[Message]:
     """Yields the header, each chunk read from `source` only when it is due, then the commit.
 
-    Returns early (without a commit) as soon as `should_stop()` is true. Raises a TransferError
-    when the source fails or returns the wrong number of bytes. `fault` (tests and chaos runs
+    Each chunk is converted to the wire dtype (the plan's when `chunks` is a ChunkPlan, else the
+    header's) before its checksum. Returns early (without a commit) as soon as `should_stop()`
+    is true. Raises a TransferError when the source fails or returns the wrong number of bytes,
+    FAILED_PRECONDITION for a wire dtype the layout cannot use. `fault` (tests and chaos runs
     only) damages the stream after checksums are computed.
     """
+    if isinstance(chunks, ChunkPlan):
+        header = replace(header, wire_dtype=chunks.wire_dtype)
+    header = replace(header, wire_dtype=check_wire_dtype(header.layout, header.wire_dtype))
     messages = _messages(header, chunks, source, first_token_id, should_stop)
     return fault.apply(messages) if fault is not None else messages
 
@@ -115,6 +135,7 @@ def _messages(
         data = _read_chunk(source, spec, header.layout)
         if should_stop():
             return
+        data = encode_chunk(header.layout, header.wire_dtype, data)
         yield Chunk(spec=spec, crc32c=checksum(data), data=data)
     if callable(first_token_id):
         first_token_id = first_token_id()
@@ -138,9 +159,9 @@ def _read_chunk(source: KVSource, spec: ChunkSpec, layout: KVLayout) -> bytes | 
     return raw if isinstance(raw, bytes) else view
 
 
-def via_shm(messages: Iterator[Message], writer: ShmSegmentWriter) -> Iterator[Message]:
-    """Moves each chunk's bytes into the transfer's shared-memory segment; the control stream
-    then carries only where they lie."""
+def via_shm(messages: Iterator[Message], writer: ShmChunkWriter) -> Iterator[Message]:
+    """Moves each chunk's bytes into the transfer's shared memory (a pool region or a segment
+    of its own); the control stream then carries only where they lie."""
     for message in messages:
         if isinstance(message, Chunk):
             ref = writer.append(message.data)
@@ -155,12 +176,17 @@ def begin_send(
     num_tokens: int,
     cancel: threading.Event | None,
     timeout_s: float | None,
-) -> tuple[float, threading.Event, list[ChunkSpec]]:
+) -> tuple[float, threading.Event, ChunkPlan]:
     """What every sender does first: the deadline (monotonic), a cancel event, and the chunk
-    plan checked against the message limit. Raises CANCELLED if already cancelled."""
+    plan checked against the message limit, with `config.wire_dtype` checked against the
+    layout. Raises CANCELLED if already cancelled, FAILED_PRECONDITION (naming wire_dtype) when
+    the wire dtype would not shrink this layout's KV."""
     deadline = time.monotonic() + (config.timeout_s if timeout_s is None else timeout_s)
     cancel = cancel if cancel is not None else threading.Event()
-    chunks = plan_chunks(layout, num_tokens, config.chunk_bytes)
+    wire_dtype = check_wire_dtype(layout, config.wire_dtype)
+    # Planned on cache bytes: a wire chunk is never larger than its cache chunk.
+    chunks = ChunkPlan(plan_chunks(layout, num_tokens, config.chunk_bytes), wire_dtype,
+                       wire_bytes(layout, wire_dtype, num_tokens))
     check_chunks_fit(layout, chunks, config.max_message_bytes)
     if cancel.is_set():
         raise TransferCancelled(f"transfer {transfer_id} was cancelled before it started")

@@ -1,5 +1,5 @@
-"""The `pdserve` command: `serve` runs the service, `generate` and `info` talk to it, `bench
-serve` measures it under load.
+"""The `pdserve` command: `serve` runs the service, `generate` and `info` talk to it, `scale`
+resizes its pools (see `pdserve.scale_cli`), `bench serve` measures it under load.
 
 Exit codes: 0 success, 1 a failed call or service error, 2 a bad config or bad arguments.
 `RAY_ADDRESS` and `PDSERVE_TOKEN` are read here, and only here, to pass them on explicitly.
@@ -20,6 +20,15 @@ from pdserve.bench import add_serve_arguments, options_from_args, run_serve_benc
 from pdserve.client import GenerationClient, collect
 from pdserve.config import load_config
 from pdserve.errors import ConfigError, PdserveError
+from pdserve.scale_cli import (
+    POOL_FLAGS,
+    add_scale_arguments,
+    format_pool_sizes,
+    pool_of,
+    read_token_file,
+    run_scale,
+    scale_targets,
+)
 from pdserve.v1 import pdserve_pb2
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -87,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_security(info)
     info.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
     info.set_defaults(run=_info)
+
+    scale = commands.add_parser(
+        "scale", help="resize the pools of a running service (drains removed replicas)"
+    )
+    scale.add_argument(
+        "--address", "--target", dest="address", default=DEFAULT_ADDRESS,
+        help=f"router host:port (default {DEFAULT_ADDRESS})",
+    )
+    _add_client_security(scale)
+    add_scale_arguments(scale, _int_in(1, _INT32_MAX))
+    scale.set_defaults(run=_scale)
 
     bench = commands.add_parser("bench", help="measure a running service")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -168,6 +188,21 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scale(args: argparse.Namespace) -> int:
+    try:
+        targets = scale_targets(args)
+        token = read_token_file(args.token_file) if args.token_file else resolve_token(args.token)
+    except (argparse.ArgumentTypeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    client = GenerationClient(
+        args.address, timeout_s=args.timeout, token=token, tls_ca_file=args.tls_ca
+    )
+    with client:
+        run_scale(client, targets, args.wait, args.wait_timeout, print)
+    return 0
+
+
 def _bench_serve(args: argparse.Namespace) -> int:
     results = run_serve_bench(options_from_args(args, token=resolve_token(args.token)))
     if results["summary"]["num_ok"] == 0:
@@ -194,8 +229,12 @@ def format_info(info: pdserve_pb2.InfoResponse) -> str:
         f"limits      KV block {info.kv_block_size} tokens, "
         f"max context {info.max_context_tokens} tokens",
     ]
-    for name, pool in (("prefill", info.prefill), ("decode", info.decode)):
-        lines.append(f"{name:<11} {len(pool.replicas)}/{pool.configured_replicas} replicas")
+    for name in POOL_FLAGS:
+        pool = pool_of(info, name)
+        if pool is None:
+            continue
+        lines.append(f"{name:<11} {len(pool.replicas)}/{pool.configured_replicas} replicas"
+                     f"{format_pool_sizes(pool)}")
         lines.extend(f"  {_format_replica(replica)}" for replica in pool.replicas)
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
-"""A small synchronous client of the public `pdserve.v1.Generation` gRPC service.
+"""A small synchronous client of the public `pdserve.v1.Generation` and `pdserve.v1.Admin`
+gRPC services.
 
 Used by the `pdserve` CLI, the demo and tests. gRPC failures surface as `grpc.RpcError` with
 the server's status code and details; this module adds no error types of its own.
@@ -7,7 +8,7 @@ the server's status code and details; this module adds no error types of its own
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -72,6 +73,7 @@ class GenerationClient:
         self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
         self._channel = _open_channel(address, tls_ca_file)
         self._stub = pdserve_pb2_grpc.GenerationStub(self._channel)
+        self._admin = pdserve_pb2_grpc.AdminStub(self._channel)
 
     def generate(
         self,
@@ -117,6 +119,15 @@ class GenerationClient:
         """Describes the service (blocks; raises `grpc.RpcError`)."""
         return self._stub.Info(
             pdserve_pb2.InfoRequest(), timeout=self.timeout_s, metadata=self._metadata
+        )
+
+    def scale(self, target_replicas: Mapping[str, int]) -> pdserve_pb2.ScaleResponse:
+        """Sets new pool sizes ({"prefill": 2, "decode": 3}); returns once the service accepted
+        them, before replicas started or drained (follow with `info()`). Blocks; raises
+        `grpc.RpcError` (INVALID_ARGUMENT names the bad pool or size)."""
+        return self._admin.Scale(
+            pdserve_pb2.ScaleRequest(target_replicas=dict(target_replicas)),
+            timeout=self.timeout_s, metadata=self._metadata,
         )
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError, model_validator
 
 from pdserve.config_sections import (  # noqa: F401 - re-exported: the config's public face
     EMBEDDED_MODEL,
+    ColocatedPoolConfig,
     ConfigSection,
     DecodePoolConfig,
     FaultsConfig,
@@ -40,10 +41,13 @@ class PdserveConfig(ConfigSection):
     """The whole config tree."""
 
     model: ModelConfig = ModelConfig()
-    mode: Literal["disaggregated"] = "disaggregated"
+    # disaggregated: prefill and decode pools with KV hand-off; colocated: the `colocated`
+    # pool alone (each replica prefills and decodes; `prefill` and `decode` are ignored).
+    mode: Literal["disaggregated", "colocated"] = "disaggregated"
     ray: RayConfig = RayConfig()
     prefill: PrefillPoolConfig = PrefillPoolConfig()
     decode: DecodePoolConfig = DecodePoolConfig()
+    colocated: ColocatedPoolConfig = ColocatedPoolConfig()
     kv_transfer: KVTransferConfig = KVTransferConfig()
     router: RouterConfig = RouterConfig()
     limits: LimitsConfig = LimitsConfig()

@@ -9,6 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pdserve.placement import LabelKey, LabelSelector, ResourceAmount, ResourceName
+from pdserve.scale_config import DecodeAutoscaleConfig, PrefillAutoscaleConfig
+
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 
@@ -31,12 +34,25 @@ class ModelConfig(ConfigSection):
 
 
 class ResourcesConfig(ConfigSection):
-    """Resources of one replica (one Ray actor)."""
+    """Resources of one replica (one Ray actor) and which nodes the pool's replicas may use.
+
+    `pdserve.placement` turns this into Ray actor options and checks, before any replica starts,
+    that some node of the cluster can host one."""
 
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
     # torch intra-op threads inside the replica.
     torch_threads: int = Field(default=1, ge=1, le=1024)
+    # Ray custom resources each replica reserves, e.g. {pdserve_prefill: 1}: only nodes started
+    # with them (`ray start --resources`) host the pool. An amount of 0 requires nothing.
+    custom_resources: dict[ResourceName, ResourceAmount] = Field(default_factory=dict)
+    # Ray label selector the replica's node must match, e.g. {pdserve/role: prefill} for nodes
+    # started with `ray start --labels pdserve/role=prefill`.
+    node_labels: dict[LabelKey, LabelSelector] = Field(default_factory=dict)
+    # default: Ray's default policy (fills a node up to about half, then moves to the next);
+    # spread: replicas on as many different nodes as possible (Ray's SPREAD). There is no
+    # "pack": a placement group fixes the replica count, which live scaling changes.
+    placement_strategy: Literal["default", "spread"] = "default"
 
 
 class KVCacheConfig(ConfigSection):
@@ -60,6 +76,11 @@ class PrefillPoolConfig(ConfigSection):
     max_waiting_requests: int = Field(default=256, ge=1)
     # How long finished KV waits for the decode side before it is freed.
     lease_ttl_s: float = Field(default=30.0, gt=0)
+    # Keep the KV of full prompt blocks after a request, keyed by a hash of every token up to
+    # the block's end, so a later prompt with the same prefix skips computing it.
+    prefix_caching: bool = True
+    # Live scaling bounds and the queue-driven autoscaler (see `pdserve.scale_config`).
+    autoscale: PrefillAutoscaleConfig = PrefillAutoscaleConfig()
 
 
 class DecodePoolConfig(ConfigSection):
@@ -68,6 +89,23 @@ class DecodePoolConfig(ConfigSection):
     kv_cache: KVCacheConfig = KVCacheConfig(memory_mb=512)
     # Largest number of sequences in one decode step.
     max_batch_size: int = Field(default=64, ge=1)
+    # Live scaling bounds and the KV-usage-driven autoscaler (see `pdserve.scale_config`).
+    autoscale: DecodeAutoscaleConfig = DecodeAutoscaleConfig()
+
+
+class ColocatedPoolConfig(ConfigSection):
+    """`mode: colocated`: replicas that prefill and decode (the prefill and decode pools are
+    not started then). Each step is one forward pass over every running sequence's next token
+    plus chunks of waiting prompts."""
+
+    replicas: int = Field(default=2, ge=1, le=1024)
+    resources: ResourcesConfig = ResourcesConfig()
+    kv_cache: KVCacheConfig = KVCacheConfig(memory_mb=512)
+    # Largest number of sequences in one step: decoding ones plus prompts being prefilled.
+    max_batch_size: int = Field(default=64, ge=1)
+    # Prompt tokens one step may prefill (decode tokens come on top); a longer prompt is
+    # prefilled in chunks over several steps, so running sequences keep getting tokens.
+    max_prefill_tokens_per_step: int = Field(default=512, ge=1, le=1_048_576)
 
 
 class KVTransferConfig(ConfigSection):
@@ -88,6 +126,18 @@ class KVTransferConfig(ConfigSection):
     # Send each layer's KV as soon as the prefill pass has computed it, overlapping the
     # hand-off with the rest of the pass (false: send after the pass, to measure the gain).
     layer_pipelining: bool = True
+    # grpc transport: "tcp" moves the chunk bytes over a plain TCP connection opened for the
+    # transfer (gRPC carries the header, the commit and a one-time ticket that authenticates
+    # the connection); "none" sends the bytes inside the gRPC messages.
+    side_channel: Literal["tcp", "none"] = "tcp"
+    # The dtype KV travels in, every transport (kvtransfer/wire_dtype.py): "cache" = the cache's
+    # own bytes; "bfloat16" halves a float32 cache (lossy; = "cache" for a bfloat16 cache);
+    # "int8" = symmetric int8 with one float32 scale per token, head and K/V (lossy, about 1/4
+    # of float32). The decode replica converts back to its cache dtype.
+    wire_dtype: Literal["cache", "bfloat16", "int8"] = "cache"
+    # shm transport: shared memory each prefill replica maps once, touches up front and reuses
+    # across transfers, in MiB; 0 = a fresh segment per transfer (slower: every page faults).
+    shm_pool_mb: int = Field(default=256, ge=0, le=1_048_576)
     # Internal token every KV call between replicas must carry. Leave unset: `pdserve serve`
     # mints a random one per start (replicas get it with their config; clients never do).
     auth_token: str | None = Field(default=None, min_length=16)
@@ -181,7 +231,8 @@ class TimeoutsConfig(ConfigSection):
     max_deadline_s: float = Field(default=900.0, gt=0)
     # How long `pdserve serve` waits for replicas to load the model.
     replica_start_s: float = Field(default=900.0, gt=0)
-    # On shutdown (SIGTERM, Ctrl-C): how long in-flight streams may run before they are cut.
+    # On shutdown (SIGTERM, Ctrl-C) and on a scale-down: how long in-flight streams may run on
+    # a draining router or replica before they are cut.
     drain_grace_s: float = Field(default=30.0, ge=0)
     # How often the router polls replica load and liveness.
     load_poll_interval_s: float = Field(default=0.5, gt=0)

@@ -130,6 +130,36 @@ class DecodeEvent:
 
 
 @dataclass(frozen=True)
+class ColocatedRequest:
+    """One request on a colocated replica, which prefills and decodes it (no KV hand-off)."""
+
+    request_id: str
+    # Minted by the router per attempt; owns the request's KV blocks on the replica.
+    transfer_id: str
+    # The prompt, then the tokens generated before a migration (see num_previous_tokens).
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    eos_token_ids: list[int]
+    # Absolute wall-clock deadline (time.time()).
+    deadline: float
+    num_previous_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ColocatedEvent:
+    """Tokens sampled since the last event; the last event has `finish_reason` or `error`.
+    The event with the first token carries `queue_s` and `prefill_s`, the last `decode_s`."""
+
+    token_ids: list[int] = field(default_factory=list)
+    # "stop" or "length" on the last event.
+    finish_reason: str = ""
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    error: ErrorInfo | None = None
+
+
+@dataclass(frozen=True)
 class LoadReport:
     """A replica's live load, polled by the router."""
 
@@ -158,6 +188,15 @@ class LoadReport:
     total_decode_tokens: int = 0
     # "host:port" of the replica's Prometheus `/metrics` endpoint ("" when not served).
     metrics_address: str = ""
+    # Colocated: prompt chunks prefilled (more chunks than requests means chunked prefill),
+    # and steps whose one forward pass carried decode tokens and prompt chunks together.
+    total_prefill_chunks: int = 0
+    total_mixed_steps: int = 0
+    # Prefill prefix cache: blocks whose KV is kept for reuse (referenced or not), and lifetime
+    # prompt tokens batched and those of them served from the cache (hit rate = cached / all).
+    num_cached_blocks: int = 0
+    total_prompt_tokens: int = 0
+    total_cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)

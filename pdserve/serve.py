@@ -16,7 +16,13 @@ from typing import Any
 import ray
 
 from pdserve.config import PdserveConfig
-from pdserve.pools import create_pools, kill_pools, wait_until_ready
+from pdserve.pools import (
+    RayReplicaFactory,
+    create_colocated_pool,
+    create_pools,
+    kill_pools,
+    wait_until_ready,
+)
 from router.auth import load_public_security
 from router.server import Router
 
@@ -36,6 +42,7 @@ class Service:
         self._started_ray = False
         self._prefill: dict[str, Any] = {}
         self._decode: dict[str, Any] = {}
+        self._colocated: dict[str, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop_requested = threading.Event()
@@ -52,21 +59,35 @@ class Service:
 
     @property
     def prefill_actors(self) -> dict[str, Any]:
-        return dict(self._prefill)
+        """The prefill replicas now (live scaling adds and removes some)."""
+        return self._live_actors("prefill", self._prefill)
 
     @property
     def decode_actors(self) -> dict[str, Any]:
-        return dict(self._decode)
+        return self._live_actors("decode", self._decode)
+
+    @property
+    def colocated_actors(self) -> dict[str, Any]:
+        """The colocated pool (`mode: colocated`; empty otherwise)."""
+        return self._live_actors("colocated", self._colocated)
 
     def start(self) -> None:
         """Blocks until the router serves; raises if a replica fails to start."""
         # Bad token or TLS files fail the start now, not after the replicas loaded the model.
         load_public_security(self.config.security)
         self._init_ray()
-        self._prefill, self._decode = create_pools(self.config)
+        if self.config.mode == "colocated":
+            logger.info(
+                "mode colocated: %d replicas that prefill and decode; the prefill, decode and "
+                "kv_transfer sections are ignored", self.config.colocated.replicas,
+            )
+            self._colocated = create_colocated_pool(self.config)
+        else:
+            self._prefill, self._decode = create_pools(self.config)
         try:
             wait_until_ready(
-                {**self._prefill, **self._decode}, self.config.timeouts.replica_start_s
+                {**self._prefill, **self._decode, **self._colocated},
+                self.config.timeouts.replica_start_s,
             )
             self._start_router()
         except BaseException:
@@ -78,7 +99,9 @@ class Service:
         self._stop_requested.wait()
 
     def stop(self) -> None:
-        """Stops the router and the replicas; safe to call more than once."""
+        """Stops the router and the replicas; safe to call more than once. Blocks while the
+        router drains, then up to `pools.CLOSE_TIMEOUT_S` while the replicas release what
+        would outlive their processes (`pools.close_and_kill`)."""
         self._stop_requested.set()
         loop, router, thread = self._loop, self.router, self._thread
         self._loop, self.router, self._thread = None, None, None
@@ -89,8 +112,10 @@ class Service:
             loop.call_soon_threadsafe(loop.stop)
         if thread is not None:
             thread.join(timeout=30)
-        kill_pools(self._prefill, self._decode)
-        self._prefill, self._decode = {}, {}
+        # Replicas live scaling started (or was still starting or draining) are killed too.
+        scaled = router.actors() if router is not None else {}
+        kill_pools(self._prefill, self._decode, self._colocated, scaled)
+        self._prefill, self._decode, self._colocated = {}, {}, {}
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
@@ -101,6 +126,10 @@ class Service:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _live_actors(self, role: str, started: dict[str, Any]) -> dict[str, Any]:
+        router = self.router
+        return router.actors(role) if router is not None else dict(started)
 
     def _init_ray(self) -> None:
         if ray.is_initialized():
@@ -119,6 +148,9 @@ class Service:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="router", daemon=True)
         self._thread.start()
-        self.router = Router(self.config, self._prefill, self._decode)
+        self.router = Router(
+            self.config, self._prefill, self._decode, self._colocated,
+            replica_factory=RayReplicaFactory(self.config),
+        )
         future = asyncio.run_coroutine_threadsafe(self.router.start(), self._loop)
         self.port = future.result(timeout=self.config.timeouts.replica_start_s)

@@ -58,8 +58,10 @@ class KVHandOff:
         DEADLINE_EXCEEDED when the request has no time left."""
         assert job.block_table is not None, "blocks are allocated before a send starts"
         timeout_s = self._timeout_s(job)
+        # The whole prompt's KV goes out: the cached prefix's blocks are read like the rest.
         source = PagedKVSource(
-            self._kv_cache, job.block_table, job.num_prompt_tokens, progress
+            self._kv_cache, job.block_table, job.num_prompt_tokens, progress,
+            num_ready_tokens=job.num_cached_tokens,
         )
         send = functools.partial(
             self._sender(job.request.kv_target.transport).send,
@@ -122,7 +124,11 @@ class KVHandOff:
                 f"{configured})"
             )
         if transport not in self._senders:
-            self._senders[transport] = make_sender(transport, self._config.kv_transfer)
+            sender = make_sender(transport, self._config.kv_transfer)
+            staging = getattr(sender, "shm_staging", None)
+            if staging is not None:  # the shm pool's use and fallbacks show in the metrics
+                self._metrics.watch_shm_staging(staging.stats)
+            self._senders[transport] = sender
         return self._senders[transport]
 
     def _timeout_s(self, job: PrefillJob) -> float:

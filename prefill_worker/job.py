@@ -28,7 +28,11 @@ class PrefillJob:
     # Resolved by the batch loop with the first sampled token (or an error).
     first_token: asyncio.Future[FirstToken]
     enqueued_at: float = field(default_factory=time.monotonic)
+    # Chained hashes of the prompt's full blocks (empty when prefix caching is off).
+    block_hashes: list[bytes] = field(default_factory=list)
     block_table: list[int] | None = None
+    # Leading prompt tokens whose KV came from the prefix cache: the pass computes the rest.
+    num_cached_tokens: int = 0
     # True while a forward pass or a KV send may still read this job's blocks.
     in_forward: bool = False
     sending: bool = False
@@ -50,6 +54,11 @@ class PrefillJob:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.request.prompt_token_ids)
+
+    @property
+    def num_new_tokens(self) -> int:
+        """Prompt tokens the pass computes."""
+        return self.num_prompt_tokens - self.num_cached_tokens
 
     def seconds_left(self) -> float:
         return self.request.deadline - time.time()

@@ -7,6 +7,9 @@ Life cycle of a request on a prefill replica
 2. **Batch.** The batch loop pops as many queued jobs as fit the token/size budget and the KV
    cache, allocates their blocks (owner = the router-minted transfer id) and runs ONE packed
    forward pass for all of them off the event loop; it samples each job's first token.
+   With `prefill.prefix_caching`, a job first takes references on the cached blocks of its
+   prompt's longest cached block-aligned prefix and the pass computes only the rest; once the
+   pass succeeded, the job's full prompt blocks are cached for later prompts.
 3. **First token.** `prefill()` yields a `first_token` event. If that token already ends the
    request (EOS, stop id, max_tokens == 1) the blocks are freed and the stream ends.
 4. **Lease and hand-off.** The job's KV stays in its blocks (the lease) while the `KVSender`
@@ -20,9 +23,14 @@ Life cycle of a request on a prefill replica
    cancelling the stream end the job at whatever stage it is: it leaves the queue, or its send
    is cancelled. Blocks are freed by whoever touches them last (the batch loop after a forward
    pass, the send thread after a send), never while a pass or a send may still read them.
+   Freeing drops the job's references: a cached block shared with other jobs stays theirs, and
+   one nobody references stays cached until an allocation evicts it.
 
 Threading: all state is owned by the actor's event loop; only the forward pass and the send
 run in worker threads, and they touch only the blocks of jobs marked `in_forward` / `sending`.
+A pass writes only its jobs' fresh blocks; cached blocks are shared read-only (they are cached
+only after the pass that wrote them succeeded, and the block manager hands a block out afresh
+only when no job references it).
 """
 
 from __future__ import annotations
@@ -43,11 +51,13 @@ from kvtransfer import KVLayout
 from pdserve.config import PdserveConfig
 from pdserve.errors import Cancelled, DeadlineExceeded, Internal, PdserveError
 from pdserve.faults import FaultInjector
+from pdserve.futures import fail_future
 from pdserve.messages import LoadReport, PrefillEvent, PrefillRequest
 from pdserve.metrics import ReplicaMetrics
 from prefill_worker.batcher import PrefillBatcher
 from prefill_worker.hand_off import KVHandOff
 from prefill_worker.job import FirstToken, PrefillJob
+from prefill_worker.prefix_stats import PrefixCacheStats
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +85,9 @@ class PrefillWorker:
         pool = config.prefill
         self._batcher = PrefillBatcher(
             engine.block_manager, pool.max_batch_tokens, pool.max_batch_size,
-            pool.max_waiting_requests,
+            pool.max_waiting_requests, prefix_caching=pool.prefix_caching,
         )
+        self._prefix_stats = PrefixCacheStats(self._metrics, replica_id)
         self._jobs: dict[str, PrefillJob] = {}
         self._work = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -113,8 +124,7 @@ class PrefillWorker:
         job.cancel.set()
         self._batcher.remove(job)
         if not job.first_token.done():
-            job.first_token.set_exception(Cancelled(f"transfer {transfer_id} aborted"))
-            job.first_token.exception()  # retrieved: prefill() may already be gone
+            fail_future(job.first_token, Cancelled(f"transfer {transfer_id} aborted"))
         return True
 
     def close(self) -> None:
@@ -133,7 +143,9 @@ class PrefillWorker:
             num_transfers=sum(1 for j in self._jobs.values() if j.sending),
             num_leases=blocks.num_owners, total_kv_bytes=self._hand_off.total_kv_bytes,
             total_requests=self._total_requests, epoch=epoch,
-            metrics_address=self._metrics.address,
+            metrics_address=self._metrics.address, num_cached_blocks=blocks.num_cached_blocks,
+            total_prompt_tokens=self._prefix_stats.total_prompt_tokens,
+            total_cached_prompt_tokens=self._prefix_stats.total_cached_tokens,
         )
         self._metrics.observe_load(report)
         return report
@@ -170,6 +182,7 @@ class PrefillWorker:
 
     async def _run_batch(self, batch: list[PrefillJob]) -> None:
         started = time.monotonic()
+        self._prefix_stats.record_pass(batch, self._engine.block_manager.num_cached_blocks)
         progress = LayerProgress(self._engine.loaded.num_layers) if self._pipelining else None
         for job in batch:
             job.in_forward = True
@@ -188,10 +201,12 @@ class PrefillWorker:
             token_ids = [failure] * len(batch)
         done_at = time.monotonic()
         self._metrics.observe_prefill_pass(
-            len(batch), sum(job.num_prompt_tokens for job in batch), done_at - started
+            len(batch), sum(job.num_new_tokens for job in batch), done_at - started
         )
         for job, token in zip(batch, token_ids):
             job.in_forward = False
+            if not isinstance(token, PdserveError):  # only a finished pass's KV is reusable
+                self._engine.block_manager.cache_blocks(job.transfer_id, job.block_hashes)
             job.forward_done_at = done_at
             self._resolve(job, token, started, done_at - started)
             self._free_if_idle(job)
@@ -208,7 +223,11 @@ class PrefillWorker:
     def _forward(self, batch: list[PrefillJob], progress: LayerProgress | None) -> list[int]:
         self._faults.before_prefill([job.request.prompt_token_ids for job in batch])
         chunks = [
-            SequenceChunk(job.request.prompt_token_ids, 0, job.block_table or []) for job in batch
+            SequenceChunk(
+                job.request.prompt_token_ids[job.num_cached_tokens :], job.num_cached_tokens,
+                job.block_table or [],
+            )
+            for job in batch
         ]
         on_layer = progress.layer_written if progress is not None else None
         logits = self._engine.runner.forward(chunks, on_layer_written=on_layer)
@@ -233,8 +252,7 @@ class PrefillWorker:
         if job.first_token.done():
             return  # aborted while its pass ran
         if isinstance(token, PdserveError):
-            job.first_token.set_exception(token)
-            job.first_token.exception()  # retrieved: prefill() may already be gone
+            fail_future(job.first_token, token)  # prefill() may already be gone
             return
         job.first_token.set_result(
             FirstToken(token, reason, queue_s=started - job.enqueued_at, prefill_s=prefill_s)

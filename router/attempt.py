@@ -9,7 +9,6 @@ the decode blocks at once.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -17,7 +16,6 @@ from typing import Any
 
 from pdserve.config import PdserveConfig
 from pdserve.errors import (
-    DeadlineExceeded,
     FailedPrecondition,
     PdserveError,
     ResourceExhausted,
@@ -37,18 +35,12 @@ from pdserve.messages import (
 )
 from pdserve.metrics import RouterMetrics
 from router.ray_calls import EventStream, call_message
-from router.replica_pool import DEAD, UNRESPONSIVE, Replica, ReplicaPool
+from router.replica_pool import DEAD, Replica, ReplicaPool
+from router.stream_watch import ReplicaLost as ReplicaLost  # the flow catches it from here
+from router.stream_watch import next_event, seconds_left
 from router.validation import ValidatedRequest
 
 CONTROL_CALL_TIMEOUT_S = 10.0
-
-
-class ReplicaLost(Unavailable):
-    """A replica serving the attempt died or stopped answering."""
-
-    def __init__(self, replica: Replica, why: str) -> None:
-        super().__init__(f"{replica.replica_id} {why}")
-        self.replica = replica
 
 
 @dataclass
@@ -154,29 +146,12 @@ class Attempt:
         return "length" if num_generated >= self._request.sampling.max_tokens else "stop"
 
     async def _next(self, stream: EventStream, replica: Replica) -> Any:
-        """The stream's next event; raises its error, or ReplicaLost when the replica died or
-        stopped answering the router's polls while the stream waited."""
-        stall_check_s = max(0.2, 2 * self._config.timeouts.load_poll_interval_s)
-        while True:
-            left = _seconds_left(self._deadline)
-            try:
-                event = await stream.next(min(left, stall_check_s))
-            except DeadlineExceeded:
-                if replica.state in (UNRESPONSIVE, DEAD):
-                    raise ReplicaLost(replica, f"stopped responding ({replica.state})") from None
-                if replica.epoch != self._placed_epochs.get(replica.replica_id, replica.epoch):
-                    raise ReplicaLost(replica, "restarted") from None
-                if left > stall_check_s:
-                    continue  # a quiet stream on a healthy replica: keep waiting
-                raise
-            except Unavailable as exc:
-                raise ReplicaLost(replica, f"failed: {exc.message}") from None
-            if event.error is not None:
-                error = error_from_info(event.error)
-                if isinstance(error, Unavailable):
-                    raise ReplicaLost(replica, f"reported: {error.message}")
-                raise error
-            return event
+        """The stream's next event; raises its error, or ReplicaLost when the replica died,
+        restarted or stopped answering the router's polls while the stream waited."""
+        return await next_event(
+            stream, replica, self._placed_epochs.get(replica.replica_id, replica.epoch),
+            self._deadline, self._config.timeouts.load_poll_interval_s,
+        )
 
     def _open(
         self, replica: Replica, method: str, event_type: type, message: object
@@ -203,7 +178,7 @@ class Attempt:
             try:
                 reply = await call_message(
                     replica.handle.reserve, ReserveReply, message,
-                    timeout_s=min(CONTROL_CALL_TIMEOUT_S, _seconds_left(self._deadline)),
+                    timeout_s=min(CONTROL_CALL_TIMEOUT_S, seconds_left(self._deadline)),
                     what=f"{replica.replica_id}.reserve",
                 )
             except Unavailable as exc:
@@ -261,10 +236,3 @@ def kv_transport_for(configured: str, prefill_node: str, decode_node: str) -> st
             "different nodes"
         )
     return configured
-
-
-def _seconds_left(deadline: float) -> float:
-    left = deadline - time.time()
-    if left <= 0:
-        raise DeadlineExceeded("deadline exceeded")
-    return left

@@ -4,6 +4,10 @@ Owns the replica table of one role. A poll loop asks every replica for its `Load
 (bounded by a timeout): a replica that answers is READY, one that does not is UNRESPONSIVE,
 one whose actor is gone is DEAD. Placement reads the last reports plus the router's own count of
 requests it placed since (reports lag by up to one poll interval). Event loop only.
+
+Live scaling (`router.pool_scaler`) adds replicas that have not joined yet (STARTING, not
+polled, never placed on) and marks replicas it removes as draining: they answer polls but show
+DRAINING instead of READY, so placement skips them while their requests finish.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from router.ray_calls import call_message
 logger = logging.getLogger(__name__)
 
 STARTING, READY, UNRESPONSIVE, DEAD = "starting", "ready", "unresponsive", "dead"
+DRAINING = "draining"
+STATES = (STARTING, READY, DRAINING, UNRESPONSIVE, DEAD)
 
 
 @dataclass
@@ -30,6 +36,10 @@ class Replica:
     load: LoadReport | None = None
     # Requests the router placed here that the last report may not show yet.
     num_placed_since_report: int = 0
+    # False while a scaled-up replica loads: not polled, not placed on.
+    joined: bool = True
+    # Set by a scale-down: no new placements; removed once its requests finished.
+    draining: bool = False
 
     @property
     def is_ready(self) -> bool:
@@ -56,6 +66,8 @@ class ReplicaPool:
         self._replicas: dict[str, Replica] = {}
         self._task: asyncio.Task[None] | None = None
         self.on_change: list[Any] = []
+        # Size the pool is moving to; `router.pool_scaler` owns it once the router started.
+        self.target_replicas = 0
 
     @property
     def replicas(self) -> list[Replica]:
@@ -65,8 +77,36 @@ class ReplicaPool:
     def num_ready(self) -> int:
         return sum(1 for r in self._replicas.values() if r.is_ready)
 
-    def add(self, replica_id: str, handle: Any) -> None:
-        self._replicas[replica_id] = Replica(replica_id, handle)
+    def add(self, replica_id: str, handle: Any, joined: bool = True) -> Replica:
+        replica = Replica(replica_id, handle, joined=joined)
+        self._replicas[replica_id] = replica
+        return replica
+
+    def remove(self, replica_id: str) -> None:
+        """Forgets a replica (its actor is gone or going); no-op if unknown."""
+        if self._replicas.pop(replica_id, None) is not None:
+            self._changed()
+
+    def set_draining(self, replica: Replica, draining: bool) -> None:
+        """Starts (or, when the pool grows back, ends) a replica's drain; placement sees it at
+        once (a replica that answered its last poll goes READY <-> DRAINING)."""
+        replica.draining = draining
+        previous = replica.state
+        if draining and previous == READY:
+            replica.state = DRAINING
+        elif not draining and previous == DRAINING:
+            replica.state = READY
+        if replica.state != previous:
+            logger.info("%s %s: %s -> %s", self.role, replica.replica_id, previous, replica.state)
+            self._changed()
+
+    def count_by_state(self) -> dict[str, int]:
+        """Replicas per state, every state present (for Info and metrics)."""
+        counts = dict.fromkeys(STATES, 0)
+        # A copy first: the metrics scrape thread calls this while the event loop edits.
+        for replica in list(self._replicas.values()):
+            counts[replica.state] += 1
+        return counts
 
     def get(self, replica_id: str) -> Replica:
         return self._replicas[replica_id]
@@ -94,7 +134,13 @@ class ReplicaPool:
         return sorted(ready, key=lambda r: -(r.load.num_free_blocks if r.load else 0))
 
     async def poll_once(self) -> None:
-        await asyncio.gather(*(self._poll(r) for r in list(self._replicas.values())))
+        await asyncio.gather(
+            *(self._poll(r) for r in list(self._replicas.values()) if r.joined)
+        )
+
+    async def poll(self, replica: Replica) -> None:
+        """Polls one replica now (a report requested after any earlier state change)."""
+        await self._poll(replica)
 
     async def _poll_forever(self) -> None:
         while True:
@@ -115,12 +161,15 @@ class ReplicaPool:
                     previous_epoch, replica.epoch,
                 )
             replica.num_placed_since_report = 0
-            replica.state = READY
+            replica.state = DRAINING if replica.draining else READY
         except Unavailable:
             replica.state = DEAD
         except Exception:  # noqa: BLE001 - a slow or failing replica is just not ready
             replica.state = UNRESPONSIVE
         if replica.state != previous:
             logger.info("%s %s: %s -> %s", self.role, replica.replica_id, previous, replica.state)
-            for callback in self.on_change:
-                callback()
+            self._changed()
+
+    def _changed(self) -> None:
+        for callback in self.on_change:
+            callback()

@@ -15,6 +15,9 @@
 6. **Clean up.** Whatever ends an attempt early (cancel, deadline, error, stop string, a first
    token that already finishes the request), it aborts its transfer id on both replicas, which
    frees the prefill lease and the decode blocks at once.
+
+In `mode: colocated` each attempt is a `ColocatedAttempt` instead: one replica of the colocated
+pool prefills and decodes (steps 1-3 are one stream, no KV moves); steps 4-6 are the same.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pdserve.config import PdserveConfig
 from pdserve.errors import Unavailable
 from pdserve.metrics import RouterMetrics
 from router.attempt import Attempt, AttemptReport, ReplicaLost
+from router.colocated_attempt import ColocatedAttempt
 from router.replica_pool import ReplicaPool
 from router.text_output import TextOutput
 from router.tokenizer import RouterTokenizer
@@ -70,11 +74,17 @@ class RequestFlow:
         prefill_pool: ReplicaPool,
         decode_pool: ReplicaPool,
         metrics: RouterMetrics | None = None,
+        colocated_pool: ReplicaPool | None = None,
     ) -> None:
+        """`colocated_pool` is required (and the only pool used) in `mode: colocated`."""
         self._config = config
         self._tokenizer = tokenizer
         self._pools = (prefill_pool, decode_pool)
         self._metrics = metrics or RouterMetrics()
+        if config.mode == "colocated" and colocated_pool is None:
+            raise ValueError("mode colocated needs the colocated pool")
+        # Set in colocated mode only: then every attempt is a ColocatedAttempt on it.
+        self._colocated_pool = colocated_pool if config.mode == "colocated" else None
 
     async def run(self, request: ValidatedRequest, deadline: float) -> AsyncIterator[StreamChunk]:
         """Streams one request; raises a PdserveError on failure. `deadline` is wall-clock."""
@@ -87,10 +97,7 @@ class RequestFlow:
         timer = self._metrics.stream_timer(admitted_at)
         while True:
             num_previous = len(sent)
-            attempt = Attempt(
-                self._config, self._pools, self._tokenizer.eos_token_ids, request, sent,
-                request_id, deadline, self._metrics,
-            )
+            attempt = self._new_attempt(request, sent, request_id, deadline)
             tokens = attempt.tokens()
             try:
                 finish_reason = ""
@@ -134,6 +141,20 @@ class RequestFlow:
             yield StreamChunk([], text.finish(), completion)
             return
 
+    def _new_attempt(
+        self, request: ValidatedRequest, sent: list[int], request_id: str, deadline: float
+    ) -> Attempt | ColocatedAttempt:
+        eos_token_ids = self._tokenizer.eos_token_ids
+        if self._colocated_pool is not None:
+            return ColocatedAttempt(
+                self._config, self._colocated_pool, eos_token_ids, request, sent, request_id,
+                deadline, self._metrics,
+            )
+        return Attempt(
+            self._config, self._pools, eos_token_ids, request, sent, request_id, deadline,
+            self._metrics,
+        )
+
     def _may_migrate(self, num_migrations: int) -> bool:
         reliability = self._config.reliability
         return (
@@ -143,7 +164,8 @@ class RequestFlow:
 
     async def _refresh(self) -> None:
         """Re-polls the pools so the next attempt is placed on live replicas only."""
-        await asyncio.gather(*(pool.poll_once() for pool in self._pools))
+        pools = self._pools if self._colocated_pool is None else (self._colocated_pool,)
+        await asyncio.gather(*(pool.poll_once() for pool in pools))
 
     def _completion(
         self,

@@ -4,7 +4,10 @@
 model from a replica, refuses pools that serve different models (their KV could never be
 handed over), and serves `pdserve.v1.Generation` plus `grpc.health.v1.Health` on the
 configured address, with the bearer-token interceptor and TLS that `config.security` asks for
-(see `router.auth`). Health is SERVING only while both pools have a ready replica.
+(see `router.auth`). Health is SERVING only while both pools have a ready replica (in
+`mode: colocated`: while the colocated pool has one; no prefill or decode pool runs then).
+`pdserve.v1.Admin` on the same port resizes the running pools (`router.live_scaling`), given a
+replica factory to start actors with.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from pdserve.config import PdserveConfig
 from pdserve.errors import FailedPrecondition
 from pdserve.messages import ModelInfo
 from pdserve.metrics import RouterMetrics
+from router.admin_servicer import AdminServicer
 from router.auth import PublicSecurity, load_public_security
+from router.live_scaling import LiveScaling
+from router.pool_scaler import ReplicaFactory
 from router.ray_calls import call_message
 from router.replica_pool import ReplicaPool
 from router.request_flow import RequestFlow
@@ -35,9 +41,18 @@ MODEL_INFO_TIMEOUT_S = 60.0
 
 class Router:
     def __init__(
-        self, config: PdserveConfig, prefill_actors: dict[str, Any], decode_actors: dict[str, Any]
+        self,
+        config: PdserveConfig,
+        prefill_actors: dict[str, Any],
+        decode_actors: dict[str, Any],
+        colocated_actors: dict[str, Any] | None = None,
+        replica_factory: ReplicaFactory | None = None,
     ) -> None:
+        """`replica_factory` starts and kills actors for live scaling (None: pools keep their
+        size and Admin.Scale fails with FAILED_PRECONDITION)."""
         self._config = config
+        self._replica_factory = replica_factory
+        self.scaling: LiveScaling | None = None
         timeouts = config.timeouts
         self.prefill_pool = ReplicaPool(
             "prefill", timeouts.load_poll_interval_s, timeouts.load_poll_timeout_s
@@ -49,6 +64,11 @@ class Router:
             self.prefill_pool.add(replica_id, handle)
         for replica_id, handle in decode_actors.items():
             self.decode_pool.add(replica_id, handle)
+        self.colocated_pool = ReplicaPool(
+            "colocated", timeouts.load_poll_interval_s, timeouts.load_poll_timeout_s
+        )
+        for replica_id, handle in (colocated_actors or {}).items():
+            self.colocated_pool.add(replica_id, handle)
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self.servicer: GenerationServicer | None = None
@@ -62,11 +82,17 @@ class Router:
         model_info = await self._model_info()
         tokenizer = RouterTokenizer.from_model_info(model_info)
         flow = RequestFlow(
-            self._config, tokenizer, self.prefill_pool, self.decode_pool, self.metrics
+            self._config, tokenizer, self.prefill_pool, self.decode_pool, self.metrics,
+            colocated_pool=self.colocated_pool,
         )
         self.servicer = GenerationServicer(
             self._config, tokenizer, flow, self.prefill_pool, self.decode_pool,
             model_name=model_info.model, version=_pdserve_version(), metrics=self.metrics,
+            colocated_pool=self.colocated_pool,
+        )
+        self.scaling = LiveScaling(
+            self._config, {pool.role: pool for pool in self._active_pools()},
+            self._replica_factory, model_info, self.metrics,
         )
         self._serve_metrics()
         security = load_public_security(self._config.security)
@@ -74,7 +100,9 @@ class Router:
             interceptors=security.interceptors,
             options=[("grpc.max_receive_message_length", self._config.limits.max_request_bytes)],
         )
-        server.add_generic_rpc_handlers((self.servicer.handler(),))
+        server.add_generic_rpc_handlers(
+            (self.servicer.handler(), AdminServicer(self.scaling.controller).handler())
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         router_config = self._config.router
         bind_address = f"{router_config.host}:{router_config.port}"
@@ -87,12 +115,13 @@ class Router:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
-        for pool in (self.prefill_pool, self.decode_pool):
+        for pool in self._active_pools():
             await pool.poll_once()
         await self._update_health()
-        for pool in (self.prefill_pool, self.decode_pool):
+        for pool in self._active_pools():
             pool.on_change.append(self._schedule_health_update)
             pool.start()
+        self.scaling.start()
         logger.info("router serving on %s:%d", router_config.host, self.port)
         return self.port
 
@@ -109,13 +138,24 @@ class Router:
                 logger.info("drain: %d in-flight streams finished", num_inflight)
         if self._server is not None:
             await self._server.stop(grace=1.0)
-        for pool in (self.prefill_pool, self.decode_pool):
+        if self.scaling is not None:
+            await self.scaling.stop()
+        for pool in self._active_pools():
             await pool.stop()
         await asyncio.to_thread(self.metrics.stop)
 
+    def actors(self, role: str | None = None) -> dict[str, Any]:
+        """{replica_id: actor handle} of the replicas the pools (or the pool `role`) hold now,
+        including ones still starting or draining (callable from another thread)."""
+        return {
+            replica.replica_id: replica.handle
+            for pool in self._active_pools() if role in (None, pool.role)
+            for replica in pool.replicas
+        }
+
     async def _model_info(self) -> ModelInfo:
         infos = {}
-        for pool in (self.prefill_pool, self.decode_pool):
+        for pool in self._active_pools():
             for replica in pool.replicas:
                 infos[replica.replica_id] = await call_message(
                     replica.handle.model_info, ModelInfo, timeout_s=MODEL_INFO_TIMEOUT_S,
@@ -144,8 +184,14 @@ class Router:
         for service in ("", SERVICE_NAME):
             await self._health.set(service, status)
 
+    def _active_pools(self) -> tuple[ReplicaPool, ...]:
+        """The pools the configured mode runs."""
+        if self._config.mode == "colocated":
+            return (self.colocated_pool,)
+        return (self.prefill_pool, self.decode_pool)
+
     async def _update_health(self) -> None:
-        serving = self.prefill_pool.num_ready > 0 and self.decode_pool.num_ready > 0
+        serving = all(pool.num_ready > 0 for pool in self._active_pools())
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -154,8 +200,8 @@ class Router:
         await self._set_health(status)
         if not serving:
             logger.warning(
-                "NOT_SERVING: %d ready prefill, %d ready decode replicas",
-                self.prefill_pool.num_ready, self.decode_pool.num_ready,
+                "NOT_SERVING: %s",
+                ", ".join(f"{p.num_ready} ready {p.role}" for p in self._active_pools()),
             )
 
 

@@ -18,9 +18,11 @@ from pdserve.config import PdserveConfig
 from pdserve.errors import PdserveError, ResourceExhausted, Unavailable
 from pdserve.metrics import RouterMetrics
 from pdserve.v1 import pdserve_pb2
+from router.colocated_attempt import NO_KV_TRANSPORT
 from router.replica_pool import ReplicaPool
 from router.request_codec import InvalidRequestBytes, generate_request_deserializer
 from router.request_flow import Completion, RequestFlow, StreamChunk
+from router.scaling import pool_limits
 from router.status import abort_with
 from router.tokenizer import RouterTokenizer
 from router.validation import validate_request
@@ -36,6 +38,7 @@ _REPLICA_STATES = {
     "ready": pdserve_pb2.REPLICA_STATE_READY,
     "unresponsive": pdserve_pb2.REPLICA_STATE_UNRESPONSIVE,
     "dead": pdserve_pb2.REPLICA_STATE_DEAD,
+    "draining": pdserve_pb2.REPLICA_STATE_DRAINING,
 }
 
 
@@ -50,12 +53,15 @@ class GenerationServicer:
         model_name: str,
         version: str,
         metrics: RouterMetrics | None = None,
+        colocated_pool: ReplicaPool | None = None,
     ) -> None:
         self._config = config
         self._tokenizer = tokenizer
         self._flow = flow
         self._prefill_pool = prefill_pool
         self._decode_pool = decode_pool
+        # Set in `mode: colocated`: Info then shows it, and no prefill or decode pool.
+        self._colocated_pool = colocated_pool if config.mode == "colocated" else None
         self._model_name = model_name
         self._version = version
         self._max_context_tokens = min(
@@ -144,15 +150,28 @@ class GenerationServicer:
             model=self._model_name,
             dtype=self._config.model.dtype,
             mode=self._config.mode,
-            kv_transport=self._config.kv_transfer.transport,
-            prefill=_pool_info(self._prefill_pool, self._config.prefill.replicas),
-            decode=_pool_info(self._decode_pool, self._config.decode.replicas),
             version=self._version,
-            kv_block_size=self._config.decode.kv_cache.block_size,
             max_context_tokens=self._max_context_tokens,
             # The router refuses to start with a tokens file that holds no token.
             auth_required=self._config.security.api_tokens_file is not None,
+            **self._pools_info(),
         )
+
+    def _pools_info(self) -> dict[str, Any]:
+        """Info's pool fields, KV transport and block size for the configured mode."""
+        config = self._config
+        if self._colocated_pool is not None:
+            return {
+                "colocated": _pool_info(self._colocated_pool, config),
+                "kv_transport": NO_KV_TRANSPORT,
+                "kv_block_size": config.colocated.kv_cache.block_size,
+            }
+        return {
+            "prefill": _pool_info(self._prefill_pool, config),
+            "decode": _pool_info(self._decode_pool, config),
+            "kv_transport": config.kv_transfer.transport,
+            "kv_block_size": config.decode.kv_cache.block_size,
+        }
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float:
         """Wall-clock deadline: the client's, capped by config; the default when unset."""
@@ -192,7 +211,8 @@ def _final_info(completion: Completion) -> pdserve_pb2.FinalInfo:
     )
 
 
-def _pool_info(pool: ReplicaPool, configured: int) -> pdserve_pb2.PoolInfo:
+def _pool_info(pool: ReplicaPool, config: PdserveConfig) -> pdserve_pb2.PoolInfo:
+    """The pool's replicas and sizes; the pool's role names its config section."""
     replicas = []
     for replica in pool.replicas:
         load = replica.load
@@ -206,4 +226,12 @@ def _pool_info(pool: ReplicaPool, configured: int) -> pdserve_pb2.PoolInfo:
                 node_id=load.node_id if load else "",
             )
         )
-    return pdserve_pb2.PoolInfo(configured_replicas=configured, replicas=replicas)
+    limits = pool_limits(config, pool.role)
+    return pdserve_pb2.PoolInfo(
+        configured_replicas=getattr(config, pool.role).replicas,
+        replicas=replicas,
+        target_replicas=pool.target_replicas,
+        min_replicas=limits.min_replicas,
+        max_replicas=limits.max_replicas,
+        autoscale=limits.autoscale_enabled,
+    )

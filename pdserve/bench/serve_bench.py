@@ -167,6 +167,8 @@ def _server_facts(info: pdserve_pb2.InfoResponse) -> dict[str, Any]:
         "max_context_tokens": info.max_context_tokens,
         "num_prefill_replicas": len(info.prefill.replicas),
         "num_decode_replicas": len(info.decode.replicas),
+        # Set in mode colocated (the prefill and decode pools are empty then).
+        "num_colocated_replicas": len(info.colocated.replicas),
     }
 
 

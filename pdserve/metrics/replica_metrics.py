@@ -2,10 +2,14 @@
 
 Created by the replica's actor (which serves it when `metrics.enabled`) and handed to the
 worker, which passes it on to its batch loop and KV hand-off. Every series carries the
-replica's `replica` and `role` labels; the KV counters add `transport` or `status`.
+replica's `replica` and `role` labels; the KV counters add `transport` or `status`. A prefill
+replica's shm sender is read at each scrape (`watch_shm_staging`, pdserve/metrics/shm_metrics.py).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -13,6 +17,10 @@ from pdserve.config import MetricsConfig
 from pdserve.messages import LoadReport
 from pdserve.metrics.buckets import BATCH_SIZES, BATCH_TOKENS, REQUEST_SECONDS, TOKEN_SECONDS
 from pdserve.metrics.endpoint import MetricsEndpoint
+from pdserve.metrics.shm_metrics import ShmStagingCollector
+
+if TYPE_CHECKING:
+    from kvtransfer.shm_staging import ShmStats
 
 _REPLICA = ["replica", "role"]
 
@@ -53,7 +61,8 @@ class ReplicaMetrics(MetricsEndpoint):
             _REPLICA, registry=registry, buckets=BATCH_SIZES,
         )
         self.prefill_batch_tokens = Histogram(
-            "pdserve_prefill_batch_tokens", "Prompt tokens in one prefill pass.",
+            "pdserve_prefill_batch_tokens",
+            "Prompt tokens one prefill pass computed (prefix-cache hits excluded).",
             _REPLICA, registry=registry, buckets=BATCH_TOKENS,
         )
         self.prefill_pass_duration = Histogram(
@@ -89,11 +98,25 @@ class ReplicaMetrics(MetricsEndpoint):
         )
         self.prefix_cache_hits = Counter(
             "pdserve_prefix_cache_hits_total",
-            "Prompt tokens served from a prefix cache. Always 0: prefix caching is not "
-            "implemented yet.",
+            "Prompt tokens whose KV a prefill replica took from its prefix cache instead of "
+            "computing it (hit rate: divide by pdserve_prefix_cache_prompt_tokens_total).",
             _REPLICA, registry=registry,
         )
-        self.prefix_cache_hits.labels(*self._labels)  # exported at 0 so dashboards find it
+        self.prefix_cache_prompt_tokens = Counter(
+            "pdserve_prefix_cache_prompt_tokens_total",
+            "Prompt tokens of the requests a prefill replica batched, cached or not.",
+            _REPLICA, registry=registry,
+        )
+        self.prefix_cache_blocks = gauge(
+            "pdserve_prefix_cache_blocks",
+            "KV blocks a prefill replica keeps in its prefix cache, referenced or not.",
+        )
+        # Exported at 0 (decode replicas included) so dashboards find them.
+        for metric in (self.prefix_cache_hits, self.prefix_cache_prompt_tokens,
+                       self.prefix_cache_blocks):
+            metric.labels(*self._labels)
+        self._shm_staging = ShmStagingCollector(replica_id, role)
+        registry.register(self._shm_staging)
 
     @classmethod
     def start(
@@ -118,11 +141,17 @@ class ReplicaMetrics(MetricsEndpoint):
         self.kv_blocks_used.labels(*labels).set(report.num_total_blocks - report.num_free_blocks)
         self.kv_blocks_total.labels(*labels).set(report.num_total_blocks)
         self.kv_transfers_in_flight.labels(*labels).set(report.num_transfers)
+        self.prefix_cache_blocks.labels(*labels).set(report.num_cached_blocks)
 
     def observe_prefill_pass(self, num_requests: int, num_tokens: int, seconds: float) -> None:
         self.prefill_batch_size.labels(*self._labels).observe(num_requests)
         self.prefill_batch_tokens.labels(*self._labels).observe(num_tokens)
         self.prefill_pass_duration.labels(*self._labels).observe(seconds)
+
+    def count_prefix_cache(self, num_prompt_tokens: int, num_cached_tokens: int) -> None:
+        """Prompt tokens of one prefill pass and how many of them the prefix cache served."""
+        self.prefix_cache_prompt_tokens.labels(*self._labels).inc(num_prompt_tokens)
+        self.prefix_cache_hits.labels(*self._labels).inc(num_cached_tokens)
 
     def observe_decode_step(self, num_seqs: int, seconds: float) -> None:
         self.decode_batch_size.labels(*self._labels).observe(num_seqs)
@@ -136,3 +165,8 @@ class ReplicaMetrics(MetricsEndpoint):
 
     def count_kv_transfer_failure(self, status: str) -> None:
         self.kv_transfer_failures.labels(*self._labels, status).inc()
+
+    def watch_shm_staging(self, stats: Callable[[], ShmStats]) -> None:
+        """Reads the pool and fallback series from `stats` (`ShmStaging.stats` of the replica's
+        shm sender) at each scrape. Called once the sender exists; `stats` must not block."""
+        self._shm_staging.watch(stats)

@@ -1,12 +1,14 @@
-"""What the router measures: latency as the client sees it, outcomes, and KV hand-offs.
+"""What the router measures: latency as the client sees it, outcomes, KV hand-offs and pool
+sizes.
 
 Created by `router.server.Router`, handed to the request flow, its attempts and the servicer.
-Labels are bounded: gRPC status names, stage names and KV transport names, never request ids.
+Labels are bounded: gRPC status names, stage names, KV transport names, pool roles and replica
+states, never request ids.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -89,11 +91,39 @@ class RouterMetrics(MetricsEndpoint):
             "Hand-offs that ended in an error, by the transport asked for and the status.",
             ["transport", "status"], registry=registry,
         )
+        self.pool_replicas = Gauge(
+            "pdserve_router_pool_replicas",
+            "Replicas of each pool (role) by state: starting, ready, draining, unresponsive, "
+            "dead.",
+            ["role", "state"], registry=registry,
+        )
+        self.pool_target_replicas = Gauge(
+            "pdserve_router_pool_target_replicas",
+            "Size each pool is moving to: as configured, or as set by `pdserve scale` or the "
+            "autoscaler.",
+            ["role"], registry=registry,
+        )
 
     def watch_inflight(self, count: Callable[[], int]) -> None:
         """Reads the in-flight gauge from `count` at each scrape (scrape thread; must not
         block)."""
         self.requests_in_flight.set_function(count)
+
+    def watch_pool(
+        self,
+        role: str,
+        states: Sequence[str],
+        counts: Callable[[], Mapping[str, int]],
+        target: Callable[[], int],
+    ) -> None:
+        """Reads the `role` pool's replicas per state and its target at each scrape (scrape
+        thread: `counts` and `target` must not block and must tolerate the router changing
+        the pool)."""
+        for state in states:
+            self.pool_replicas.labels(role, state).set_function(
+                lambda state=state: counts().get(state, 0)  # type: ignore[misc]
+            )
+        self.pool_target_replicas.labels(role).set_function(target)
 
     def stream_timer(self, admitted_at: float) -> StreamTimer:
         """A timer for one request's stream; `admitted_at` is `time.monotonic()`."""

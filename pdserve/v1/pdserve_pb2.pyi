@@ -21,6 +21,7 @@ class ReplicaState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REPLICA_STATE_READY: _ClassVar[ReplicaState]
     REPLICA_STATE_UNRESPONSIVE: _ClassVar[ReplicaState]
     REPLICA_STATE_DEAD: _ClassVar[ReplicaState]
+    REPLICA_STATE_DRAINING: _ClassVar[ReplicaState]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -30,6 +31,7 @@ REPLICA_STATE_STARTING: ReplicaState
 REPLICA_STATE_READY: ReplicaState
 REPLICA_STATE_UNRESPONSIVE: ReplicaState
 REPLICA_STATE_DEAD: ReplicaState
+REPLICA_STATE_DRAINING: ReplicaState
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos")
@@ -152,15 +154,23 @@ class ReplicaInfo(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., num_active_requests: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class PoolInfo(_message.Message):
-    __slots__ = ("configured_replicas", "replicas")
+    __slots__ = ("configured_replicas", "replicas", "target_replicas", "min_replicas", "max_replicas", "autoscale")
     CONFIGURED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALE_FIELD_NUMBER: _ClassVar[int]
     configured_replicas: int
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaInfo]
-    def __init__(self, configured_replicas: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ...) -> None: ...
+    target_replicas: int
+    min_replicas: int
+    max_replicas: int
+    autoscale: bool
+    def __init__(self, configured_replicas: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., target_replicas: _Optional[int] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., autoscale: _Optional[bool] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "dtype", "mode", "kv_transport", "prefill", "decode", "version", "kv_block_size", "max_context_tokens", "auth_required")
+    __slots__ = ("model", "dtype", "mode", "kv_transport", "prefill", "decode", "version", "kv_block_size", "max_context_tokens", "auth_required", "colocated")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +181,7 @@ class InfoResponse(_message.Message):
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     AUTH_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    COLOCATED_FIELD_NUMBER: _ClassVar[int]
     model: str
     dtype: str
     mode: str
@@ -181,4 +192,40 @@ class InfoResponse(_message.Message):
     kv_block_size: int
     max_context_tokens: int
     auth_required: bool
-    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., mode: _Optional[str] = ..., kv_transport: _Optional[str] = ..., prefill: _Optional[_Union[PoolInfo, _Mapping]] = ..., decode: _Optional[_Union[PoolInfo, _Mapping]] = ..., version: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., auth_required: _Optional[bool] = ...) -> None: ...
+    colocated: PoolInfo
+    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., mode: _Optional[str] = ..., kv_transport: _Optional[str] = ..., prefill: _Optional[_Union[PoolInfo, _Mapping]] = ..., decode: _Optional[_Union[PoolInfo, _Mapping]] = ..., version: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., auth_required: _Optional[bool] = ..., colocated: _Optional[_Union[PoolInfo, _Mapping]] = ...) -> None: ...
+
+class ScaleRequest(_message.Message):
+    __slots__ = ("target_replicas",)
+    class TargetReplicasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    TARGET_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    target_replicas: _containers.ScalarMap[str, int]
+    def __init__(self, target_replicas: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class ScaleResponse(_message.Message):
+    __slots__ = ("previous_target_replicas", "target_replicas")
+    class PreviousTargetReplicasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class TargetReplicasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    PREVIOUS_TARGET_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    previous_target_replicas: _containers.ScalarMap[str, int]
+    target_replicas: _containers.ScalarMap[str, int]
+    def __init__(self, previous_target_replicas: _Optional[_Mapping[str, int]] = ..., target_replicas: _Optional[_Mapping[str, int]] = ...) -> None: ...

@@ -150,3 +150,87 @@ class Generation:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub:
+    """Operator calls on a running service, served on the same port as Generation. Needs the same
+    bearer token as Generate when the service requires one.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Scale = channel.unary_unary(
+                '/pdserve.v1.Admin/Scale',
+                request_serializer=pdserve_dot_v1_dot_pdserve__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_pdserve__pb2.ScaleResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Operator calls on a running service, served on the same port as Generation. Needs the same
+    bearer token as Generate when the service requires one.
+    """
+
+    def Scale(self, request, context):
+        """Sets the target replica count of one or more pools and returns at once; the pools then
+        move to it in the background. New replicas start, load the model and join routing only
+        once ready. Removed replicas first stop taking new requests (DRAINING), finish the ones in
+        flight, then exit. Follow the change with Generation.Info (PoolInfo.target_replicas and the
+        replica states). Errors: INVALID_ARGUMENT naming the field for an unknown pool or a count
+        outside 1..PoolInfo.max_replicas; UNAUTHENTICATED as for Generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=pdserve_dot_v1_dot_pdserve__pb2.ScaleRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_pdserve__pb2.ScaleResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pdserve.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pdserve.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Operator calls on a running service, served on the same port as Generation. Needs the same
+    bearer token as Generate when the service requires one.
+    """
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Admin/Scale',
+            pdserve_dot_v1_dot_pdserve__pb2.ScaleRequest.SerializeToString,
+            pdserve_dot_v1_dot_pdserve__pb2.ScaleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

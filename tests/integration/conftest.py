@@ -43,7 +43,8 @@ def tiny_service(ray_cluster: None, tiny_model_dir: Path) -> Iterator[Service]:
 def load_reports(service: Service) -> list[LoadReport]:
     """Load of every live replica (killed ones are skipped)."""
     reports = []
-    for actor in {**service.prefill_actors, **service.decode_actors}.values():
+    actors = {**service.prefill_actors, **service.decode_actors, **service.colocated_actors}
+    for actor in actors.values():
         try:
             reports.append(decode(LoadReport, ray.get(actor.load.remote(), timeout=30)))
         except ray.exceptions.RayActorError:

@@ -251,3 +251,117 @@ def test_serve_runs_until_sigterm_then_stops(tmp_path, monkeypatch, capsys) -> N
     assert service.config.router.port == 6000
     assert "listening on 127.0.0.1:6000" in capsys.readouterr().out
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+class FakeScaling(pdserve_pb2_grpc.GenerationServicer, pdserve_pb2_grpc.AdminServicer):
+    """Admin.Scale records the targets (cap 4, like a real pool); Info shows each pool with
+    one READY replica more per call until it reaches its target (a scale-up in progress)."""
+
+    def __init__(self) -> None:
+        self.targets = {"prefill": 1, "decode": 2}
+        self.ready = dict(self.targets)
+        self.scale_requests: list[pdserve_pb2.ScaleRequest] = []
+        self.metadata: list[dict[str, str]] = []
+        self.num_info_calls = 0
+
+    def Scale(self, request, context):  # noqa: N802
+        self.scale_requests.append(request)
+        self.metadata.append(dict(context.invocation_metadata()))
+        for pool, count in request.target_replicas.items():
+            if not 1 <= count <= 4:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f'target_replicas["{pool}"]: {count} replicas is out of range [1, 4]',
+                )
+        previous = dict(self.targets)
+        self.targets.update(request.target_replicas)
+        return pdserve_pb2.ScaleResponse(
+            previous_target_replicas=previous, target_replicas=self.targets
+        )
+
+    def Info(self, request, context):  # noqa: N802
+        self.num_info_calls += 1
+        pools = {}
+        for pool, target in self.targets.items():
+            self.ready[pool] = min(target, self.ready[pool] + 1)
+            replicas = [
+                pdserve_pb2.ReplicaInfo(
+                    replica_id=f"{pool}-{i}", state=pdserve_pb2.REPLICA_STATE_READY
+                )
+                for i in range(self.ready[pool])
+            ]
+            pools[pool] = pdserve_pb2.PoolInfo(
+                configured_replicas=1, replicas=replicas, target_replicas=target,
+                min_replicas=1, max_replicas=4, autoscale=pool == "decode",
+            )
+        return pdserve_pb2.InfoResponse(mode="disaggregated", **pools)
+
+
+@pytest.fixture
+def fake_scaling() -> Iterator[tuple[str, FakeScaling]]:
+    servicer = FakeScaling()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pdserve_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+    pdserve_pb2_grpc.add_AdminServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", servicer
+    server.stop(grace=None)
+
+
+def test_scale_sends_the_pool_sizes_and_prints_the_change(fake_scaling, capsys) -> None:
+    address, servicer = fake_scaling
+    assert cli.main(["scale", "--target", address, "--prefill", "3", "--decode", "2"]) == 0
+    (request,) = servicer.scale_requests
+    assert dict(request.target_replicas) == {"prefill": 3, "decode": 2}
+    out = capsys.readouterr().out
+    assert "prefill     1 -> 3 replicas" in out
+    assert "decode      2 -> 2 replicas (same)" in out
+    assert servicer.num_info_calls == 0  # without --wait it returns at once
+
+
+def test_scale_wait_polls_info_until_the_pools_settle(fake_scaling, capsys) -> None:
+    address, servicer = fake_scaling
+    argv = ["scale", "--address", address, "--prefill", "4", "--wait", "--wait-timeout", "60"]
+    assert cli.main(argv) == 0
+    assert servicer.num_info_calls == 3  # 2/4, 3/4, then 4/4 READY
+    assert "pools settled" in capsys.readouterr().out
+
+
+def test_scale_reads_the_token_file_and_a_config(fake_scaling, tmp_path, capsys) -> None:
+    address, servicer = fake_scaling
+    token_file = tmp_path / "token"
+    token_file.write_text("# the operator's token\n\nabcdefghijklmnop0123\n")
+    config = _write_config(tmp_path, "prefill:\n  replicas: 2\ndecode:\n  replicas: 3\n")
+    argv = ["scale", "--address", address, "--config", config, "--decode", "4",
+            "--token-file", str(token_file)]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert dict(servicer.scale_requests[0].target_replicas) == {"prefill": 2, "decode": 4}
+    assert servicer.metadata[0]["authorization"] == "Bearer abcdefghijklmnop0123"
+
+
+def test_scale_refused_by_the_server_exits_1(fake_scaling, capsys) -> None:
+    address, _ = fake_scaling
+    assert cli.main(["scale", "--address", address, "--decode", "9"]) == 1
+    err = capsys.readouterr().err
+    assert 'error: INVALID_ARGUMENT: target_replicas["decode"]: 9 replicas' in err
+
+
+@pytest.mark.parametrize("flags", [[], ["--decode", "0"], ["--prefill", "x"]])
+def test_scale_without_a_valid_size_exits_2(flags, capsys) -> None:
+    try:
+        code = cli.main(["scale", "--address", "127.0.0.1:1", *flags])
+    except SystemExit as exc:  # argparse rejects a bad value itself
+        code = exc.code
+    assert code == 2
+    assert "--" in capsys.readouterr().err
+
+
+def test_info_shows_targets_and_autoscaling(fake_scaling, capsys) -> None:
+    address, servicer = fake_scaling
+    servicer.targets["prefill"] = 3
+    servicer.ready["prefill"] = 0
+    assert cli.main(["info", "--address", address]) == 0
+    out = capsys.readouterr().out
+    assert "prefill     1/1 replicas (target 3)" in out
+    assert "decode      2/1 replicas (target 2, autoscale 1..4)" in out

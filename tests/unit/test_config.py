@@ -36,7 +36,7 @@ def _key_paths(section: type[BaseModel], prefix: str = "") -> set[str]:
 def _raw_paths(raw: dict[str, Any], prefix: str = "") -> set[str]:
     paths = set()
     for name, value in raw.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:  # an empty mapping ({}) is a value
             paths |= _raw_paths(value, f"{prefix}{name}.")
         else:
             paths.add(prefix + name)
@@ -95,13 +95,17 @@ def test_multinode_example() -> None:
         (
             {"modle": {}},
             "modle",
-            "decode, faults, kv_transfer, limits, log_level, metrics, mode, model",
+            "colocated, decode, faults, kv_transfer, limits, log_level, metrics, mode, model",
         ),
-        ({"decode": {"replica": 2}}, "decode.replica", "kv_cache, max_batch_size, replicas"),
+        (
+            {"decode": {"replica": 2}},
+            "decode.replica",
+            "autoscale, kv_cache, max_batch_size, replicas",
+        ),
         (
             {"prefill": {"resources": {"gpus": 1}}},
             "prefill.resources.gpus",
-            "num_cpus, num_gpus, torch_threads",
+            "custom_resources, node_labels, num_cpus, num_gpus, placement_strategy, torch_threads",
         ),
         (
             {"decode": {"kv_cache": {"blocks": 1}}},
@@ -127,7 +131,7 @@ def test_unknown_key_names_path_and_valid_keys(raw: Any, key: str, valid: str) -
         ({"prefill": {"lease_ttl_s": 0}}, "prefill.lease_ttl_s", "greater than 0"),
         ({"ray": {"num_cpus": True}}, "ray.num_cpus", "valid integer"),
         ({"kv_transfer": {"host": ""}}, "kv_transfer.host", "at least 1 character"),
-        ({"decode": [1, 2]}, "decode", "expected a mapping with keys kv_cache"),
+        ({"decode": [1, 2]}, "decode", "expected a mapping with keys autoscale, kv_cache"),
         ({"decode": None}, "decode", "got null"),
     ],
 )

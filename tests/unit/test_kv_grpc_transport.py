@@ -1,5 +1,6 @@
-"""Sender and receiver end to end: gRPC over 127.0.0.1, shm, the in-process transport, and
-"nccl" (gloo on the CPU: both ranks of the pair group in this process, on two threads)."""
+"""Sender and receiver end to end: gRPC over 127.0.0.1 (chunk bytes on the TCP side channel,
+and in-band with `side_channel: none`), shm, the in-process transport, and "nccl" (gloo on the
+CPU: both ranks of the pair group in this process, on two threads)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,16 @@ LAYOUT = KVLayout("fp-test", num_layers=4, num_kv_heads=2, head_dim=16, dtype="f
 CONFIG = KVTransferConfig(chunk_bytes=4096, max_message_bytes=128 * 1024, timeout_s=10.0)
 NUM_TOKENS = 37
 WAIT_S = 10.0
+# "grpc-inband": transport "grpc" with the chunk bytes inside the gRPC messages; "grpc" runs with
+# the default TCP side channel.
+INBAND_CONFIG = KVTransferConfig(**{**CONFIG.model_dump(), "side_channel": "none"})
+
+
+def transport_config(transport: str) -> tuple[str, KVTransferConfig]:
+    """The transport name and config a test parameter stands for."""
+    if transport == "grpc-inband":
+        return "grpc", INBAND_CONFIG
+    return transport, CONFIG
 
 
 class ArraySource:
@@ -91,17 +102,18 @@ class DoneRecorder:
 
 
 # What TransferStats.transport reports: "nccl" runs gloo when the KV is on the CPU.
-REPORTED_TRANSPORT = {"nccl": "gloo"}
+REPORTED_TRANSPORT = {"nccl": "gloo", "grpc-inband": "grpc"}
 
 
-@pytest.fixture(params=["grpc", "shm", "inproc", "nccl"])
+@pytest.fixture(params=["grpc", "grpc-inband", "shm", "inproc", "nccl"])
 def transport(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture
 def receiver(transport: str) -> Iterator[KVReceiver]:
-    receiver = make_receiver(transport, LAYOUT, CONFIG)
+    name, config = transport_config(transport)
+    receiver = make_receiver(name, LAYOUT, config)
     receiver.start()
     yield receiver
     receiver.stop()
@@ -109,7 +121,7 @@ def receiver(transport: str) -> Iterator[KVReceiver]:
 
 @pytest.fixture
 def sender(transport: str) -> Iterator[KVSender]:
-    sender = make_sender(transport, CONFIG)
+    sender = make_sender(*transport_config(transport))
     yield sender
     sender.close()
 
@@ -154,6 +166,13 @@ def test_round_trip_moves_every_byte(sender: KVSender, receiver: KVReceiver,
     assert sink.num_writes == num_chunks == 12
     assert receiver.num_pending == 0
     assert receiver.total_bytes_received == LAYOUT.kv_bytes(NUM_TOKENS)
+    if transport.startswith("grpc"):
+        # Which path the bytes took is observable, and "grpc" took the side channel.
+        expected_side_channel = "tcp" if transport == "grpc" else "none"
+        assert sender.side_channel == expected_side_channel  # type: ignore[attr-defined]
+        assert sender.num_side_channel_transfers == (  # type: ignore[attr-defined]
+            1 if transport == "grpc" else 0
+        )
     assert_good_transfer(sender, receiver, "t2")
 
 
@@ -314,7 +333,8 @@ def test_source_error_fails_both_sides(sender: KVSender, receiver: KVReceiver) -
 
 
 def test_unreachable_peer_is_unavailable(sender: KVSender, transport: str) -> None:
-    gone = make_receiver(transport, LAYOUT, CONFIG)
+    name, config = transport_config(transport)
+    gone = make_receiver(name, LAYOUT, config)
     gone.start()
     address = gone.address
     gone.stop()
@@ -325,7 +345,8 @@ def test_unreachable_peer_is_unavailable(sender: KVSender, transport: str) -> No
 
 
 def test_stop_fails_pending_transfers(transport: str) -> None:
-    receiver = make_receiver(transport, LAYOUT, CONFIG)
+    name, config = transport_config(transport)
+    receiver = make_receiver(name, LAYOUT, config)
     receiver.start()
     done = DoneRecorder()
     receiver.expect("t1", NUM_TOKENS, ArraySink(LAYOUT, NUM_TOKENS), done)

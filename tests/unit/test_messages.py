@@ -101,6 +101,11 @@ MESSAGES: list[Any] = [
         total_decode_steps=6,
         total_decode_tokens=7,
         metrics_address="127.0.0.1:9401",
+        total_prefill_chunks=8,
+        total_mixed_steps=9,
+        num_cached_blocks=4,
+        total_prompt_tokens=1000,
+        total_cached_prompt_tokens=640,
     ),
     ModelInfo(
         model="tiny",

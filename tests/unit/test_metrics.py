@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from kvtransfer.shm_staging import MIB, ShmStaging, ShmStats
 from pdserve.config import MetricsConfig
 from pdserve.errors import FailedPrecondition
 from pdserve.messages import LoadReport
 from pdserve.metrics import ReplicaMetrics, RouterMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json"
-ALLOWED_LABELS = {"status", "stage", "transport", "replica", "role"}
+ALLOWED_LABELS = {"status", "stage", "transport", "replica", "role", "state"}
 REPLICA = {"replica": "decode-3", "role": "decode"}
 
 
@@ -169,8 +170,67 @@ def test_replica_passes_steps_and_kv_counters() -> None:
     assert value(
         registry, "pdserve_replica_kv_transfer_failures_total", **REPLICA, status="DATA_LOSS"
     ) == 1
-    # Not implemented yet, but exported (at 0) so the dashboard panel exists.
+    # Counted only by prefill replicas with prefix caching; exported at 0 everywhere else.
     assert registry.get_sample_value("pdserve_prefix_cache_hits_total", REPLICA) == 0
+
+
+def shm_stats(**overrides: int) -> ShmStats:
+    fields = dict(
+        pool_bytes=0, pool_free_bytes=0, num_active_leases=0, num_quarantined_regions=0,
+        num_deferred_reclaims=0, num_pool_transfers=0, num_fallback_transfers=0,
+    )
+    fields.update(overrides)
+    return ShmStats(**fields)
+
+
+def test_shm_staging_series_read_the_watched_sender_at_each_scrape() -> None:
+    metrics = ReplicaMetrics("prefill-1", "prefill")
+    registry = metrics.registry
+    labels = {"replica": "prefill-1", "role": "prefill"}
+    # Before any shm sender exists the series are there, at 0 (no pool).
+    assert registry.get_sample_value("pdserve_replica_shm_pool_bytes", labels) == 0
+    assert registry.get_sample_value("pdserve_replica_shm_fallback_transfers_total", labels) == 0
+    current = [shm_stats(pool_bytes=4096, pool_free_bytes=1024, num_active_leases=2,
+                         num_quarantined_regions=1, num_deferred_reclaims=3,
+                         num_pool_transfers=5, num_fallback_transfers=1)]
+    metrics.watch_shm_staging(lambda: current[0])
+    expected = {
+        "pdserve_replica_shm_pool_bytes": 4096,
+        "pdserve_replica_shm_pool_free_bytes": 1024,
+        "pdserve_replica_shm_pool_active_leases": 2,
+        "pdserve_replica_shm_pool_quarantined_regions": 1,
+        "pdserve_replica_shm_pool_deferred_reclaims_total": 3,
+        "pdserve_replica_shm_pool_transfers_total": 5,
+        "pdserve_replica_shm_fallback_transfers_total": 1,
+    }
+    for name, number in expected.items():
+        assert registry.get_sample_value(name, labels) == number, name
+    current[0] = shm_stats(pool_bytes=4096, pool_free_bytes=4096, num_fallback_transfers=7)
+    assert value(registry, "pdserve_replica_shm_pool_free_bytes", **labels) == 4096
+    assert value(registry, "pdserve_replica_shm_fallback_transfers_total", **labels) == 7
+    assert value(registry, "pdserve_replica_shm_pool_active_leases", **labels) == 0
+
+
+def test_a_real_fallback_from_the_shm_pool_is_counted() -> None:
+    staging = ShmStaging(pool_mb=1)
+    metrics = ReplicaMetrics("prefill-0", "prefill")
+    metrics.watch_shm_staging(staging.stats)
+    labels = {"replica": "prefill-0", "role": "prefill"}
+    try:
+        with staging.writer("fits", MIB // 4):
+            leased = value(metrics.registry, "pdserve_replica_shm_pool_active_leases", **labels)
+        with staging.writer("toobig", 2 * MIB):  # larger than the pool: a fresh segment
+            pass
+        registry = metrics.registry
+        assert leased == 1
+        assert value(registry, "pdserve_replica_shm_pool_bytes", **labels) >= MIB
+        assert value(registry, "pdserve_replica_shm_pool_free_bytes", **labels) == value(
+            registry, "pdserve_replica_shm_pool_bytes", **labels
+        )
+        assert value(registry, "pdserve_replica_shm_pool_transfers_total", **labels) == 1
+        assert value(registry, "pdserve_replica_shm_fallback_transfers_total", **labels) == 1
+    finally:
+        staging.close()
 
 
 def test_each_object_has_its_own_registry() -> None:
@@ -187,6 +247,7 @@ def test_each_object_has_its_own_registry() -> None:
 def _exercise_router() -> RouterMetrics:
     metrics = RouterMetrics()
     metrics.watch_inflight(lambda: 1)
+    metrics.watch_pool("decode", ("ready",), lambda: {"ready": 1}, lambda: 1)
     metrics.stream_timer(0.0).tokens_sent(1)
     metrics.observe_completion({"queue_s": 1.0, "decode_s": 1.0}, 3)
     metrics.count_request("OK")
@@ -205,6 +266,7 @@ def _exercise_replica() -> ReplicaMetrics:
     metrics.count_kv_sent("grpc", 1)
     metrics.count_kv_received("grpc", 1)
     metrics.count_kv_transfer_failure("CANCELLED")
+    metrics.watch_shm_staging(lambda: shm_stats(pool_bytes=MIB, num_fallback_transfers=1))
     return metrics
 
 

@@ -1,8 +1,10 @@
-"""PrefillBatcher: FIFO batches within the token/size budgets and the KV cache, no overtaking."""
+"""PrefillBatcher: FIFO batches within the token/size budgets and the KV cache, no overtaking;
+with prefix caching, jobs share cached prefix blocks and compute only their tails."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -166,3 +168,89 @@ def test_remove_takes_a_waiting_job_out(loop: asyncio.AbstractEventLoop) -> None
     assert not blocks.owns("b")
     assert not batcher.remove(jobs["a"])  # already batched
     assert not batcher.remove(make_job(loop, "never", 1))
+
+
+def make_caching_batcher(
+    num_blocks: int = 64, max_batch_tokens: int = 1000
+) -> tuple[PrefillBatcher, BlockManager]:
+    blocks = BlockManager(num_blocks, BLOCK_SIZE)
+    return PrefillBatcher(blocks, max_batch_tokens, 100, 100, prefix_caching=True), blocks
+
+
+def make_prompt_job(
+    loop: asyncio.AbstractEventLoop, name: str, prompt: list[int]
+) -> PrefillJob:
+    job = make_job(loop, name, 0)
+    request = dataclasses.replace(job.request, prompt_token_ids=prompt)
+    return PrefillJob(request, job.first_token)
+
+
+def finish_pass(blocks: BlockManager, batch: list[PrefillJob]) -> None:
+    """What the worker does after a successful pass."""
+    for job in batch:
+        blocks.cache_blocks(job.transfer_id, job.block_hashes)
+
+
+SYSTEM = list(range(500, 512))  # 3 full blocks
+
+
+def test_a_later_job_with_a_cached_prefix_shares_its_blocks(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    batcher, blocks = make_caching_batcher()
+    first = make_prompt_job(loop, "first", SYSTEM + [1, 2])
+    batcher.submit(first)
+    assert len(first.block_hashes) == 3
+    assert names(batch := batcher.next_batch()) == ["first"]
+    assert first.num_cached_tokens == 0 and first.num_new_tokens == 14
+    finish_pass(blocks, batch)
+    second = make_prompt_job(loop, "second", SYSTEM + [3, 4, 5, 6, 7])
+    batcher.submit(second)
+    assert names(batcher.next_batch()) == ["second"]
+    assert second.num_cached_tokens == 12 and second.num_new_tokens == 5
+    assert second.block_table is not None and first.block_table is not None
+    assert second.block_table[:3] == first.block_table[:3]
+    assert blocks.ref_count(first.block_table[0]) == 2
+
+
+def test_only_uncached_tokens_count_against_the_token_budget(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    batcher, blocks = make_caching_batcher(max_batch_tokens=16)
+    seed = make_prompt_job(loop, "seed", SYSTEM + [1])
+    batcher.submit(seed)
+    finish_pass(blocks, batcher.next_batch())
+    for name in "abc":  # 15 tokens each, 3 of them new
+        batcher.submit(make_prompt_job(loop, name, SYSTEM + [ord(name)] * 3))
+    assert names(batcher.next_batch()) == ["a", "b", "c"]
+
+
+def test_a_job_waits_for_a_prefix_the_batch_is_computing(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    batcher, blocks = make_caching_batcher()
+    jobs = [make_prompt_job(loop, name, SYSTEM + [ord(name)]) for name in "ab"]
+    unrelated = make_prompt_job(loop, "c", [9] * 9)
+    for job in jobs + [unrelated]:
+        batcher.submit(job)
+    batch = batcher.next_batch()
+    assert names(batch) == ["a"], "b would recompute what a computes"
+    finish_pass(blocks, batch)
+    assert names(batcher.next_batch()) == ["b", "c"]
+    assert jobs[1].num_cached_tokens == 12
+
+
+def test_without_prefix_caching_nothing_is_hashed_or_shared(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    batcher, blocks = make_batcher()
+    jobs = [make_prompt_job(loop, name, SYSTEM + [ord(name)]) for name in "ab"]
+    for job in jobs:
+        batcher.submit(job)
+        assert job.block_hashes == []
+        assert names(batch := batcher.next_batch()) == [job.transfer_id]
+        finish_pass(blocks, batch)
+        assert job.num_cached_tokens == 0
+    assert blocks.num_cached_blocks == 0
+    assert jobs[0].block_table is not None and jobs[1].block_table is not None
+    assert not set(jobs[0].block_table) & set(jobs[1].block_table)

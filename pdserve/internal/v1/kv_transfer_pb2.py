@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%pdserve/internal/v1/kv_transfer.proto\x12\x13pdserve.internal.v1\"\x8d\x01\n\rKVLayoutProto\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\"F\n\x10HandshakeRequest\x12\x32\n\x06layout\x18\x01 \x01(\x0b\x32\".pdserve.internal.v1.KVLayoutProto\"Y\n\x0eHandshakeReply\x12\x32\n\x06layout\x18\x01 \x01(\x0b\x32\".pdserve.internal.v1.KVLayoutProto\x12\x13\n\x0bgroup_store\x18\x02 \x01(\t\"H\n\x10JoinGroupRequest\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\"!\n\x0eJoinGroupReply\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\"\x8d\x01\n\x08KVHeader\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x32\n\x06layout\x18\x02 \x01(\x0b\x32\".pdserve.internal.v1.KVLayoutProto\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x12\n\nnum_chunks\x18\x04 \x01(\r\x12\x10\n\x08group_id\x18\x05 \x01(\t\"\xc1\x01\n\x07KVChunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x13\n\x0btoken_start\x18\x04 \x01(\r\x12\x11\n\ttoken_end\x18\x05 \x01(\r\x12\x0e\n\x06\x63rc32c\x18\x06 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x12(\n\x03shm\x18\x08 \x01(\x0b\x32\x1b.pdserve.internal.v1.ShmRef\x12\x11\n\tvia_group\x18\t \x01(\x08\"9\n\x06ShmRef\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"6\n\x08KVCommit\x12\x12\n\nnum_chunks\x18\x01 \x01(\r\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\"\xa4\x01\n\tKVMessage\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.pdserve.internal.v1.KVHeaderH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.pdserve.internal.v1.KVChunkH\x00\x12/\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1d.pdserve.internal.v1.KVCommitH\x00\x42\x06\n\x04kind\"\x1e\n\tPushReply\x12\x11\n\tnum_bytes\x18\x01 \x01(\x04\x32\x88\x02\n\nKVTransfer\x12W\n\tHandshake\x12%.pdserve.internal.v1.HandshakeRequest\x1a#.pdserve.internal.v1.HandshakeReply\x12H\n\x04Push\x12\x1e.pdserve.internal.v1.KVMessage\x1a\x1e.pdserve.internal.v1.PushReply(\x01\x12W\n\tJoinGroup\x12%.pdserve.internal.v1.JoinGroupRequest\x1a#.pdserve.internal.v1.JoinGroupReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%pdserve/internal/v1/kv_transfer.proto\x12\x13pdserve.internal.v1\"\x8d\x01\n\rKVLayoutProto\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\"F\n\x10HandshakeRequest\x12\x32\n\x06layout\x18\x01 \x01(\x0b\x32\".pdserve.internal.v1.KVLayoutProto\"o\n\x0eHandshakeReply\x12\x32\n\x06layout\x18\x01 \x01(\x0b\x32\".pdserve.internal.v1.KVLayoutProto\x12\x13\n\x0bgroup_store\x18\x02 \x01(\t\x12\x14\n\x0cside_channel\x18\x03 \x01(\t\")\n\x12SideChannelRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"2\n\x10SideChannelReply\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\r\"H\n\x10JoinGroupRequest\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\"!\n\x0eJoinGroupReply\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\"\xb7\x01\n\x08KVHeader\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x32\n\x06layout\x18\x02 \x01(\x0b\x32\".pdserve.internal.v1.KVLayoutProto\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x12\n\nnum_chunks\x18\x04 \x01(\r\x12\x10\n\x08group_id\x18\x05 \x01(\t\x12\x14\n\x0cside_channel\x18\x06 \x01(\x08\x12\x12\n\nwire_dtype\x18\x07 \x01(\t\"\xc1\x01\n\x07KVChunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x13\n\x0btoken_start\x18\x04 \x01(\r\x12\x11\n\ttoken_end\x18\x05 \x01(\r\x12\x0e\n\x06\x63rc32c\x18\x06 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x12(\n\x03shm\x18\x08 \x01(\x0b\x32\x1b.pdserve.internal.v1.ShmRef\x12\x11\n\tvia_group\x18\t \x01(\x08\"9\n\x06ShmRef\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"L\n\x08KVCommit\x12\x12\n\nnum_chunks\x18\x01 \x01(\r\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12\x14\n\x0c\x63hunk_crc32c\x18\x03 \x03(\r\"\xa4\x01\n\tKVMessage\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.pdserve.internal.v1.KVHeaderH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.pdserve.internal.v1.KVChunkH\x00\x12/\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1d.pdserve.internal.v1.KVCommitH\x00\x42\x06\n\x04kind\"\x1e\n\tPushReply\x12\x11\n\tnum_bytes\x18\x01 \x01(\x04\x32\xeb\x02\n\nKVTransfer\x12W\n\tHandshake\x12%.pdserve.internal.v1.HandshakeRequest\x1a#.pdserve.internal.v1.HandshakeReply\x12H\n\x04Push\x12\x1e.pdserve.internal.v1.KVMessage\x1a\x1e.pdserve.internal.v1.PushReply(\x01\x12W\n\tJoinGroup\x12%.pdserve.internal.v1.JoinGroupRequest\x1a#.pdserve.internal.v1.JoinGroupReply\x12\x61\n\x0fOpenSideChannel\x12\'.pdserve.internal.v1.SideChannelRequest\x1a%.pdserve.internal.v1.SideChannelReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,23 +36,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HANDSHAKEREQUEST']._serialized_start=206
   _globals['_HANDSHAKEREQUEST']._serialized_end=276
   _globals['_HANDSHAKEREPLY']._serialized_start=278
-  _globals['_HANDSHAKEREPLY']._serialized_end=367
-  _globals['_JOINGROUPREQUEST']._serialized_start=369
-  _globals['_JOINGROUPREQUEST']._serialized_end=441
-  _globals['_JOINGROUPREPLY']._serialized_start=443
-  _globals['_JOINGROUPREPLY']._serialized_end=476
-  _globals['_KVHEADER']._serialized_start=479
-  _globals['_KVHEADER']._serialized_end=620
-  _globals['_KVCHUNK']._serialized_start=623
-  _globals['_KVCHUNK']._serialized_end=816
-  _globals['_SHMREF']._serialized_start=818
-  _globals['_SHMREF']._serialized_end=875
-  _globals['_KVCOMMIT']._serialized_start=877
-  _globals['_KVCOMMIT']._serialized_end=931
-  _globals['_KVMESSAGE']._serialized_start=934
-  _globals['_KVMESSAGE']._serialized_end=1098
-  _globals['_PUSHREPLY']._serialized_start=1100
-  _globals['_PUSHREPLY']._serialized_end=1130
-  _globals['_KVTRANSFER']._serialized_start=1133
-  _globals['_KVTRANSFER']._serialized_end=1397
+  _globals['_HANDSHAKEREPLY']._serialized_end=389
+  _globals['_SIDECHANNELREQUEST']._serialized_start=391
+  _globals['_SIDECHANNELREQUEST']._serialized_end=432
+  _globals['_SIDECHANNELREPLY']._serialized_start=434
+  _globals['_SIDECHANNELREPLY']._serialized_end=484
+  _globals['_JOINGROUPREQUEST']._serialized_start=486
+  _globals['_JOINGROUPREQUEST']._serialized_end=558
+  _globals['_JOINGROUPREPLY']._serialized_start=560
+  _globals['_JOINGROUPREPLY']._serialized_end=593
+  _globals['_KVHEADER']._serialized_start=596
+  _globals['_KVHEADER']._serialized_end=779
+  _globals['_KVCHUNK']._serialized_start=782
+  _globals['_KVCHUNK']._serialized_end=975
+  _globals['_SHMREF']._serialized_start=977
+  _globals['_SHMREF']._serialized_end=1034
+  _globals['_KVCOMMIT']._serialized_start=1036
+  _globals['_KVCOMMIT']._serialized_end=1112
+  _globals['_KVMESSAGE']._serialized_start=1115
+  _globals['_KVMESSAGE']._serialized_end=1279
+  _globals['_PUSHREPLY']._serialized_start=1281
+  _globals['_PUSHREPLY']._serialized_end=1311
+  _globals['_KVTRANSFER']._serialized_start=1314
+  _globals['_KVTRANSFER']._serialized_end=1677
 # @@protoc_insertion_point(module_scope)

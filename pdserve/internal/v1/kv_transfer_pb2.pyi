@@ -1,6 +1,7 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -28,12 +29,28 @@ class HandshakeRequest(_message.Message):
     def __init__(self, layout: _Optional[_Union[KVLayoutProto, _Mapping]] = ...) -> None: ...
 
 class HandshakeReply(_message.Message):
-    __slots__ = ("layout", "group_store")
+    __slots__ = ("layout", "group_store", "side_channel")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     GROUP_STORE_FIELD_NUMBER: _ClassVar[int]
+    SIDE_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     layout: KVLayoutProto
     group_store: str
-    def __init__(self, layout: _Optional[_Union[KVLayoutProto, _Mapping]] = ..., group_store: _Optional[str] = ...) -> None: ...
+    side_channel: str
+    def __init__(self, layout: _Optional[_Union[KVLayoutProto, _Mapping]] = ..., group_store: _Optional[str] = ..., side_channel: _Optional[str] = ...) -> None: ...
+
+class SideChannelRequest(_message.Message):
+    __slots__ = ("transfer_id",)
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    def __init__(self, transfer_id: _Optional[str] = ...) -> None: ...
+
+class SideChannelReply(_message.Message):
+    __slots__ = ("ticket", "ttl_ms")
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    ticket: bytes
+    ttl_ms: int
+    def __init__(self, ticket: _Optional[bytes] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
 
 class JoinGroupRequest(_message.Message):
     __slots__ = ("sender_id", "group_id", "backend")
@@ -52,18 +69,22 @@ class JoinGroupReply(_message.Message):
     def __init__(self, backend: _Optional[str] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("transfer_id", "layout", "num_tokens", "num_chunks", "group_id")
+    __slots__ = ("transfer_id", "layout", "num_tokens", "num_chunks", "group_id", "side_channel", "wire_dtype")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    SIDE_CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     layout: KVLayoutProto
     num_tokens: int
     num_chunks: int
     group_id: str
-    def __init__(self, transfer_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayoutProto, _Mapping]] = ..., num_tokens: _Optional[int] = ..., num_chunks: _Optional[int] = ..., group_id: _Optional[str] = ...) -> None: ...
+    side_channel: bool
+    wire_dtype: str
+    def __init__(self, transfer_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayoutProto, _Mapping]] = ..., num_tokens: _Optional[int] = ..., num_chunks: _Optional[int] = ..., group_id: _Optional[str] = ..., side_channel: _Optional[bool] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("seq", "layer_start", "layer_end", "token_start", "token_end", "crc32c", "data", "shm", "via_group")
@@ -98,12 +119,14 @@ class ShmRef(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class KVCommit(_message.Message):
-    __slots__ = ("num_chunks", "first_token_id")
+    __slots__ = ("num_chunks", "first_token_id", "chunk_crc32c")
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_CRC32C_FIELD_NUMBER: _ClassVar[int]
     num_chunks: int
     first_token_id: int
-    def __init__(self, num_chunks: _Optional[int] = ..., first_token_id: _Optional[int] = ...) -> None: ...
+    chunk_crc32c: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, num_chunks: _Optional[int] = ..., first_token_id: _Optional[int] = ..., chunk_crc32c: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVMessage(_message.Message):
     __slots__ = ("header", "chunk", "commit")

@@ -50,6 +50,11 @@ class KVTransferStub:
                 request_serializer=pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.JoinGroupRequest.SerializeToString,
                 response_deserializer=pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.JoinGroupReply.FromString,
                 _registered_method=True)
+        self.OpenSideChannel = channel.unary_unary(
+                '/pdserve.internal.v1.KVTransfer/OpenSideChannel',
+                request_serializer=pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.SideChannelRequest.SerializeToString,
+                response_deserializer=pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.SideChannelReply.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -85,6 +90,19 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSideChannel(self, request, context):
+        """Mints a one-time ticket for the TCP side channel of one transfer ("grpc" transport with
+        kv_transfer.side_channel "tcp"): the sender opens a TCP connection to
+        `HandshakeReply.side_channel`, presents the ticket first, and pushes with
+        `KVHeader.side_channel` set; the chunks then travel as frames on that connection
+        (kvtransfer/README.md, "The TCP side channel"). FAILED_PRECONDITION when this receiver has
+        no side channel or the transfer id is malformed; RESOURCE_EXHAUSTED when too many tickets
+        are outstanding.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -102,6 +120,11 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.JoinGroup,
                     request_deserializer=pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.JoinGroupRequest.FromString,
                     response_serializer=pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.JoinGroupReply.SerializeToString,
+            ),
+            'OpenSideChannel': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSideChannel,
+                    request_deserializer=pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.SideChannelRequest.FromString,
+                    response_serializer=pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.SideChannelReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -186,6 +209,33 @@ class KVTransfer:
             '/pdserve.internal.v1.KVTransfer/JoinGroup',
             pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.JoinGroupRequest.SerializeToString,
             pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.JoinGroupReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSideChannel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.internal.v1.KVTransfer/OpenSideChannel',
+            pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.SideChannelRequest.SerializeToString,
+            pdserve_dot_internal_dot_v1_dot_kv__transfer__pb2.SideChannelReply.FromString,
             options,
             channel_credentials,
             insecure,

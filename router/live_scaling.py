@@ -1,0 +1,115 @@
+"""The router's scaling parts, wired from the config: a `PoolScaler` per pool behind one
+`ScaleController` (what `Admin.Scale` calls), the autoscale loop of the pools that enable it,
+and the pool-size gauges.
+
+Built by `router.server.Router.start()` once it knows the served model (a new replica must
+serve the same one: its KV is handed over to and from the others). Pools are keyed by role, so
+any pool kind the router runs is scaled the same way. Event loop only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+from pdserve.config import PdserveConfig
+from pdserve.errors import FailedPrecondition
+from pdserve.messages import ModelInfo
+from pdserve.metrics import RouterMetrics
+from pdserve.scale_config import DecodeAutoscaleConfig, PrefillAutoscaleConfig
+from router.autoscale_loop import AutoscaleLoop
+from router.autoscaler import Autoscaler, decode_autoscaler, prefill_autoscaler
+from router.pool_scaler import PoolScaler, ReplicaFactory
+from router.ray_calls import call_message
+from router.replica_pool import STATES, Replica, ReplicaPool
+from router.scaling import PoolLimits, ScaleController, pool_limits
+
+logger = logging.getLogger(__name__)
+
+MODEL_INFO_TIMEOUT_S = 60.0
+
+
+class LiveScaling:
+    """`controller` is None when the router has no replica factory (it cannot start actors):
+    then only the gauges run."""
+
+    def __init__(
+        self,
+        config: PdserveConfig,
+        pools: Mapping[str, ReplicaPool],
+        factory: ReplicaFactory | None,
+        model: ModelInfo,
+        metrics: RouterMetrics,
+    ) -> None:
+        self._config = config
+        self._pools = dict(pools)
+        self._model = model
+        self._metrics = metrics
+        for pool in self._pools.values():
+            pool.target_replicas = len(pool.replicas)
+        self.limits: dict[str, PoolLimits] = {
+            role: pool_limits(config, role) for role in self._pools
+        }
+        self.controller: ScaleController | None = None
+        self._autoscale: AutoscaleLoop | None = None
+        if factory is not None:
+            self.controller = ScaleController(self._scalers(factory), self.limits)
+            autoscalers = {
+                role: _autoscaler_for(limits)
+                for role, limits in self.limits.items() if limits.autoscale_enabled
+            }
+            self._autoscale = AutoscaleLoop(
+                self.controller, self._pools, autoscalers, config.timeouts.load_poll_interval_s
+            )
+
+    def start(self) -> None:
+        for role, pool in self._pools.items():
+            self._metrics.watch_pool(role, STATES, pool.count_by_state, _target_of(pool))
+        if self._autoscale is not None:
+            self._autoscale.start()
+
+    async def stop(self) -> None:
+        """Stops deciding and cancels starts and drains in progress (their actors stay in the
+        pools, for the service to kill)."""
+        if self._autoscale is not None:
+            await self._autoscale.stop()
+        if self.controller is not None:
+            await self.controller.stop()
+
+    def _scalers(self, factory: ReplicaFactory) -> dict[str, PoolScaler]:
+        timeouts = self._config.timeouts
+        return {
+            role: PoolScaler(
+                pool, factory, self._check_model,
+                start_timeout_s=timeouts.replica_start_s,
+                drain_timeout_s=timeouts.drain_grace_s,
+                poll_interval_s=timeouts.load_poll_interval_s,
+            )
+            for role, pool in self._pools.items()
+        }
+
+    async def _check_model(self, replica: Replica) -> None:
+        """Raises FailedPrecondition when a new replica serves another model or dtype."""
+        info = await call_message(
+            replica.handle.model_info, ModelInfo, timeout_s=MODEL_INFO_TIMEOUT_S,
+            what=f"{replica.replica_id}.model_info",
+        )
+        reference = self._model
+        if (info.kv_fingerprint, info.dtype) != (reference.kv_fingerprint, reference.dtype):
+            raise FailedPrecondition(
+                f"{replica.replica_id} serves a different model or dtype than the running "
+                "replicas: their KV cannot be handed over"
+            )
+
+
+def _target_of(pool: ReplicaPool) -> Callable[[], int]:
+    return lambda: pool.target_replicas
+
+
+def _autoscaler_for(limits: PoolLimits) -> Autoscaler:
+    config = limits.autoscale
+    if isinstance(config, PrefillAutoscaleConfig):
+        return prefill_autoscaler(config)
+    if isinstance(config, DecodeAutoscaleConfig):
+        return decode_autoscaler(config)
+    raise AssertionError(f"no autoscaler for {type(config).__name__}")
