@@ -85,7 +85,8 @@ def run_dtype(args: argparse.Namespace, dtype: str, path: str) -> dict[str, Any]
         (t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
     )
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
-    rig = EngineRig(load_model(ModelConfig(source=args.model, dtype=dtype)), workload)
+    model_config = ModelConfig.model_validate({"source": args.model, "dtype": dtype})
+    rig = EngineRig(load_model(model_config), workload)
     single = Workload(1, workload.num_prompt_tokens, workload.num_new_tokens)
     raw: dict[str, list[dict[str, Any]]] = {key: [] for key in RUN_KEYS}
     copies = []
