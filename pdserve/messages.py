@@ -27,6 +27,10 @@ class MessageError(PdserveError):
     code = StatusCode.INTERNAL
 
 
+# Temperatures under this sample greedily (see SamplingParams.greedy).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How a replica picks tokens and when it stops (already validated by the router)."""
@@ -41,7 +45,10 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, logits / temperature overflows float32 (a temperature of 1e-43 turned
+        # every score into inf and the probabilities into NaN): sample greedily instead, as
+        # such a temperature means.
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass(frozen=True)

@@ -136,3 +136,11 @@ def test_default_top_p_and_top_k_filter_nothing() -> None:
         for s in range(400)
     }
     assert len(drawn) > 10  # at a high temperature many tokens appear
+
+
+@pytest.mark.parametrize("temperature", [3.92e-43, 1e-30, 9e-6])
+def test_tiny_positive_temperature_samples_greedily(temperature: float) -> None:
+    # Found by the fuzzed-request test: logits / 3.9e-43 overflowed into NaN probabilities.
+    logits = torch.tensor([[1.0, 30.0, -5.0, 29.5]])
+    params = [SamplingParams(temperature=temperature, max_tokens=4, seed=1)]
+    assert sample(logits, params, [0]) == [1]
