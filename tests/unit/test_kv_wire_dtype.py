@@ -410,9 +410,12 @@ def test_round_trip_through_each_transport(
 
 block_values = st.one_of(
     st.just(0.0),
-    # Within float16's range, so every cache dtype holds the values finitely.
-    st.floats(-6e4, 6e4, width=32),
-    st.floats(-(2.0**-10), 2.0**-10, width=32),
+    # Within float16's range, so every cache dtype holds the values finitely. No subnormals:
+    # for a block whose absmax is itself subnormal (< 1.2e-38) the scale absmax/127 rounds in
+    # float32 and the scale/2 bound no longer holds (CI found 2.1e-43); KV never holds such
+    # values, and the int8 path only has to restore them to within a few ulps of zero.
+    st.floats(-6e4, 6e4, width=32, allow_subnormal=False),
+    st.floats(-(2.0**-10), 2.0**-10, width=32, allow_subnormal=False),
 )
 
 
