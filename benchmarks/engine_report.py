@@ -136,38 +136,42 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
 
 
 def write_chart(path: Path, results: dict[str, Any]) -> None:
-    """One panel per dtype: decode tokens/s (median) of every run, plus the batch-1 roofline."""
+    """One panel per dtype: decode tokens/s of every run (generate_batch() end to end: it
+    cannot be split), plus the batch-1 roofline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 5), squeeze=False)
-    for axis, (dtype, result) in zip(axes[0], results.items()):
+    fig, axes = plt.subplots(
+        len(results), 1, figsize=(9, 3.6 * len(results)), squeeze=False
+    )
+    for axis, (dtype, result) in zip(axes[:, 0], results.items()):
         labels, values, colors = [], [], []
         for key, label in RUN_LABELS.items():
             run = result["runs"].get(key, {})
             figure = run.get("decode_tok_s") or run.get("e2e_tok_s")
             if figure is None:
                 continue
-            suffix = "" if "decode_tok_s" in run else " (end to end)"
-            labels.append(label.replace(", ", "\n") + suffix)
+            labels.append(label + ("" if "decode_tok_s" in run else " (end to end)"))
             values.append(figure["median"])
             colors.append("tab:green" if key.startswith("pdserve") else "tab:blue")
-        labels.append("roofline, batch 1\n(weights / bandwidth)")
+        labels.append("roofline, batch 1 (weight bytes / copy bandwidth)")
         values.append(result["roofline_single_tok_s"])
         colors.append("tab:gray")
-        axis.bar(range(len(values)), values, color=colors)
-        axis.set_xticks(range(len(values)), labels, fontsize=7)
-        axis.set_ylabel("decode tokens/s (median step)")
+        positions = list(range(len(values)))[::-1]  # first run on top
+        axis.barh(positions, values, color=colors)
+        axis.set_yticks(positions, labels, fontsize=8)
+        axis.set_xlabel("decode tokens/s (streams / median step)")
         result_ratios = result["ratios"]
         axis.set_title(
-            f"{dtype}: {result_ratios['batch_decode_vs_hf_static']:.2f}x generate(), "
-            f"batch 1 at {result_ratios['single_decode_vs_roofline']:.0%} of roofline",
+            f"{dtype}: pdserve {result_ratios['batch_decode_vs_hf_static']:.2f}x generate() "
+            f"with {result['runs']['pdserve_batch']['num_streams']} streams; batch 1 at "
+            f"{result_ratios['single_decode_vs_roofline']:.0%} of the roofline",
             fontsize=9,
         )
-        for index, value in enumerate(values):
-            axis.annotate(f"{value:.0f}", (index, value), ha="center", va="bottom", fontsize=8)
+        for position, value in zip(positions, values):
+            axis.annotate(f" {value:.0f}", (value, position), va="center", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -2,7 +2,8 @@
 
 Starts a `pdserve.serve.Service` per mode, one after the other in one local Ray instance, with
 the same model, dtype and total torch threads (disaggregated: 1 prefill + 1 decode replica;
-colocated: 2 replicas that each prefill and decode, chunked prefill mixed into decode steps),
+colocated: 2 replicas that each prefill and decode, chunked prefill mixed into decode steps;
+both chunk long prompts at `--prefill-chunk-tokens`),
 and drives each with the same `pdserve bench serve` workload: steady short chats (Poisson
 arrivals) plus a long prompt every few seconds. Reports p99 ITL, p50 TTFT and goodput at the
 SLO per mode, their ratios against the issue's targets, and writes JSON plus a chart.
@@ -45,7 +46,11 @@ def mode_config(mode: str, args: argparse.Namespace) -> PdserveConfig:
             "max_prefill_tokens_per_step": args.prefill_chunk_tokens,
         }
     else:
-        sections["prefill"] = {"replicas": 1, "resources": replica, "kv_cache": kv_cache}
+        # Without prefill-side chunking a prompt is computed in one pass (an ablation).
+        chunk = args.prefill_chunk_tokens if args.prefill_worker_chunking else 1_048_576
+        sections["prefill"] = {
+            "replicas": 1, "resources": replica, "kv_cache": kv_cache, "max_chunk_tokens": chunk,
+        }
         sections["decode"] = {"replicas": 1, "resources": replica, "kv_cache": kv_cache}
     return parse_config(sections)
 
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING,
                  namespace="pdserve-bench")
     try:
-        summaries = {mode: run_mode(mode, args, out_dir) for mode in MODES}
+        summaries = {mode: run_mode(mode, args, out_dir) for mode in args.modes}
     finally:
         if started_ray:
             ray.shutdown()
@@ -128,7 +133,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--kv-cache-mb", type=int, default=256)
     parser.add_argument("--prefill-chunk-tokens", type=int, default=256,
-                        help="colocated mode: prompt tokens per mixed step")
+                        help="prompt tokens per colocated mixed step, and per disaggregated "
+                             "prefill chunk (the same for both modes)")
+    parser.add_argument("--prefill-worker-chunking", action=argparse.BooleanOptionalAction,
+                        default=True, help="disaggregated: chunk long prompts on the prefill "
+                        "replica (--no-... computes each prompt in one pass: an ablation)")
+    parser.add_argument("--modes", type=_modes, default=MODES,
+                        help="comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--rate", type=float, default=1.0, help="short chats per second")
     parser.add_argument("--prompt-len", default="uniform:32:128")
     parser.add_argument("--output-len", default="fixed:48")
@@ -149,6 +160,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.long_prompt_len, args.output_len, args.kv_cache_mb = 96, "fixed:6", 16
         args.prefill_chunk_tokens, args.prompt_len = 32, "uniform:8:24"
     return args
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    modes = tuple(mode.strip() for mode in text.split(",") if mode.strip())
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"modes must be among {', '.join(MODES)}")
+    return modes
 
 
 if __name__ == "__main__":

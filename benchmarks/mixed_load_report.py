@@ -23,11 +23,12 @@ def figure(summary: dict[str, Any], path: tuple[str, ...]) -> float | None:
 
 
 def comparison(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per target: both figures, disaggregated / colocated and whether the bound is met."""
+    """Per target: both figures, disaggregated / colocated and whether the bound is met
+    (n/a when a run measured one mode only)."""
     rows, lines = [], []
     for name, path, sense, bound in TARGETS:
-        ours = figure(summaries["disaggregated"], path)
-        theirs = figure(summaries["colocated"], path)
+        ours = figure(summaries.get("disaggregated", {}), path)
+        theirs = figure(summaries.get("colocated", {}), path)
         ratio = ours / theirs if ours is not None and theirs else None
         met = None if ratio is None else (ratio <= bound if sense == "at most" else ratio >= bound)
         rows.append({"target": name, "disaggregated": ours, "colocated": theirs,

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator
 
 from decode_worker.colocated_sequence import ColocatedSequence, ColocatedState
 from decode_worker.mixed_batch_loop import MixedBatchLoop
+from decode_worker.sequence_table import SequenceTable
 from engine.replica_engine import ReplicaEngine
 from pdserve.config import PdserveConfig
 from pdserve.errors import (
@@ -48,7 +49,8 @@ logger = logging.getLogger(__name__)
 
 class ColocatedWorker:
     """One colocated replica's requests. Event loop only (the actor's); steps run in a thread.
-    Owns the replica's block accounting through `engine.block_manager`."""
+    Owns the replica's block accounting (`engine.block_manager`): allocates at admission, frees
+    through its `SequenceTable`."""
 
     def __init__(
         self,
@@ -60,13 +62,14 @@ class ColocatedWorker:
         self.replica_id = replica_id
         self._engine = engine
         self._metrics = metrics or ReplicaMetrics(replica_id, "colocated")
+        self._sequences = SequenceTable[ColocatedSequence](
+            engine.block_manager, ColocatedState.DONE
+        )
         pool = config.colocated
         self._batch = MixedBatchLoop(
             engine.runner, pool.max_batch_size, pool.max_prefill_tokens_per_step,
-            self._on_step_exit, FaultInjector(config.faults, replica_id), self._metrics,
+            self._sequences.on_step_exit, FaultInjector(config.faults, replica_id), self._metrics,
         )
-        self._sequences: dict[str, ColocatedSequence] = {}
-        self._total_requests = 0
 
     async def generate(self, request: ColocatedRequest) -> AsyncIterator[ColocatedEvent]:
         """Prefills and decodes one request, streaming its tokens (the first one included).
@@ -109,7 +112,7 @@ class ColocatedWorker:
             replica_id=self.replica_id, role="colocated", pid=pid, node_id=node_id,
             num_active_requests=len(self._sequences), num_waiting_requests=batch.num_waiting,
             num_free_blocks=blocks.num_free_blocks, num_total_blocks=blocks.num_total_blocks,
-            total_requests=self._total_requests, epoch=epoch,
+            total_requests=self._sequences.total_requests, epoch=epoch,
             total_decode_steps=batch.num_steps, total_decode_tokens=batch.num_decode_tokens,
             metrics_address=self._metrics.address,
             total_prefill_chunks=batch.num_prefill_chunks,
@@ -135,8 +138,7 @@ class ColocatedWorker:
             raise DeadlineExceeded("deadline passed before the request reached the replica")
         block_table = blocks.allocate(request.transfer_id, num_prompt_tokens + num_new_tokens)
         seq = ColocatedSequence(request=request, block_table=block_table)
-        self._sequences[seq.transfer_id] = seq
-        self._total_requests += 1
+        self._sequences.add(seq)
         return seq
 
     async def _next_event(self, seq: ColocatedSequence) -> ColocatedEvent:
@@ -145,17 +147,7 @@ class ColocatedWorker:
         except asyncio.TimeoutError:
             raise DeadlineExceeded("deadline passed on the colocated replica") from None
 
-    def _on_step_exit(self, seq: ColocatedSequence) -> None:
-        """Called by the batch loop after the step in which `seq` left the batch."""
-        self._free_if_idle(seq)
-
     def _release(self, seq: ColocatedSequence) -> None:
         seq.state = ColocatedState.DONE
         self._batch.remove(seq)
-        if self._sequences.get(seq.transfer_id) is seq:
-            del self._sequences[seq.transfer_id]
-        self._free_if_idle(seq)
-
-    def _free_if_idle(self, seq: ColocatedSequence) -> None:
-        if seq.state is ColocatedState.DONE and not seq.in_step:
-            self._engine.block_manager.free(seq.transfer_id)
+        self._sequences.release(seq)

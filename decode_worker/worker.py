@@ -23,12 +23,14 @@ Life cycle of a request on a decode replica
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
 
 from decode_worker.batch_loop import DecodeBatchLoop
 from decode_worker.sequence import DecodeSequence, SequenceState
+from decode_worker.sequence_table import SequenceTable
 from engine.kv_io import PagedKVSink
 from engine.replica_engine import ReplicaEngine
 from engine.stopping import finish_reason
@@ -69,12 +71,11 @@ class DecodeWorker:
         # An `auto` receiver takes grpc and shm pushes and cannot tell which one arrived.
         configured = config.kv_transfer.transport
         self._receive_transport = "auto" if configured == "auto" else receiver.transport
-        self._sequences: dict[str, DecodeSequence] = {}
+        self._sequences = SequenceTable[DecodeSequence](engine.block_manager, SequenceState.DONE)
         self._batch = DecodeBatchLoop(
-            engine.runner, config.decode.max_batch_size, self._on_done,
+            engine.runner, config.decode.max_batch_size, self._sequences.on_step_exit,
             FaultInjector(config.faults, replica_id), self._metrics,
         )
-        self._total_requests = 0
 
     @property
     def kv_address(self) -> str:
@@ -101,7 +102,7 @@ class DecodeWorker:
             self._arm(request, block_table)
         except Exception as exc:  # e.g. the receiver is stopped: hold nothing
             blocks.free(request.transfer_id)
-            self._sequences.pop(request.transfer_id, None)
+            self._sequences.pop(request.transfer_id)
             return ReserveReply(ok=False, error=Unavailable(f"reserve: {exc}").to_info())
         return ReserveReply(ok=True, kv_address=self.kv_address)
 
@@ -112,8 +113,7 @@ class DecodeWorker:
             num_prompt_tokens=request.num_prompt_tokens, block_table=block_table,
             kv_ready=loop.create_future(),
         )
-        self._sequences[seq.transfer_id] = seq
-        self._total_requests += 1
+        self._sequences.add(seq)
         sink = PagedKVSink(self._engine.kv_cache, block_table, request.num_prompt_tokens)
 
         def on_kv_done(result: TransferResult) -> None:  # runs on a receiver thread
@@ -152,12 +152,8 @@ class DecodeWorker:
             while True:
                 event = await seq.events.get()
                 if event.finish_reason or event.error:
-                    event = DecodeEvent(
-                        token_ids=event.token_ids, finish_reason=event.finish_reason,
-                        error=event.error, kv_wait_s=kv_wait_s,
-                        decode_s=time.monotonic() - seq.started_at,
-                    )
-                    yield event
+                    decode_s = time.monotonic() - seq.started_at
+                    yield dataclasses.replace(event, kv_wait_s=kv_wait_s, decode_s=decode_s)
                     return
                 yield event
         except PdserveError as exc:
@@ -189,7 +185,7 @@ class DecodeWorker:
             num_free_blocks=blocks.num_free_blocks, num_total_blocks=blocks.num_total_blocks,
             kv_address=self.kv_address, num_transfers=self._receiver.num_pending,
             total_kv_bytes=self._receiver.total_bytes_received,
-            total_requests=self._total_requests, epoch=epoch,
+            total_requests=self._sequences.total_requests, epoch=epoch,
             total_decode_steps=self._batch.num_steps,
             total_decode_tokens=self._batch.num_step_tokens,
             metrics_address=self._metrics.address,
@@ -222,10 +218,6 @@ class DecodeWorker:
             # stays (its error for a later generate) until abort or expiry removes it.
             self._engine.block_manager.free(seq.transfer_id)
 
-    def _on_done(self, seq: DecodeSequence) -> None:
-        """Called by the batch loop after the step in which `seq` left the batch."""
-        self._free_if_idle(seq)
-
     def _expire_unclaimed(self, seq: DecodeSequence) -> None:
         if seq.request is None and self._sequences.get(seq.transfer_id) is seq:
             logger.warning("reservation %s expired unclaimed", seq.transfer_id)
@@ -238,9 +230,4 @@ class DecodeWorker:
             seq.kv_ready.cancel()
         seq.state = SequenceState.DONE
         self._batch.remove(seq)
-        self._sequences.pop(seq.transfer_id, None)
-        self._free_if_idle(seq)
-
-    def _free_if_idle(self, seq: DecodeSequence) -> None:
-        if seq.state is SequenceState.DONE and not seq.in_step:
-            self._engine.block_manager.free(seq.transfer_id)
+        self._sequences.release(seq)

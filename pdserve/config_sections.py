@@ -43,6 +43,10 @@ class ResourcesConfig(ConfigSection):
     num_gpus: float = Field(default=0.0, ge=0)
     # torch intra-op threads inside the replica.
     torch_threads: int = Field(default=1, ge=1, le=1024)
+    # Pin the replica process to `torch_threads` cores of its node that no other replica of the
+    # node holds (pdserve/cpu_pinning.py); when too few are free it runs unpinned with a
+    # WARNING and pdserve_replica_pinned_cpus 0.
+    pin_cpus: bool = False
     # Ray custom resources each replica reserves, e.g. {pdserve_prefill: 1}: only nodes started
     # with them (`ray start --resources`) host the pool. An amount of 0 requires nothing.
     custom_resources: dict[ResourceName, ResourceAmount] = Field(default_factory=dict)
@@ -72,6 +76,10 @@ class PrefillPoolConfig(ConfigSection):
     max_batch_tokens: int = Field(default=4096, ge=16)
     # Largest number of prompts in one batched forward pass.
     max_batch_size: int = Field(default=16, ge=1)
+    # Largest part of one prompt a pass computes: a longer prompt is prefilled in chunks over
+    # several passes, and prompts queued behind it join those passes instead of waiting for
+    # all of it (their time to first token stays short). Capped by max_batch_tokens.
+    max_chunk_tokens: int = Field(default=512, ge=1)
     # Prompts waiting for a forward pass; more are rejected with RESOURCE_EXHAUSTED.
     max_waiting_requests: int = Field(default=256, ge=1)
     # How long finished KV waits for the decode side before it is freed.

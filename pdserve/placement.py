@@ -3,9 +3,11 @@ its custom resources and node labels, and a check that the cluster can host ever
 
 Ray keeps an actor pending forever while no node offers what it asks for (a custom resource, a
 label, too many CPUs), so `pdserve serve` would only notice at the start timeout. Instead
-`create_pools` calls `require_placeable` first, which names the pool and what no node offers.
-The check sees the nodes alive now: a cluster that adds nodes on demand (an autoscaler) must
-have the right kind of node up before `pdserve serve` starts.
+`create_pools` calls `require_placeable` first, which names the pool and what no node offers;
+live scaling (`router.live_scaling`) runs the same check, through `unplaceable_message`, before
+a scale-up starts a replica. The check sees the nodes alive now: a cluster that adds nodes on
+demand (an autoscaler) must have the right kind of node up before `pdserve serve` starts or a
+pool grows.
 
 Torch-free and Ray-free: callers pass `ray.nodes()` in.
 """
@@ -136,13 +138,24 @@ def require_placeable(pools: Mapping[str, PoolConfig], nodes: list[NodeView]) ->
 
     Called by `pdserve.pools` before it creates any actor; never blocks."""
     for pool, pool_config in pools.items():
-        problem = placement_problem(pool_config.resources, pool_config.replicas, nodes)
-        if problem is not None:
-            raise Unavailable(
-                f"the {pool} pool can never be placed on this Ray cluster "
-                f"({len(nodes)} alive nodes): {problem}; change {pool}.resources or add a node "
-                "that offers it"
-            )
+        message = unplaceable_message(pool, pool_config.resources, pool_config.replicas, nodes)
+        if message is not None:
+            raise Unavailable(message)
+
+
+def unplaceable_message(
+    pool: str, resources: ResourcesConfig, num_replicas: int, nodes: list[NodeView]
+) -> str | None:
+    """For the operator: why `num_replicas` replicas of `pool` (its config key) could never be
+    placed on `nodes`, naming the pool, what no node offers and what to change; None when they
+    can be. The caller picks the error type (start-up and scale-up fail differently)."""
+    problem = placement_problem(resources, num_replicas, nodes)
+    if problem is None:
+        return None
+    return (
+        f"the {pool} pool can never be placed on this Ray cluster ({len(nodes)} alive nodes): "
+        f"{problem}; change {pool}.resources or add a node that offers it"
+    )
 
 
 def placement_problem(

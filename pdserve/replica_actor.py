@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar
 import ray
 
 from pdserve.config import PdserveConfig
+from pdserve.cpu_pinning import CpuClaim, pin_process
 from pdserve.messages import LoadReport, encode
 from pdserve.metrics import ReplicaMetrics
 from pdserve.replica_setup import decode_config, setup_replica_logging
@@ -65,11 +66,17 @@ class ReplicaActor(Generic[W]):
         config = decode_config(config_data)
         setup_replica_logging(config, replica_id)
         pool = getattr(config, self.ROLE)
+        # Before the engine, so torch's threads start inside the affinity; the claim's open
+        # descriptors hold the cores until the process exits.
+        self._cpu_claim = CpuClaim()
+        if pool.resources.pin_cpus:
+            self._cpu_claim = pin_process(pool.resources.torch_threads, replica_id)
         engine = build_replica_engine(config.model, pool.kv_cache, pool.resources.torch_threads)
         self._engine = engine
         metrics = ReplicaMetrics.start(
             config.metrics, replica_id, self.ROLE, ray.util.get_node_ip_address()
         )
+        metrics.set_pinned_cpus(len(self._cpu_claim.cpu_ids))
         self._worker = self._make_worker(ReplicaParts(config, replica_id, engine, metrics))
         self._node_id = ray.get_runtime_context().get_node_id()
         self._epoch = uuid.uuid4().hex[:12]

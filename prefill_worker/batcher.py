@@ -1,13 +1,18 @@
-"""The prefill replica's waiting queue and how batches are formed from it.
+"""The prefill replica's waiting queue and how passes are formed from it.
 
-Owns the FIFO of jobs not yet run. A batch takes jobs from the head while they fit the token
-and size budgets and the KV cache has blocks for them; a job that does not fit ends the batch
-(FIFO: no overtaking, so long prompts are not starved). Not thread-safe: event loop only.
+Owns the FIFO of jobs whose prompt is not fully computed yet. A pass takes jobs from the head,
+each computing a chunk of at most `max_chunk_tokens` of its prompt, while the pass stays within
+the token and size budgets and the KV cache has blocks for them. A prompt longer than a chunk
+keeps its place at the head and is computed over several passes, so prompts queued behind it
+join the passes in between instead of waiting for all of it (chunked prefill); a job leaves
+the queue with the pass that computes its last chunk. A job that cannot get blocks ends the
+pass (FIFO: no overtaking, so long prompts are not starved). Not thread-safe: event loop only.
 
-With prefix caching, a job takes references on the cached blocks of its prompt's longest cached
-prefix when it is batched, and only its uncached tokens count against the token budget. A job
-whose next uncached block is being computed by a job ahead of it in the same batch ends the
-batch: in the next pass that block is cached, so it computes only its tail then.
+Blocks for the whole prompt are allocated when a job enters its first pass. With prefix
+caching, the job first takes references on the cached blocks of its prompt's longest cached
+prefix, and only its uncached tokens are computed. A job whose next uncached block is being
+computed by a job ahead of it in the same pass ends the pass: the worker caches a block as
+soon as the pass that wrote it succeeded, so in the next pass the job computes only its tail.
 """
 
 from __future__ import annotations
@@ -23,13 +28,14 @@ from prefill_worker.job import PrefillJob
 class PrefillBatcher:
     def __init__(
         self, block_manager: BlockManager, max_batch_tokens: int, max_batch_size: int,
-        max_waiting: int, prefix_caching: bool = False,
+        max_waiting: int, prefix_caching: bool = False, max_chunk_tokens: int | None = None,
     ) -> None:
         self._block_manager = block_manager
         self._max_batch_tokens = max_batch_tokens
         self._max_batch_size = max_batch_size
         self._max_waiting = max_waiting
         self._prefix_caching = prefix_caching
+        self._max_chunk_tokens = max_chunk_tokens or max_batch_tokens
         self._waiting: deque[PrefillJob] = deque()
 
     @property
@@ -58,37 +64,52 @@ class PrefillBatcher:
         return True
 
     def next_batch(self) -> list[PrefillJob]:
-        """Pops the next batch and allocates its blocks (owner = transfer id), sharing cached
-        prefix blocks. Empty when the head job cannot get blocks yet."""
+        """The jobs of the next pass, each with `num_chunk_tokens` set to what the pass
+        computes of it. Jobs entering their first pass get their blocks (owner = transfer id),
+        sharing cached prefix blocks. Empty when the head job cannot get blocks yet."""
         batch: list[PrefillJob] = []
         num_tokens = 0
-        computing: set[bytes] = set()  # hashes of full blocks the batch's pass will write
-        blocks = self._block_manager
-        while self._waiting and len(batch) < self._max_batch_size:
-            job = self._waiting[0]
-            cached = blocks.cached_prefix(job.num_prompt_tokens, job.block_hashes)
-            num_new = job.num_prompt_tokens - len(cached) * blocks.block_size
-            # A prompt longer than the token budget still runs, alone.
-            if batch and num_tokens + num_new > self._max_batch_tokens:
+        writing: set[bytes] = set()  # hashes of the full blocks this pass writes
+        for job in list(self._waiting):
+            budget = self._max_batch_tokens - num_tokens
+            if len(batch) >= self._max_batch_size or budget <= 0:
                 break
-            if batch and self._waits_for(job, len(cached), computing):
+            if job.block_table is None and not self._allocate(job, bool(batch), writing):
                 break
-            if not blocks.can_allocate(job.num_prompt_tokens, cached):
-                break
-            self._waiting.popleft()
-            job.block_table = blocks.allocate(job.transfer_id, job.num_prompt_tokens, cached)
-            job.num_cached_tokens = len(cached) * blocks.block_size
-            computing.update(job.block_hashes[len(cached) :])
+            job.num_chunk_tokens = min(job.num_left_tokens, self._max_chunk_tokens, budget)
+            if job.is_last_chunk:
+                self._waiting.remove(job)
+            writing.update(self.hashes_written(job))
             batch.append(job)
-            num_tokens += num_new
+            num_tokens += job.num_chunk_tokens
         return batch
 
-    def _waits_for(self, job: PrefillJob, num_cached_blocks: int, computing: set[bytes]) -> bool:
-        """Whether `job` would reuse more blocks by waiting for this batch's pass."""
+    def hashes_written(self, job: PrefillJob) -> list[bytes]:
+        """Hashes of the full blocks the job's current chunk completes."""
+        block_size = self._block_manager.block_size
+        first = job.num_computed_tokens // block_size
+        end = (job.num_computed_tokens + job.num_chunk_tokens) // block_size
+        return job.block_hashes[first:end]
+
+    def _allocate(self, job: PrefillJob, behind_others: bool, writing: set[bytes]) -> bool:
+        """Gives a job entering its first pass its blocks; False when it has to wait."""
+        blocks = self._block_manager
+        cached = blocks.cached_prefix(job.num_prompt_tokens, job.block_hashes)
+        if behind_others and self._waits_for(job, len(cached), writing):
+            return False
+        if not blocks.can_allocate(job.num_prompt_tokens, cached):
+            return False
+        job.block_table = blocks.allocate(job.transfer_id, job.num_prompt_tokens, cached)
+        job.num_cached_tokens = len(cached) * blocks.block_size
+        job.num_computed_tokens = job.num_cached_tokens
+        return True
+
+    def _waits_for(self, job: PrefillJob, num_cached_blocks: int, writing: set[bytes]) -> bool:
+        """Whether `job` would reuse more blocks by waiting for this pass."""
         max_blocks = (job.num_prompt_tokens - 1) // self._block_manager.block_size
         if num_cached_blocks >= min(max_blocks, len(job.block_hashes)):
             return False
-        return job.block_hashes[num_cached_blocks] in computing
+        return job.block_hashes[num_cached_blocks] in writing
 
 
 def _hashes_or_none(job: PrefillJob, block_size: int) -> list[bytes]:

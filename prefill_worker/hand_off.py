@@ -61,7 +61,7 @@ class KVHandOff:
         # The whole prompt's KV goes out: the cached prefix's blocks are read like the rest.
         source = PagedKVSource(
             self._kv_cache, job.block_table, job.num_prompt_tokens, progress,
-            num_ready_tokens=job.num_cached_tokens,
+            num_ready_tokens=job.num_computed_tokens,
         )
         send = functools.partial(
             self._sender(job.request.kv_target.transport).send,

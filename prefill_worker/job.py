@@ -31,8 +31,14 @@ class PrefillJob:
     # Chained hashes of the prompt's full blocks (empty when prefix caching is off).
     block_hashes: list[bytes] = field(default_factory=list)
     block_table: list[int] | None = None
-    # Leading prompt tokens whose KV came from the prefix cache: the pass computes the rest.
+    # Leading prompt tokens whose KV came from the prefix cache: passes compute the rest.
     num_cached_tokens: int = 0
+    # Leading prompt tokens whose KV is in the job's blocks (cached + computed by passes).
+    num_computed_tokens: int = 0
+    # Prompt tokens the job's current (or last) pass computes: a chunk of the rest.
+    num_chunk_tokens: int = 0
+    # When the job's first pass started (0 before).
+    first_pass_at: float = 0.0
     # True while a forward pass or a KV send may still read this job's blocks.
     in_forward: bool = False
     sending: bool = False
@@ -57,8 +63,18 @@ class PrefillJob:
 
     @property
     def num_new_tokens(self) -> int:
-        """Prompt tokens the pass computes."""
+        """Prompt tokens passes compute (all but the cached prefix)."""
         return self.num_prompt_tokens - self.num_cached_tokens
+
+    @property
+    def num_left_tokens(self) -> int:
+        """Prompt tokens no pass has computed yet."""
+        return self.num_prompt_tokens - self.num_computed_tokens
+
+    @property
+    def is_last_chunk(self) -> bool:
+        """Whether the current chunk ends the prompt (its pass samples the first token)."""
+        return self.num_computed_tokens + self.num_chunk_tokens == self.num_prompt_tokens
 
     def seconds_left(self) -> float:
         return self.request.deadline - time.time()

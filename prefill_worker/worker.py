@@ -4,12 +4,15 @@ Life cycle of a request on a prefill replica
 --------------------------------------------
 1. **Queue.** `prefill()` receives a `PrefillRequest` from the router and queues a
    `PrefillJob` (bounded queue: RESOURCE_EXHAUSTED when full).
-2. **Batch.** The batch loop pops as many queued jobs as fit the token/size budget and the KV
-   cache, allocates their blocks (owner = the router-minted transfer id) and runs ONE packed
-   forward pass for all of them off the event loop; it samples each job's first token.
+2. **Batch.** The batch loop takes as many queued jobs as fit the token/size budget and the
+   KV cache, allocates their blocks (owner = the router-minted transfer id) and runs ONE packed
+   forward pass for all of them off the event loop. A prompt longer than
+   `prefill.max_chunk_tokens` is computed a chunk per pass over several passes, prompts queued
+   behind it joining those passes; the pass that computes a prompt's last chunk samples its
+   first token.
    With `prefill.prefix_caching`, a job first takes references on the cached blocks of its
-   prompt's longest cached block-aligned prefix and the pass computes only the rest; once the
-   pass succeeded, the job's full prompt blocks are cached for later prompts.
+   prompt's longest cached block-aligned prefix and passes compute only the rest; once a pass
+   succeeded, the full blocks it wrote are cached for later prompts.
 3. **First token.** `prefill()` yields a `first_token` event. If that token already ends the
    request (EOS, stop id, max_tokens == 1) the blocks are freed and the stream ends.
 4. **Lease and hand-off.** The job's KV stays in its blocks (the lease) while the `KVSender`
@@ -86,6 +89,7 @@ class PrefillWorker:
         self._batcher = PrefillBatcher(
             engine.block_manager, pool.max_batch_tokens, pool.max_batch_size,
             pool.max_waiting_requests, prefix_caching=pool.prefix_caching,
+            max_chunk_tokens=pool.max_chunk_tokens,
         )
         self._prefix_stats = PrefixCacheStats(self._metrics, replica_id)
         self._jobs: dict[str, PrefillJob] = {}
@@ -182,15 +186,17 @@ class PrefillWorker:
 
     async def _run_batch(self, batch: list[PrefillJob]) -> None:
         started = time.monotonic()
-        self._prefix_stats.record_pass(batch, self._engine.block_manager.num_cached_blocks)
+        entering = [job for job in batch if not job.first_pass_at]
+        self._prefix_stats.record_pass(entering, self._engine.block_manager.num_cached_blocks)
         progress = LayerProgress(self._engine.loaded.num_layers) if self._pipelining else None
         for job in batch:
             job.in_forward = True
-            if progress is not None:
+            job.first_pass_at = job.first_pass_at or started
+            if progress is not None and job.is_last_chunk:
                 self._start_pipelined_send(job, progress)
         loop = asyncio.get_running_loop()
         try:
-            token_ids: list[int | PdserveError] = list(
+            token_ids: list[int | None | PdserveError] = list(
                 await loop.run_in_executor(self._forward_pool, self._forward, batch, progress)
             )
         except Exception as exc:  # a failed pass fails its batch, never the replica
@@ -201,15 +207,29 @@ class PrefillWorker:
             token_ids = [failure] * len(batch)
         done_at = time.monotonic()
         self._metrics.observe_prefill_pass(
-            len(batch), sum(job.num_new_tokens for job in batch), done_at - started
+            len(batch), sum(job.num_chunk_tokens for job in batch), done_at - started
         )
         for job, token in zip(batch, token_ids):
             job.in_forward = False
-            if not isinstance(token, PdserveError):  # only a finished pass's KV is reusable
-                self._engine.block_manager.cache_blocks(job.transfer_id, job.block_hashes)
             job.forward_done_at = done_at
-            self._resolve(job, token, started, done_at - started)
+            self._after_pass(job, token)
             self._free_if_idle(job)
+
+    def _after_pass(self, job: PrefillJob, token: int | None | PdserveError) -> None:
+        """Books a pass's outcome for one job: its first token after the last chunk, an error
+        for a failed pass; only a succeeded pass's blocks are cached for later prompts."""
+        if isinstance(token, PdserveError):
+            self._batcher.remove(job)  # a chunked prompt's remaining chunks are not run
+            self._resolve(job, token)
+            return
+        job.num_computed_tokens += job.num_chunk_tokens
+        block_size = self._engine.block_manager.block_size
+        num_full_blocks = job.num_computed_tokens // block_size
+        self._engine.block_manager.cache_blocks(
+            job.transfer_id, job.block_hashes[:num_full_blocks]
+        )
+        if token is not None:
+            self._resolve(job, token)
 
     def _start_pipelined_send(self, job: PrefillJob, progress: LayerProgress) -> None:
         first_token: concurrent.futures.Future[int] = concurrent.futures.Future()
@@ -220,23 +240,38 @@ class PrefillWorker:
             return  # no time left: the first-token path reports it
         job.first_token_for_send = first_token
 
-    def _forward(self, batch: list[PrefillJob], progress: LayerProgress | None) -> list[int]:
+    def _forward(
+        self, batch: list[PrefillJob], progress: LayerProgress | None
+    ) -> list[int | None]:
+        """Runs one pass over each job's current chunk; the first token of each job whose
+        chunk ends its prompt, None for the others."""
         self._faults.before_prefill([job.request.prompt_token_ids for job in batch])
         chunks = [
             SequenceChunk(
-                job.request.prompt_token_ids[job.num_cached_tokens :], job.num_cached_tokens,
+                job.request.prompt_token_ids[
+                    job.num_computed_tokens : job.num_computed_tokens + job.num_chunk_tokens
+                ],
+                job.num_computed_tokens,
                 job.block_table or [],
             )
             for job in batch
         ]
         on_layer = progress.layer_written if progress is not None else None
         logits = self._engine.runner.forward(chunks, on_layer_written=on_layer)
-        steps = [job.request.num_previous_tokens for job in batch]
-        return sample(logits, [job.request.sampling for job in batch], steps)
+        last = [i for i, job in enumerate(batch) if job.is_last_chunk]
+        if not last:
+            return [None] * len(batch)
+        sampled = sample(
+            logits[last],
+            [batch[i].request.sampling for i in last],
+            [batch[i].request.num_previous_tokens for i in last],
+        )
+        token_ids: list[int | None] = [None] * len(batch)
+        for i, token_id in zip(last, sampled):
+            token_ids[i] = token_id
+        return token_ids
 
-    def _resolve(
-        self, job: PrefillJob, token: int | PdserveError, started: float, prefill_s: float
-    ) -> None:
+    def _resolve(self, job: PrefillJob, token: int | PdserveError) -> None:
         request = job.request
         reason = ""
         if not isinstance(token, PdserveError):
@@ -255,7 +290,10 @@ class PrefillWorker:
             fail_future(job.first_token, token)  # prefill() may already be gone
             return
         job.first_token.set_result(
-            FirstToken(token, reason, queue_s=started - job.enqueued_at, prefill_s=prefill_s)
+            FirstToken(
+                token, reason, queue_s=job.first_pass_at - job.enqueued_at,
+                prefill_s=job.forward_done_at - job.first_pass_at,
+            )
         )
 
 

@@ -1,6 +1,7 @@
 """The router's autoscale loop: every poll interval, each autoscaled pool's `Autoscaler` looks at
 the pool's last load reports and may set a new target through `ScaleController.scale` (the same
-path as `pdserve scale`, so scale-downs drain safely).
+path as `pdserve scale`, so scale-downs drain safely, and a grow no live Ray node could host is
+refused: the pool keeps its size, a WARNING says why, and a later decision may try again).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import logging
 import time
 from collections.abc import Mapping
 
-from pdserve.errors import PdserveError
+from pdserve.errors import FailedPrecondition, PdserveError
 from router.autoscaler import Autoscaler, Decision, PoolSnapshot
 from router.replica_pool import ReplicaPool
 from router.scaling import ScaleController
@@ -65,6 +66,12 @@ class AutoscaleLoop:
                 self._controller.scale(
                     {role: decision.target_replicas}, f"autoscaler: {decision.reason}"
                 )
+            except FailedPrecondition as exc:
+                logger.warning(
+                    "autoscaler: not scaling %s to %d replicas (%s): %s", role,
+                    decision.target_replicas, decision.reason, exc.message,
+                )
+                continue
             except PdserveError as exc:
                 logger.error("autoscaler: cannot scale %s: %s", role, exc.message)
                 continue

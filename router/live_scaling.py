@@ -4,7 +4,9 @@ and the pool-size gauges.
 
 Built by `router.server.Router.start()` once it knows the served model (a new replica must
 serve the same one: its KV is handed over to and from the others). Pools are keyed by role, so
-any pool kind the router runs is scaled the same way. Event loop only.
+any pool kind the router runs is scaled the same way. A grow first runs the start-up placement
+check (`pdserve.placement`) on the Ray nodes alive then, with the pool's configured resources
+(a scale call changes only sizes). Event loop only.
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
+import ray
+
 from pdserve.config import PdserveConfig
-from pdserve.errors import FailedPrecondition
+from pdserve.errors import FailedPrecondition, Unavailable
 from pdserve.messages import ModelInfo
 from pdserve.metrics import RouterMetrics
+from pdserve.placement import NodeView, alive_nodes, unplaceable_message
 from pdserve.scale_config import DecodeAutoscaleConfig, PrefillAutoscaleConfig
 from router.autoscale_loop import AutoscaleLoop
 from router.autoscaler import Autoscaler, decode_autoscaler, prefill_autoscaler
-from router.pool_scaler import PoolScaler, ReplicaFactory
+from router.pool_scaler import PlacementCheck, PoolScaler, ReplicaFactory
 from router.ray_calls import call_message
 from router.replica_pool import STATES, Replica, ReplicaPool
 from router.scaling import PoolLimits, ScaleController, pool_limits
@@ -78,9 +83,11 @@ class LiveScaling:
 
     def _scalers(self, factory: ReplicaFactory) -> dict[str, PoolScaler]:
         timeouts = self._config.timeouts
+        check_placement = placement_check(self._config, live_nodes)
         return {
             role: PoolScaler(
                 pool, factory, self._check_model,
+                check_placement=check_placement,
                 start_timeout_s=timeouts.replica_start_s,
                 drain_timeout_s=timeouts.drain_grace_s,
                 poll_interval_s=timeouts.load_poll_interval_s,
@@ -100,6 +107,32 @@ class LiveScaling:
                 f"{replica.replica_id} serves a different model or dtype than the running "
                 "replicas: their KV cannot be handed over"
             )
+
+
+def placement_check(
+    config: PdserveConfig, list_nodes: Callable[[], list[NodeView]]
+) -> PlacementCheck:
+    """The scale-up check: raises FailedPrecondition when `num_replicas` replicas of pool `role`,
+    with the resources of its section of `config`, could never be placed on the nodes
+    `list_nodes` returns at the time of the call (`live_nodes` in the router)."""
+
+    def check(role: str, num_replicas: int) -> None:
+        resources = getattr(config, role).resources
+        message = unplaceable_message(role, resources, num_replicas, list_nodes())
+        if message is not None:
+            raise FailedPrecondition(message)
+
+    return check
+
+
+def live_nodes() -> list[NodeView]:
+    """The alive Ray nodes (a blocking call to Ray's GCS). Raises Unavailable when Ray cannot
+    list them."""
+    try:
+        nodes = ray.nodes()
+    except Exception as exc:  # noqa: BLE001 - whatever Ray raised, the scale caller sees it
+        raise Unavailable(f"cannot list the Ray nodes to check placement: {exc}") from None
+    return alive_nodes(nodes)
 
 
 def _target_of(pool: ReplicaPool) -> Callable[[], int]:

@@ -1,12 +1,15 @@
 """Moving one live pool to its target size: start and admit new replicas, drain and retire
 removed ones.
 
-Life of a scale-up replica: the factory creates the actor under a fresh id (`prefill-3` after
-`prefill-0..2`, even if `prefill-1` is gone); it sits in the pool as STARTING but not joined
-(never polled, never placed on) until its `load()` answers (the model is loaded) and its model
-matches the router's; then it is polled once and joins routing as READY. A replica that fails
-to start is killed and dropped (the pool stays below target until the next scale call, which
-starts another).
+Life of a scale-up replica: first the placement check (`PlacementCheck`) refuses a target
+that no live Ray node could host, before anything changes, rather than leave an actor pending
+in Ray forever; it runs only when a new actor is needed (never on a shrink, nor when growing
+back takes back draining replicas). Then the factory creates the actor under a fresh id
+(`prefill-3` after `prefill-0..2`, even if `prefill-1` is gone); it sits in the pool as STARTING
+but not joined (never polled, never placed on) until its `load()` answers (the model is loaded)
+and its model matches the router's; then it is polled once and joins routing as READY. A
+replica that fails to start is killed and dropped (the pool stays below target until the next
+scale call, which starts another).
 
 Life of a scale-down replica: the least useful member is picked (one still starting, then dead,
 then unresponsive, then the ready one with the fewest pending requests, newest first on ties).
@@ -16,8 +19,9 @@ lease, transfer or used KV block) and the router placed nothing on it since, or 
 `drain_timeout_s` runs out (its remaining requests then take the reliability path: retry or
 migrate). Growing the pool again first takes back draining replicas.
 
-Event loop only. `set_target` never blocks: starts and drains run as tasks this object owns;
-`stop()` cancels them (the actors stay in the pool for the owner to kill).
+Event loop only. `set_target` never waits for a replica (the placement check makes one short
+call for the node list): starts and drains run as tasks this object owns; `stop()` cancels them
+(the actors stay in the pool for the owner to kill).
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ class ReplicaFactory(Protocol):
 
 # Checks a loaded replica serves the router's model; raises a PdserveError if not.
 ModelCheck = Callable[[Replica], Awaitable[None]]
+# (role, num_replicas): raises FailedPrecondition naming the pool and what no live Ray node
+# offers when that many replicas of the pool could never be placed (`pdserve.placement`).
+PlacementCheck = Callable[[str, int], None]
 
 
 class PoolScaler:
@@ -63,6 +70,7 @@ class PoolScaler:
         factory: ReplicaFactory,
         check_model: ModelCheck,
         *,
+        check_placement: PlacementCheck,
         start_timeout_s: float,
         drain_timeout_s: float,
         poll_interval_s: float,
@@ -70,6 +78,7 @@ class PoolScaler:
         self.pool = pool
         self._factory = factory
         self._check_model = check_model
+        self._check_placement = check_placement
         self._start_timeout_s = start_timeout_s
         self._drain_timeout_s = drain_timeout_s
         self._poll_interval_s = poll_interval_s
@@ -81,9 +90,17 @@ class PoolScaler:
     def role(self) -> str:
         return self.pool.role
 
+    def check_target(self, num_replicas: int) -> None:
+        """Raises FailedPrecondition when reaching `num_replicas` needs a new actor that no live
+        Ray node could host. Changes nothing; checks placement only when an actor would start."""
+        if num_replicas > len(self.pool.replicas):  # draining replicas are taken back first
+            self._check_placement(self.role, num_replicas)
+
     def set_target(self, num_replicas: int) -> None:
         """Moves the pool toward `num_replicas` (validated by the caller) in the background.
-        Raises Unavailable when Ray refuses to create an actor (replicas created before stay)."""
+        Raises FailedPrecondition from `check_target`, changing nothing; Unavailable when Ray
+        refuses to create an actor (replicas created before stay)."""
+        self.check_target(num_replicas)
         if num_replicas != self.pool.target_replicas:
             logger.info(
                 "%s pool: target %d -> %d", self.role, self.pool.target_replicas, num_replicas

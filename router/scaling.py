@@ -1,8 +1,9 @@
 """The one scale path of a running service, keyed by pool role ("prefill", "decode", ...).
 
 `ScaleController.scale({"decode": 3})` is what `Admin.Scale` (`pdserve scale`) and the
-autoscale loop both call: it checks every requested size against the pool's bounds first
-(nothing changes when one is invalid), then hands each new target to the pool's `PoolScaler`.
+autoscale loop both call: it checks every requested size against the pool's bounds, and every
+pool that would start a replica against the live Ray nodes (`PoolScaler.check_target`), first
+(nothing changes when one fails), then hands each new target to the pool's `PoolScaler`.
 """
 
 from __future__ import annotations
@@ -74,12 +75,15 @@ class ScaleController:
         """Sets new target sizes; returns every pool's target from before the call.
 
         Raises InvalidArgument naming `target_replicas["<role>"]` for an unknown pool or a
-        size outside 1..max_replicas, and `target_replicas` when no pool is named; then no
-        pool changes. `why` is logged ("Admin.Scale", "autoscaler: ...")."""
+        size outside 1..max_replicas, and `target_replicas` when no pool is named;
+        FailedPrecondition naming the pool when a grow needs a replica no live Ray node could
+        host. Then no pool changes. `why` is logged ("Admin.Scale", "autoscaler: ...")."""
         if not targets:
             raise InvalidArgument(SCALE_FIELD, f"name at least one pool ({self._pool_names()})")
         for role, num_replicas in targets.items():
             self._check(role, num_replicas)
+        for role, num_replicas in targets.items():
+            self._scalers[role].check_target(num_replicas)
         previous = self.targets()
         for role, num_replicas in targets.items():
             if num_replicas != previous[role]:

@@ -111,9 +111,13 @@ class ReplicaMetrics(MetricsEndpoint):
             "pdserve_prefix_cache_blocks",
             "KV blocks a prefill replica keeps in its prefix cache, referenced or not.",
         )
+        self.pinned_cpus = gauge(
+            "pdserve_replica_pinned_cpus",
+            "Cores the replica process is pinned to (resources.pin_cpus); 0 = unpinned.",
+        )
         # Exported at 0 (decode replicas included) so dashboards find them.
         for metric in (self.prefix_cache_hits, self.prefix_cache_prompt_tokens,
-                       self.prefix_cache_blocks):
+                       self.prefix_cache_blocks, self.pinned_cpus):
             metric.labels(*self._labels)
         self._shm_staging = ShmStagingCollector(replica_id, role)
         registry.register(self._shm_staging)
@@ -142,6 +146,10 @@ class ReplicaMetrics(MetricsEndpoint):
         self.kv_blocks_total.labels(*labels).set(report.num_total_blocks)
         self.kv_transfers_in_flight.labels(*labels).set(report.num_transfers)
         self.prefix_cache_blocks.labels(*labels).set(report.num_cached_blocks)
+
+    def set_pinned_cpus(self, num_cpus: int) -> None:
+        """The number of cores the actor pinned its process to (`pdserve.cpu_pinning`)."""
+        self.pinned_cpus.labels(*self._labels).set(num_cpus)
 
     def observe_prefill_pass(self, num_requests: int, num_tokens: int, seconds: float) -> None:
         self.prefill_batch_size.labels(*self._labels).observe(num_requests)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ from tests.factories.config import make_config
 from tests.factories.model import build_tiny_model_dir
 
 QUIET_TIMEOUT_S = 30.0
+WAIT_FOR_TIMEOUT_S = 150.0  # scaling scenarios load models on 2 shared cores
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +70,14 @@ def assert_quiet(service: Service) -> list[LoadReport]:
         if time.monotonic() > deadline:
             raise AssertionError(f"not quiet: leaks={leaks} router_inflight={router_busy}")
         time.sleep(0.05)  # polling interval of a bounded wait, not synchronisation
+
+
+def wait_for(
+    condition: Callable[[], bool], what: str, timeout_s: float = WAIT_FOR_TIMEOUT_S
+) -> None:
+    """Polls `condition` until it holds; raises AssertionError naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.1)  # polling interval of a bounded wait

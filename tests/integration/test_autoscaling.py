@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -18,7 +16,7 @@ from pdserve.client import GenerationClient, collect
 from pdserve.serve import Service
 from pdserve.v1 import pdserve_pb2
 from tests.factories.config import make_config
-from tests.integration.conftest import assert_quiet
+from tests.integration.conftest import assert_quiet, wait_for
 from tests.integration.test_replica_failures import reference
 
 TARGET = 333  # prompts starting with it get the injected prefill and decode delays
@@ -63,14 +61,6 @@ class InfoRecorder:
                     for role, pool in (("prefill", info.prefill), ("decode", info.decode))
                 }
             )
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {WAIT_S:.0f} s waiting for {what}")
-        time.sleep(0.1)  # polling interval of a bounded wait
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """The golden test on the real embedded model (SmolLM2-135M-Instruct, fp32): greedy output
 through router -> prefill -> KV over gRPC -> decode equals `transformers` `generate()`, alone
-and 8 at a time; and `pdserve generate` prints the same continuation."""
+and 8 at a time; and `pdserve generate` prints the same continuation. Prefill chunks are
+`CHUNK_TOKENS` long, so every prompt is prefilled over several packed passes (chunked prefill;
+tests/unit/prefill_decode/test_prefill_chunking.py checks the passes themselves)."""
 
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ PROMPTS = [
     "The largest planet in the solar system is",
 ]
 MAX_TOKENS = 16
+CHUNK_TOKENS = 4
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,11 @@ def references(model_dir: str) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def smollm2_service(ray_cluster: None, model_dir: str) -> Iterator[Service]:
-    config = make_config(EMBEDDED_MODEL, decode={"kv_cache": {"memory_mb": 128}})
+    config = make_config(
+        EMBEDDED_MODEL,
+        prefill={"max_chunk_tokens": CHUNK_TOKENS},
+        decode={"kv_cache": {"memory_mb": 128}},
+    )
     with Service(config) as running:
         yield running
 
@@ -63,7 +70,11 @@ def generate(address: str, prompt: str):
         return collect(client.generate(prompt, max_tokens=MAX_TOKENS, temperature=0.0))
 
 
-def test_each_prompt_alone_matches_transformers(smollm2_service: Service, references) -> None:
+def test_each_prompt_alone_matches_transformers(
+    smollm2_service: Service, references, model_dir: str
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert all(len(tokenizer(p).input_ids) > CHUNK_TOKENS for p in PROMPTS), "no chunking"
     for prompt, expected in zip(PROMPTS, references):
         result = generate(smollm2_service.address, prompt)
         assert result.token_ids == expected, prompt

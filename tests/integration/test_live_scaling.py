@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from pdserve.client import GenerationClient, GenerationResult, collect
 from pdserve.serve import Service
 from pdserve.v1 import pdserve_pb2
 from tests.factories.config import make_config
-from tests.integration.conftest import assert_quiet, load_reports
+from tests.integration.conftest import assert_quiet, load_reports, wait_for
 from tests.integration.test_replica_failures import reference
 
 TARGET = 333  # prompts starting with it decode slowly (fault injection): they stay in flight
@@ -86,14 +85,6 @@ class BackgroundLoad:
                 self.outcomes.append(Outcome(prompt, result, time.monotonic()))
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {WAIT_S:.0f} s waiting for {what}")
-        time.sleep(0.1)  # polling interval of a bounded wait
-
-
 def states(client: GenerationClient, role: str) -> dict[str, int]:
     pool = getattr(client.info(), role)
     return {replica.replica_id: replica.state for replica in pool.replicas}
@@ -132,7 +123,7 @@ def test_scale_up_and_down_under_streaming_load(service: Service, tiny_model_dir
     load.start()
     client = GenerationClient(service.address, timeout_s=30)
     try:
-        wait_for(lambda: len(load.outcomes) >= 2, "the background stream to run")
+        wait_for(lambda: len(load.outcomes) >= 2, "the background stream to run", WAIT_S)
 
         response = client.scale({"prefill": 2, "decode": 2})
         assert dict(response.previous_target_replicas) == {"prefill": 1, "decode": 1}
@@ -140,20 +131,27 @@ def test_scale_up_and_down_under_streaming_load(service: Service, tiny_model_dir
         # Loading the model takes seconds: the new replicas show up first as STARTING.
         assert states(client, "decode") == {"decode-0": READY, "decode-1": STARTING}
         assert states(client, "prefill") == {"prefill-0": READY, "prefill-1": STARTING}
-        wait_for(lambda: settled(client, "prefill", 2) and settled(client, "decode", 2), "2 + 2")
+        wait_for(
+            lambda: settled(client, "prefill", 2) and settled(client, "decode", 2), "2 + 2", WAIT_S
+        )
         wait_for(
             lambda: load.served_by("prefill-1") and load.served_by("decode-1"),
             "the new replicas to serve requests",
+            WAIT_S,
         )
 
-        wait_for(lambda: both_decode_replicas_busy(service), "requests on both decode replicas")
+        wait_for(
+            lambda: both_decode_replicas_busy(service), "requests on both decode replicas", WAIT_S
+        )
         scaled_down_at = time.monotonic()
         handles = {**service.prefill_actors, **service.decode_actors}
         client.scale({"prefill": 1, "decode": 1})
         decode_states = states(client, "decode")
         (victim,) = [rid for rid, state in decode_states.items() if state == DRAINING]
         # The victim drains: it finishes the requests it holds and takes no new ones.
-        wait_for(lambda: settled(client, "prefill", 1) and settled(client, "decode", 1), "1 + 1")
+        wait_for(
+            lambda: settled(client, "prefill", 1) and settled(client, "decode", 1), "1 + 1", WAIT_S
+        )
         assert load.served_by(victim, after=scaled_down_at) >= 1, "no in-flight request finished"
         remaining = {*states(client, "prefill"), *states(client, "decode")}
         assert len(remaining) == 2 and victim not in remaining
@@ -161,7 +159,9 @@ def test_scale_up_and_down_under_streaming_load(service: Service, tiny_model_dir
             with pytest.raises(ray.exceptions.RayActorError):
                 ray.get(handles[replica_id].load.remote(), timeout=30)
         num_before = len(load.outcomes)
-        wait_for(lambda: len(load.outcomes) >= num_before + 3, "requests after the scale-down")
+        wait_for(
+            lambda: len(load.outcomes) >= num_before + 3, "requests after the scale-down", WAIT_S
+        )
     finally:
         load.stop()
         client.close()

@@ -105,7 +105,8 @@ def test_multinode_example() -> None:
         (
             {"prefill": {"resources": {"gpus": 1}}},
             "prefill.resources.gpus",
-            "custom_resources, node_labels, num_cpus, num_gpus, placement_strategy, torch_threads",
+            "custom_resources, node_labels, num_cpus, num_gpus, pin_cpus, placement_strategy, "
+            "torch_threads",
         ),
         (
             {"decode": {"kv_cache": {"blocks": 1}}},

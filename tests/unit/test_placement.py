@@ -1,15 +1,18 @@
 """Placement: config keys and their errors, Ray actor options, and the can-it-ever-be-placed
-check, on hand-built node lists (no Ray)."""
+check, on hand-built node lists (no Ray); and that same check gating live scale-ups (Admin.Scale
+and the autoscaler), with the fake replicas of `test_pool_scaler`."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from pdserve.config import ResourcesConfig, load_config, parse_config
-from pdserve.errors import ConfigError, Unavailable
+from pdserve.errors import ConfigError, FailedPrecondition, Unavailable
 from pdserve.placement import (
     NodeView,
     actor_options,
@@ -18,6 +21,14 @@ from pdserve.placement import (
     placement_problem,
     require_placeable,
 )
+from pdserve.v1 import pdserve_pb2, pdserve_pb2_grpc
+from router.admin_servicer import AdminServicer
+from router.autoscale_loop import AutoscaleLoop
+from router.autoscaler import decode_autoscaler
+from router.live_scaling import placement_check
+from router.replica_pool import DRAINING, READY
+from router.scaling import ScaleController, pool_limits
+from tests.unit.test_pool_scaler import FakeFactory, make_pool, make_scaler, states
 
 ROLE = "pdserve/role"
 
@@ -188,3 +199,116 @@ def test_fractional_amounts_count_in_ray_units() -> None:
 def test_no_alive_node_at_all() -> None:
     problem = placement_problem(_resources(), 1, [])
     assert problem == "each replica needs 1 'CPU' and no node offers any"
+
+
+# Both pools fit on their own node only, 2 replicas each (the nodes' 2 CPUs bound them).
+SCALED = parse_config(
+    {
+        "prefill": {"resources": {"custom_resources": {"pdserve_prefill": 1}}},
+        "decode": {
+            "resources": {"node_labels": {ROLE: "decode"}},
+            "autoscale": {"enabled": True, "max_replicas": 3, "cooldown_s": 0},
+        },
+    }
+)
+
+
+async def test_a_grow_no_node_can_host_is_refused_and_starts_nothing() -> None:
+    pool, _ = await make_pool("decode-0")
+    factory = FakeFactory()
+    nodes = list(NODES)
+    scaler = make_scaler(pool, factory, check_placement=placement_check(SCALED, lambda: nodes))
+    with pytest.raises(FailedPrecondition) as info:
+        scaler.set_target(3)
+    message = info.value.message
+    assert "the decode pool can never be placed" in message and "decode.resources" in message
+    assert "3 replicas need 1 CPU each" in message and "at most 2" in message
+    assert factory.created == {} and pool.target_replicas == 1
+    assert list(states(pool)) == ["decode-0"]
+    nodes.pop()  # the decode node left the cluster: the check reads the nodes alive now
+    with pytest.raises(FailedPrecondition) as info:
+        scaler.set_target(2)
+    assert "no node has a label pdserve/role matching 'decode'" in info.value.message
+    nodes.append(NODES[-1])
+    scaler.set_target(2)
+    assert list(factory.created) == ["decode-1"] and pool.target_replicas == 2
+    await scaler.stop()
+
+
+async def test_shrinking_or_taking_back_a_drain_never_checks_placement() -> None:
+    pool, _ = await make_pool("decode-0", "decode-1")
+    factory = FakeFactory()
+    checked: list[tuple[str, int]] = []
+
+    def refuse(role: str, num_replicas: int) -> None:
+        checked.append((role, num_replicas))
+        raise FailedPrecondition("no node")
+
+    scaler = make_scaler(pool, factory, check_placement=refuse)
+    scaler.set_target(1)
+    (draining,) = [rid for rid, state in states(pool).items() if state == DRAINING]
+    scaler.set_target(2)  # takes the draining replica back: no new actor
+    assert states(pool)[draining] == READY
+    scaler.set_target(1)
+    assert checked == [] and factory.created == {}
+    with pytest.raises(FailedPrecondition):
+        scaler.set_target(3)  # one new actor: checked
+    assert checked == [("decode", 3)] and factory.created == {} and pool.target_replicas == 1
+    await scaler.stop()
+
+
+async def test_admin_scale_to_an_unplaceable_size_fails_and_changes_no_pool() -> None:
+    prefill, _ = await make_pool("prefill-0")
+    decode, _ = await make_pool("decode-0")
+    factory = FakeFactory()
+    check = placement_check(SCALED, lambda: NODES)
+    controller = ScaleController(
+        {
+            "prefill": make_scaler(prefill, factory, check_placement=check),
+            "decode": make_scaler(decode, factory, check_placement=check),
+        },
+        {role: pool_limits(SCALED, role) for role in ("prefill", "decode")},
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((AdminServicer(controller).handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pdserve_pb2_grpc.AdminStub(channel)
+            request = pdserve_pb2.ScaleRequest(target_replicas={"prefill": 2, "decode": 3})
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Scale(request, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert caught.value.details().startswith("the decode pool can never be placed")
+            assert factory.created == {}
+            assert controller.targets() == {"prefill": 1, "decode": 1}
+    finally:
+        await server.stop(None)
+        await controller.stop()
+
+
+async def test_the_autoscaler_warns_and_keeps_the_size_when_a_grow_cannot_be_placed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool, actors = await make_pool("decode-0")
+    actors["decode-0"].num_used_blocks = 95  # KV usage 0.95 > scale_up_kv_usage 0.8
+    await pool.poll_once()
+    factory = FakeFactory()
+    # Only the head and the prefill node are alive: no node has the decode label.
+    check = placement_check(SCALED, lambda: NODES[:2])
+    controller = ScaleController(
+        {"decode": make_scaler(pool, factory, check_placement=check)},
+        {"decode": pool_limits(SCALED, "decode")},
+    )
+    loop = AutoscaleLoop(
+        controller, {"decode": pool}, {"decode": decode_autoscaler(SCALED.decode.autoscale)}, 1.0
+    )
+    with caplog.at_level(logging.WARNING, logger="router.autoscale_loop"):
+        assert loop.step(now=100.0) == {}
+    assert factory.created == {} and pool.target_replicas == 1
+    (record,) = [r for r in caplog.records if r.name == "router.autoscale_loop"]
+    assert record.levelno == logging.WARNING
+    assert "not scaling decode to 2 replicas" in record.getMessage()
+    assert "no node has a label pdserve/role matching 'decode'" in record.getMessage()
+    await controller.stop()

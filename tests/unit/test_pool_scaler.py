@@ -17,7 +17,7 @@ from pdserve.messages import LoadReport, encode
 from pdserve.v1 import pdserve_pb2, pdserve_pb2_grpc
 from router.admin_servicer import AdminServicer
 from router.auth import BearerTokenInterceptor
-from router.pool_scaler import PoolScaler
+from router.pool_scaler import PlacementCheck, PoolScaler
 from router.replica_pool import DRAINING, READY, STARTING, Replica, ReplicaPool
 from router.scaling import PoolLimits, ScaleController
 
@@ -79,6 +79,10 @@ async def accept_model(replica: Replica) -> None:
     return None
 
 
+def place_anywhere(role: str, num_replicas: int) -> None:
+    return None
+
+
 async def wait_until(condition: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + WAIT_S
     while not condition():
@@ -98,11 +102,11 @@ async def make_pool(*replica_ids: str) -> tuple[ReplicaPool, dict[str, FakeActor
 
 def make_scaler(
     pool: ReplicaPool, factory: FakeFactory, check_model: Any = accept_model,
-    drain_timeout_s: float = WAIT_S,
+    drain_timeout_s: float = WAIT_S, check_placement: PlacementCheck = place_anywhere,
 ) -> PoolScaler:
     return PoolScaler(
-        pool, factory, check_model, start_timeout_s=WAIT_S, drain_timeout_s=drain_timeout_s,
-        poll_interval_s=POLL_S,
+        pool, factory, check_model, check_placement=check_placement, start_timeout_s=WAIT_S,
+        drain_timeout_s=drain_timeout_s, poll_interval_s=POLL_S,
     )
 
 

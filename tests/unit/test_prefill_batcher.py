@@ -1,4 +1,5 @@
-"""PrefillBatcher: FIFO batches within the token/size budgets and the KV cache, no overtaking;
+"""PrefillBatcher: FIFO batches within the token/size budgets and the KV cache, no overtaking
+for blocks; long prompts are computed a chunk per pass with later prompts joining those passes;
 with prefix caching, jobs share cached prefix blocks and compute only their tails."""
 
 from __future__ import annotations
@@ -43,9 +44,25 @@ def make_batcher(
     max_batch_tokens: int = 1000,
     max_batch_size: int = 100,
     max_waiting: int = 100,
+    max_chunk_tokens: int | None = None,
 ) -> tuple[PrefillBatcher, BlockManager]:
     blocks = BlockManager(num_blocks, BLOCK_SIZE)
-    return PrefillBatcher(blocks, max_batch_tokens, max_batch_size, max_waiting), blocks
+    batcher = PrefillBatcher(
+        blocks, max_batch_tokens, max_batch_size, max_waiting, max_chunk_tokens=max_chunk_tokens
+    )
+    return batcher, blocks
+
+
+def chunks(batch: list[PrefillJob]) -> list[tuple[str, int]]:
+    return [(job.transfer_id, job.num_chunk_tokens) for job in batch]
+
+
+def run_pass(blocks: BlockManager, batch: list[PrefillJob]) -> None:
+    """What the worker does after a successful pass: advance and cache the full blocks."""
+    for job in batch:
+        job.num_computed_tokens += job.num_chunk_tokens
+        num_full_blocks = job.num_computed_tokens // BLOCK_SIZE
+        blocks.cache_blocks(job.transfer_id, job.block_hashes[:num_full_blocks])
 
 
 def names(batch: list[PrefillJob]) -> list[str]:
@@ -80,14 +97,22 @@ def test_batches_are_fifo_and_own_their_blocks(loop: asyncio.AbstractEventLoop) 
     assert blocks.num_free_blocks == 64 - (2 + 1 + 3 + 1)
 
 
-def test_batches_respect_max_batch_tokens(loop: asyncio.AbstractEventLoop) -> None:
-    batcher, _ = make_batcher(max_batch_tokens=32)
+def test_passes_respect_max_batch_tokens_by_chunking_the_job_that_overflows(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    batcher, blocks = make_batcher(max_batch_tokens=32)
     submit_all(loop, batcher, {"a": 10, "b": 10, "c": 10, "d": 10, "e": 16, "f": 16, "g": 1})
-    batches = []
+    passes = []
     while batch := batcher.next_batch():
-        assert sum(job.num_prompt_tokens for job in batch) <= 32
-        batches.append(names(batch))
-    assert batches == [["a", "b", "c"], ["d", "e"], ["f", "g"]]
+        assert sum(job.num_chunk_tokens for job in batch) <= 32
+        passes.append(chunks(batch))
+        run_pass(blocks, batch)
+    assert passes == [
+        [("a", 10), ("b", 10), ("c", 10), ("d", 2)],
+        [("d", 8), ("e", 16), ("f", 8)],
+        [("f", 8), ("g", 1)],
+    ]
+    assert batcher.num_waiting == 0
 
 
 def test_batches_respect_max_batch_size(loop: asyncio.AbstractEventLoop) -> None:
@@ -99,14 +124,38 @@ def test_batches_respect_max_batch_size(loop: asyncio.AbstractEventLoop) -> None
     assert batcher.next_batch() == []
 
 
-def test_a_prompt_longer_than_max_batch_tokens_runs_alone(
+def test_a_long_prompt_is_chunked_and_later_prompts_join_its_passes(
     loop: asyncio.AbstractEventLoop,
 ) -> None:
-    batcher, _ = make_batcher(max_batch_tokens=16)
-    submit_all(loop, batcher, {"small": 5, "long": 40, "after": 2})
-    assert names(batcher.next_batch()) == ["small"]
-    assert names(batcher.next_batch()) == ["long"]
-    assert names(batcher.next_batch()) == ["after"]
+    batcher, blocks = make_batcher(max_batch_tokens=16, max_chunk_tokens=8)
+    jobs = submit_all(loop, batcher, {"long": 20, "short": 3})
+    batch = batcher.next_batch()
+    assert chunks(batch) == [("long", 8), ("short", 3)]
+    assert [job.is_last_chunk for job in batch] == [False, True]
+    long_table = list(jobs["long"].block_table or [])
+    assert len(long_table) == blocks.blocks_needed(20), "blocks for the whole prompt at once"
+    assert batcher.num_waiting == 1, "the long prompt keeps its place, the short one left"
+    run_pass(blocks, batch)
+    batcher.submit(jobs.setdefault("later", make_job(loop, "later", 5)))
+    batch = batcher.next_batch()
+    assert chunks(batch) == [("long", 8), ("later", 5)], "a prompt arriving meanwhile joins"
+    run_pass(blocks, batch)
+    batch = batcher.next_batch()
+    assert chunks(batch) == [("long", 4)] and batch[0].is_last_chunk
+    assert jobs["long"].block_table == long_table
+    run_pass(blocks, batch)
+    assert batcher.next_batch() == [] and batcher.num_waiting == 0
+
+
+def test_a_chunked_prompt_removed_between_passes_runs_no_more(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    batcher, blocks = make_batcher(max_batch_tokens=8)
+    jobs = submit_all(loop, batcher, {"long": 30, "next": 2})
+    assert chunks(batch := batcher.next_batch()) == [("long", 8)]
+    run_pass(blocks, batch)
+    assert batcher.remove(jobs["long"])
+    assert chunks(batcher.next_batch()) == [("next", 2)]
 
 
 def test_head_job_without_blocks_stops_the_batch(loop: asyncio.AbstractEventLoop) -> None:
@@ -254,3 +303,23 @@ def test_without_prefix_caching_nothing_is_hashed_or_shared(
     assert blocks.num_cached_blocks == 0
     assert jobs[0].block_table is not None and jobs[1].block_table is not None
     assert not set(jobs[0].block_table) & set(jobs[1].block_table)
+
+
+def test_a_prompt_behind_a_chunked_one_shares_the_blocks_its_chunks_finished(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    blocks = BlockManager(64, BLOCK_SIZE)
+    batcher = PrefillBatcher(blocks, 100, 100, 100, prefix_caching=True, max_chunk_tokens=8)
+    first = make_prompt_job(loop, "first", SYSTEM + [1, 2, 3, 4, 5])  # 17 tokens
+    batcher.submit(first)
+    run_pass(blocks, batcher.next_batch())  # 8 tokens: blocks 0 and 1 cached
+    second = make_prompt_job(loop, "second", SYSTEM + [7])
+    batcher.submit(second)
+    batch = batcher.next_batch()
+    assert names(batch) == ["first"], "second waits for block 2, which this pass writes"
+    run_pass(blocks, batch)
+    batch = batcher.next_batch()
+    assert chunks(batch) == [("first", 1), ("second", 1)]
+    assert second.num_cached_tokens == 12
+    assert second.block_table is not None and first.block_table is not None
+    assert second.block_table[:3] == first.block_table[:3]
