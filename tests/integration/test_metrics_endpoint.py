@@ -1,9 +1,11 @@
 """Prometheus endpoints of a running service: after a few requests (one of them with a KV
 transfer corrupted on the wire) the router's and each replica's `/metrics`, scraped over HTTP,
-moved by exactly what the requests did."""
+moved by exactly what the requests did. The decode replica runs with `resources.pin_cpus`: its
+process is confined to one core and says so in `pdserve_replica_pinned_cpus`."""
 
 from __future__ import annotations
 
+import os
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +47,7 @@ def service(ray_cluster: None, tiny_model_dir: Path) -> Iterator[Service]:
         str(tiny_model_dir),
         metrics={"router_port": 0},
         kv_transfer={"transport": "grpc", "chunk_bytes": 16384},
+        decode={"resources": {"num_cpus": 1, "pin_cpus": True}},
         faults={"target_token_id": TARGET, "kv_chunk_fault": "corrupt", "kv_chunk_fault_seq": 1},
     )
     with Service(config) as running:
@@ -117,3 +120,15 @@ def test_router_and_replica_metrics_count_what_happened(service: Service) -> Non
         == decode_report.total_decode_tokens == num_ok * (MAX_TOKENS - 1)
     assert get(decode, "pdserve_replica_running_sequences", **labels) == 0
     assert get(decode, "pdserve_prefix_cache_hits_total", **labels) == 0
+
+
+def test_a_pinned_replica_runs_on_one_core_and_exports_it(service: Service) -> None:
+    by_role = {report.role: report for report in assert_quiet(service)}
+    decode_report, prefill_report = by_role["decode"], by_role["prefill"]
+    decode = scrape(decode_report.metrics_address)
+    labels = {"replica": decode_report.replica_id, "role": "decode"}
+    assert get(decode, "pdserve_replica_pinned_cpus", **labels) == 1
+    assert len(os.sched_getaffinity(decode_report.pid)) == 1
+    prefill = scrape(prefill_report.metrics_address)
+    labels = {"replica": prefill_report.replica_id, "role": "prefill"}
+    assert get(prefill, "pdserve_replica_pinned_cpus", **labels) == 0
