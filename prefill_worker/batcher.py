@@ -76,7 +76,7 @@ class PrefillBatcher:
                 break
             if job.block_table is None and not self._allocate(job, bool(batch), writing):
                 break
-            job.num_chunk_tokens = min(job.num_left_tokens, self._max_chunk_tokens, budget)
+            job.num_chunk_tokens = min(job.num_prompt_tokens_left, self._max_chunk_tokens, budget)
             if job.is_last_chunk:
                 self._waiting.remove(job)
             writing.update(self.hashes_written(job))

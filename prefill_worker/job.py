@@ -67,7 +67,7 @@ class PrefillJob:
         return self.num_prompt_tokens - self.num_cached_tokens
 
     @property
-    def num_left_tokens(self) -> int:
+    def num_prompt_tokens_left(self) -> int:
         """Prompt tokens no pass has computed yet."""
         return self.num_prompt_tokens - self.num_computed_tokens
 
