@@ -79,12 +79,12 @@ class PrefillBatcher:
             job.num_chunk_tokens = min(job.num_prompt_tokens_left, self._max_chunk_tokens, budget)
             if job.is_last_chunk:
                 self._waiting.remove(job)
-            writing.update(self.hashes_written(job))
+            writing.update(self._hashes_written(job))
             batch.append(job)
             num_tokens += job.num_chunk_tokens
         return batch
 
-    def hashes_written(self, job: PrefillJob) -> list[bytes]:
+    def _hashes_written(self, job: PrefillJob) -> list[bytes]:
         """Hashes of the full blocks the job's current chunk completes."""
         block_size = self._block_manager.block_size
         first = job.num_computed_tokens // block_size
