@@ -46,7 +46,7 @@ def service_config(
                     "prefix_caching": False},
         "decode": {"replicas": 1, "resources": replica, "kv_cache": kv_cache},
         "kv_transfer": {"transport": transport, "layer_pipelining": layer_pipelining},
-        "router": {"host": "127.0.0.1", "port": 0},
+        "router": {"host": "127.0.0.1", "port": 0, "http_port": 0},
         "metrics": {"router_port": 0},
         "limits": {"max_tokens": 16},
         "log_level": "WARNING",

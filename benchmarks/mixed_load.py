@@ -36,7 +36,7 @@ def mode_config(mode: str, args: argparse.Namespace) -> PdserveConfig:
         "model": {"source": args.model, "dtype": args.dtype, "max_context_tokens": 2048},
         "mode": mode,
         "ray": {"num_cpus": 4, "namespace": "pdserve-bench"},
-        "router": {"host": "127.0.0.1", "port": 0},
+        "router": {"host": "127.0.0.1", "port": 0, "http_port": 0},
         "metrics": {"router_port": 0},
         "log_level": "WARNING",
     }

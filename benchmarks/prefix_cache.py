@@ -49,7 +49,7 @@ def service_config(prefix_caching: bool, args: argparse.Namespace) -> PdserveCon
         "prefill": {"replicas": 1, "resources": replica, "kv_cache": kv_cache,
                     "prefix_caching": prefix_caching},
         "decode": {"replicas": 1, "resources": replica, "kv_cache": kv_cache},
-        "router": {"host": "127.0.0.1", "port": 0},
+        "router": {"host": "127.0.0.1", "port": 0, "http_port": 0},
         "metrics": {"router_port": 0, "replica_port": 0},
         "limits": {"max_tokens": 16},
         "log_level": "WARNING",

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from decode_worker.sequence import DecodeSequence, SequenceState
 from engine.model_runner import ModelRunner, SequenceChunk
-from engine.sampler import sample
+from engine.sampler import SampledToken, SamplingRow, sample_tokens
 from engine.stopping import finish_reason
 from pdserve.errors import DeadlineExceeded, Internal, PdserveError
 from pdserve.faults import FaultInjector
@@ -68,7 +68,7 @@ class DecodeBatchLoop:
                 seq.in_step = True
             started = time.monotonic()
             try:
-                token_ids = await asyncio.to_thread(self._step, batch)
+                tokens = await asyncio.to_thread(self._step, batch)
             except Exception as exc:  # a failed step fails its sequences, not the replica
                 logger.exception("decode step failed for %d sequences", len(batch))
                 self._fail(batch, Internal(f"decode step failed: {exc}"))
@@ -79,21 +79,20 @@ class DecodeBatchLoop:
             self.num_steps += 1
             self.num_step_tokens += len(batch)
             self._metrics.observe_decode_step(len(batch), time.monotonic() - started)
-            self._deliver(batch, token_ids)
+            self._deliver(batch, tokens)
 
-    def _step(self, batch: list[DecodeSequence]) -> list[int]:
+    def _step(self, batch: list[DecodeSequence]) -> list[SampledToken]:
         self._faults.before_decode_step([seq.fault_key for seq in batch])
         chunks = [
             SequenceChunk([seq.token_ids[-1]], seq.num_context_tokens - 1, seq.block_table)
             for seq in batch
         ]
         logits = self._runner.forward(chunks)
-        params = [seq.request.sampling for seq in batch if seq.request is not None]
-        return sample(logits, params, [seq.num_generated for seq in batch])
+        return sample_tokens(logits, [_sampling_row(seq) for seq in batch])
 
-    def _deliver(self, batch: list[DecodeSequence], token_ids: list[int]) -> None:
+    def _deliver(self, batch: list[DecodeSequence], tokens: list[SampledToken]) -> None:
         now = time.time()
-        for seq, token in zip(batch, token_ids):
+        for seq, sampled in zip(batch, tokens):
             if seq.state is not SequenceState.RUNNING:
                 self._on_step_exit(seq)
                 continue
@@ -103,17 +102,20 @@ class DecodeBatchLoop:
             except PdserveError as exc:  # fails this sequence only; the others go on
                 self._finish(seq, DecodeEvent(error=exc.to_info()))
                 continue
+            token = sampled.token_id
             seq.token_ids.append(token)
+            logprobs = [sampled.logprobs] if sampled.logprobs is not None else []
             reason = finish_reason(
                 token, seq.num_generated, seq.request.sampling, seq.request.eos_token_ids
             )
             if reason:
-                self._finish(seq, DecodeEvent(token_ids=[token], finish_reason=reason))
+                event = DecodeEvent(token_ids=[token], finish_reason=reason, logprobs=logprobs)
+                self._finish(seq, event)
             elif now > seq.request.deadline:
                 error = DeadlineExceeded("deadline passed during decode").to_info()
-                self._finish(seq, DecodeEvent(token_ids=[token], error=error))
+                self._finish(seq, DecodeEvent(token_ids=[token], error=error, logprobs=logprobs))
             else:
-                seq.events.put_nowait(DecodeEvent(token_ids=[token]))
+                seq.events.put_nowait(DecodeEvent(token_ids=[token], logprobs=logprobs))
 
     def _finish(self, seq: DecodeSequence, event: DecodeEvent) -> None:
         self.remove(seq)
@@ -126,3 +128,9 @@ class DecodeBatchLoop:
                 self._finish(seq, DecodeEvent(error=error.to_info()))
             else:
                 self._on_step_exit(seq)
+
+
+def _sampling_row(seq: DecodeSequence) -> SamplingRow:
+    assert seq.request is not None, "only attached sequences join the batch"
+    request = seq.request
+    return SamplingRow(request.sampling, seq.num_generated, request.eos_token_ids)

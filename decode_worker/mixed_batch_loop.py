@@ -20,6 +20,7 @@ pass runs in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 
 from decode_worker.colocated_sequence import ColocatedSequence, ColocatedState
 from engine.model_runner import ModelRunner, SequenceChunk
-from engine.sampler import sample
+from engine.sampler import SampledToken, SamplingRow, sample_tokens
 from engine.stopping import finish_reason
 from pdserve.errors import DeadlineExceeded, ErrorInfo, Internal, PdserveError
 from pdserve.faults import FaultInjector
@@ -119,7 +120,7 @@ class MixedBatchLoop:
                 seq.in_step = True
             started = time.monotonic()
             try:
-                token_ids = await asyncio.to_thread(self._step, plan)
+                tokens = await asyncio.to_thread(self._step, plan)
             except Exception as exc:  # a failed step fails its sequences, not the replica
                 logger.exception("colocated step failed for %d sequences", len(plan.seqs))
                 self._fail(plan, Internal(f"colocated step failed: {exc}"))
@@ -128,7 +129,7 @@ class MixedBatchLoop:
                 for seq in plan.seqs:
                     seq.in_step = False
             self._count(plan, time.monotonic() - started)
-            self._deliver(plan, token_ids)
+            self._deliver(plan, tokens)
 
     def _plan(self) -> StepPlan:
         plan = StepPlan(decode=list(self._running.values())[: self._max_batch_size])
@@ -150,7 +151,7 @@ class MixedBatchLoop:
             budget -= num_tokens
         return plan
 
-    def _step(self, plan: StepPlan) -> list[int]:
+    def _step(self, plan: StepPlan) -> list[SampledToken]:
         """Runs on a worker thread: one forward pass; returns the sampled tokens of the running
         sequences, then of the prompts whose last chunk ran, in plan order."""
         self._faults.before_decode_step([seq.fault_key for seq in plan.decode])
@@ -173,11 +174,10 @@ class MixedBatchLoop:
                 sampled.append(chunk.seq)
         if not rows:
             return []
-        params = [seq.request.sampling for seq in sampled]
-        return sample(logits[rows], params, [seq.num_generated for seq in sampled])
+        return sample_tokens(logits[rows], [_sampling_row(seq) for seq in sampled])
 
-    def _deliver(self, plan: StepPlan, token_ids: list[int]) -> None:
-        tokens = iter(token_ids)
+    def _deliver(self, plan: StepPlan, sampled: list[SampledToken]) -> None:
+        tokens = iter(sampled)
         for seq in plan.decode:
             self._deliver_decode(seq, next(tokens))
         for chunk in plan.prefill:
@@ -190,7 +190,7 @@ class MixedBatchLoop:
             if token is not None:
                 self._start_decoding(seq, token)
 
-    def _deliver_decode(self, seq: ColocatedSequence, token: int) -> None:
+    def _deliver_decode(self, seq: ColocatedSequence, token: SampledToken) -> None:
         if seq.state is not ColocatedState.RUNNING or seq.transfer_id not in self._running:
             self._on_step_exit(seq)
             return
@@ -199,15 +199,17 @@ class MixedBatchLoop:
         except PdserveError as exc:  # fails this sequence only; the others go on
             self._finish(seq, ColocatedEvent(error=exc.to_info()))
             return
-        seq.token_ids.append(token)
-        self._emit(seq, ColocatedEvent(token_ids=[token]))
+        seq.token_ids.append(token.token_id)
+        self._emit(seq, _token_event(token))
 
-    def _start_decoding(self, seq: ColocatedSequence, token: int) -> None:
+    def _start_decoding(self, seq: ColocatedSequence, token: SampledToken) -> None:
         """The prompt's last chunk ran: stream its first token and join the running set."""
-        seq.token_ids.append(token)
+        seq.token_ids.append(token.token_id)
         seq.decode_started_at = time.monotonic()
-        event = ColocatedEvent(
-            token_ids=[token],
+        # num_cached_tokens stays 0: colocated replicas have no prefix cache (every prompt
+        # token is computed here).
+        event = dataclasses.replace(
+            _token_event(token),
             queue_s=seq.prefill_started_at - seq.enqueued_at,
             prefill_s=seq.decode_started_at - seq.prefill_started_at,
         )
@@ -222,16 +224,10 @@ class MixedBatchLoop:
         request = seq.request
         reason = finish_reason(token, seq.num_generated, request.sampling, request.eos_token_ids)
         if reason:
-            event = ColocatedEvent(
-                token_ids=event.token_ids, finish_reason=reason,
-                queue_s=event.queue_s, prefill_s=event.prefill_s,
-            )
-            self._finish(seq, event)
+            self._finish(seq, dataclasses.replace(event, finish_reason=reason))
         elif seq.seconds_left() <= 0:
-            self._finish(seq, ColocatedEvent(
-                token_ids=event.token_ids, queue_s=event.queue_s, prefill_s=event.prefill_s,
-                error=_deadline_error("during decode"),
-            ))
+            error = _deadline_error("during decode")
+            self._finish(seq, dataclasses.replace(event, error=error))
         else:
             seq.events.put_nowait(event)
 
@@ -259,6 +255,17 @@ class MixedBatchLoop:
             self._metrics.observe_decode_step(len(plan.decode), seconds)
         if plan.prefill:
             self._metrics.observe_prefill_pass(len(plan.prefill), plan.num_prefill_tokens, seconds)
+
+
+def _sampling_row(seq: ColocatedSequence) -> SamplingRow:
+    request = seq.request
+    return SamplingRow(request.sampling, seq.num_generated, request.eos_token_ids)
+
+
+def _token_event(token: SampledToken) -> ColocatedEvent:
+    """One sampled token, with its log-probabilities when the request asked for them."""
+    logprobs = [token.logprobs] if token.logprobs is not None else []
+    return ColocatedEvent(token_ids=[token.token_id], logprobs=logprobs)
 
 
 def _deadline_error(when: str) -> ErrorInfo:

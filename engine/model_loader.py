@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +44,10 @@ class LoadedModel:
     # Identity of architecture + shapes + a sample of the weights: equal on both sides of a
     # KV hand-off or the KV would be meaningless to the receiver.
     fingerprint: str
+    # The tokenizer's Jinja chat template ("" when it has none).
+    chat_template: str = ""
+    # The tokenizer's named special tokens (`bos_token`, `eos_token`, ...): name -> text.
+    special_tokens: dict[str, str] = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -78,6 +82,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
         eos_token_ids=_eos_token_ids(path, hf_config),
         tokenizer_json=tokenizer.backend_tokenizer.to_str(),
         fingerprint=_fingerprint(model, hf_config),
+        chat_template=chat_template_of(tokenizer, config.source),
+        special_tokens=special_tokens_of(tokenizer),
     )
     if config.dtype == "bfloat16":
         _pack_linear_weights(model)
@@ -98,6 +104,31 @@ def _check_supported(hf_config: object) -> None:
         )
     if getattr(hf_config, "use_sliding_window", False):
         raise ConfigError("model.source: sliding-window attention is not supported")
+
+
+def chat_template_of(tokenizer: Any, source: str) -> str:
+    """The tokenizer's chat template; of several named ones, "default" (logged, as the router
+    renders only one); "" when there is none."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        others = ", ".join(sorted(name for name in template if name != "default")) or "none"
+        if "default" in template:
+            logger.warning("%s: serving chat template 'default', ignoring %s", source, others)
+        else:  # as transformers' apply_chat_template, which needs a name to pick another
+            logger.warning("%s: no chat template named 'default' (only %s)", source, others)
+        template = template.get("default")
+    return template if isinstance(template, str) else ""
+
+
+def special_tokens_of(tokenizer: Any) -> dict[str, str]:
+    """The tokenizer's single named special tokens, name -> text. Lists of tokens (e.g.
+    `additional_special_tokens`) have no single text for a template to use and are left out."""
+    named = getattr(tokenizer, "special_tokens_map", None) or {}
+    return {
+        str(name): str(value)
+        for name, value in named.items()
+        if value is not None and not isinstance(value, (list, tuple))
+    }
 
 
 def _eos_token_ids(path: str, hf_config: object) -> list[int]:

@@ -12,7 +12,7 @@ from engine.kv_cache import KVCacheSpec, PagedKVCache
 from engine.model_loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner
 from pdserve.config import KVCacheConfig, ModelConfig
-from pdserve.messages import ModelInfo
+from pdserve.messages import ModelInfo, NamedToken
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class ReplicaEngine:
         }
 
     def model_info(self) -> ModelInfo:
+        """What the router needs to know about the served model, chat template included."""
         loaded = self.loaded
         return ModelInfo(
             model=loaded.source,
@@ -45,6 +46,10 @@ class ReplicaEngine:
             eos_token_ids=loaded.eos_token_ids,
             tokenizer_json=loaded.tokenizer_json,
             kv_fingerprint=loaded.fingerprint,
+            chat_template=loaded.chat_template,
+            special_tokens=[
+                NamedToken(name, text) for name, text in sorted(loaded.special_tokens.items())
+            ],
         )
 
 

@@ -1,5 +1,6 @@
-"""The `pdserve` command: `serve` runs the service, `generate` and `info` talk to it, `scale`
-resizes its pools (see `pdserve.scale_cli`), `bench serve` measures it under load.
+"""The `pdserve` command: `serve` runs the service, `generate`, `chat` (see `pdserve.chat_cli`)
+and `info` talk to it, `scale` resizes its pools (see `pdserve.scale_cli`), `bench serve`
+measures it under load. The client flags they share live in `pdserve.cli_flags`.
 
 Exit codes: 0 success, 1 a failed call or service error, 2 a bad config or bad arguments.
 `RAY_ADDRESS` and `PDSERVE_TOKEN` are read here, and only here, to pass them on explicitly.
@@ -11,13 +12,23 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import grpc
 
 from pdserve.bench import add_serve_arguments, options_from_args, run_serve_bench
-from pdserve.client import GenerationClient, collect
+from pdserve.chat_cli import Conversation, add_chat_arguments, run_chat
+from pdserve.cli_flags import (
+    DEFAULT_ADDRESS,
+    INT32_MAX,
+    TOKEN_ENV,
+    add_address,
+    add_client_security,
+    add_generation_arguments,
+    int_in,
+    sampling_kwargs,
+)
+from pdserve.client import GenerationClient, Prompt, collect
 from pdserve.config import load_config
 from pdserve.errors import ConfigError, PdserveError
 from pdserve.scale_cli import (
@@ -30,10 +41,6 @@ from pdserve.scale_cli import (
     scale_targets,
 )
 from pdserve.v1 import pdserve_pb2
-
-DEFAULT_ADDRESS = "127.0.0.1:50051"
-TOKEN_ENV = "PDSERVE_TOKEN"
-_INT32_MAX = 2**31 - 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,33 +74,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     generate = commands.add_parser("generate", help="stream a completion of one prompt")
-    _add_address(generate)
-    _add_client_security(generate)
+    add_address(generate)
+    add_client_security(generate)
     generate.add_argument("prompt", help="prompt text")
-    generate.add_argument("--max-tokens", type=_int_in(1, _INT32_MAX), default=128)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    generate.add_argument("--top-p", type=float, default=0.0, help="0 = no nucleus filter")
-    generate.add_argument("--top-k", type=_int_in(0, _INT32_MAX), default=0, help="0 = off")
-    generate.add_argument("--seed", type=_int_in(0, 2**64 - 1), default=None)
+    add_generation_arguments(generate)
     generate.add_argument(
-        "--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)"
+        "--chat", action="store_true",
+        help="send the prompt as a user message, rendered with the model's chat template",
     )
     generate.add_argument(
-        "--stop-token-id",
-        dest="stop_token_ids",
-        action="append",
-        type=_int_in(0, _INT32_MAX),
-        default=[],
-        metavar="ID",
-        help="stop token id (repeatable)",
+        "--system", default=None, metavar="TEXT",
+        help="system message before the prompt (implies --chat)",
     )
-    generate.add_argument("--ignore-eos", action="store_true", help="generate past EOS")
-    generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     generate.set_defaults(run=_generate)
 
+    chat = commands.add_parser("chat", help="chat interactively, keeping the conversation")
+    add_address(chat)
+    add_client_security(chat)
+    add_generation_arguments(chat)
+    add_chat_arguments(chat)
+    chat.set_defaults(run=_chat)
+
     info = commands.add_parser("info", help="describe a running service")
-    _add_address(info)
-    _add_client_security(info)
+    add_address(info)
+    add_client_security(info)
     info.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
     info.set_defaults(run=_info)
 
@@ -104,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", "--target", dest="address", default=DEFAULT_ADDRESS,
         help=f"router host:port (default {DEFAULT_ADDRESS})",
     )
-    _add_client_security(scale)
-    add_scale_arguments(scale, _int_in(1, _INT32_MAX))
+    add_client_security(scale)
+    add_scale_arguments(scale, int_in(1, INT32_MAX))
     scale.set_defaults(run=_scale)
 
     bench = commands.add_parser("bench", help="measure a running service")
@@ -113,25 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve = benchmarks.add_parser(
         "serve", help="load generator: TTFT, inter-token latency, throughput, goodput"
     )
-    _add_address(bench_serve)
-    _add_client_security(bench_serve)
+    add_address(bench_serve)
+    add_client_security(bench_serve)
     add_serve_arguments(bench_serve)
     bench_serve.set_defaults(run=_bench_serve)
     return parser
-
-
-def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The `GenerationClient.generate` keyword arguments given by `generate`'s flags."""
-    return {
-        "max_tokens": args.max_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "seed": args.seed,
-        "stop": tuple(args.stop),
-        "stop_token_ids": tuple(args.stop_token_ids),
-        "ignore_eos": args.ignore_eos,
-    }
 
 
 def resolve_token(flag: str | None) -> str | None:
@@ -172,7 +162,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        stream = client.generate(args.prompt, **sampling_kwargs(args))
+        stream = client.generate(_generate_prompt(args), **sampling_kwargs(args))
         try:
             result = collect(stream, on_text=_write_out)
         finally:
@@ -180,6 +170,17 @@ def _generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     print(result.summary(), file=sys.stderr)
     return 0
+
+
+def _generate_prompt(args: argparse.Namespace) -> Prompt:
+    if not args.chat and args.system is None:
+        return args.prompt
+    return Conversation(args.system).ask(args.prompt)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return run_chat(client, sampling_kwargs(args), args.system, args.show_stats)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -246,48 +247,6 @@ def _format_replica(replica: pdserve_pb2.ReplicaInfo) -> str:
         f"free_blocks={replica.num_free_blocks}/{replica.num_total_blocks} "
         f"node={replica.node_id[:12]}"
     )
-
-
-def _add_address(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--address", default=DEFAULT_ADDRESS, help=f"router host:port (default {DEFAULT_ADDRESS})"
-    )
-
-
-def _add_client_security(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--token",
-        default=None,
-        help=f"API bearer token (default ${TOKEN_ENV}; prefer the variable: a flag shows in "
-        "the process list)",
-    )
-    parser.add_argument(
-        "--tls-ca",
-        type=_readable_file,
-        default=None,
-        metavar="FILE",
-        help="PEM CA certificate that signed the router's certificate; connects with TLS",
-    )
-
-
-def _readable_file(path: str) -> str:
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return path
-
-
-def _int_in(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high}]")
-        return value
-
-    parse.__name__ = "integer"  # argparse shows this name in "invalid integer value"
-    return parse
 
 
 def _write_out(text: str) -> None:

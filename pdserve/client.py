@@ -1,15 +1,19 @@
 """A small synchronous client of the public `pdserve.v1.Generation` and `pdserve.v1.Admin`
 gRPC services.
 
-Used by the `pdserve` CLI, the demo and tests. gRPC failures surface as `grpc.RpcError` with
-the server's status code and details; this module adds no error types of its own.
+A prompt is text (str), token ids (a sequence of ints) or a conversation (a sequence of
+`{"role": ..., "content": ...}` mappings, optionally with "name"), which the server renders with
+the model's chat template. Used by the `pdserve` CLI, the demo and tests. gRPC failures surface
+as `grpc.RpcError` with the server's status code and details; this module adds no error types
+of its own.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeGuard
 
 import grpc
 
@@ -17,10 +21,14 @@ from pdserve.v1 import pdserve_pb2, pdserve_pb2_grpc
 
 # A CA bundle is a few KiB; a bigger file is a wrong path, refused before it is read whole.
 MAX_CA_FILE_BYTES = 1024 * 1024
+CHAT_MESSAGE_KEYS = frozenset({"role", "content", "name"})
+
+ChatPrompt = Sequence[Mapping[str, str]]
+Prompt = str | Sequence[int] | ChatPrompt
 
 
 def make_request(
-    prompt: str | Sequence[int],
+    prompt: Prompt,
     *,
     max_tokens: int,
     temperature: float = 0.0,
@@ -30,8 +38,18 @@ def make_request(
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
+    min_tokens: int = 0,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> pdserve_pb2.GenerateRequest:
-    """Builds a GenerateRequest; a str prompt is sent as text, a list of ints as token ids."""
+    """Builds a GenerateRequest: a str prompt is sent as text, a sequence of ints (or an empty
+    one) as token ids, a sequence of mappings as chat messages.
+
+    `chat_template_kwargs` (JSON-like values) go with a conversation only. The server validates
+    the values (`top_logprobs` counts only with `logprobs`). Raises ValueError for a malformed
+    conversation or `chat_template_kwargs` without one, TypeError for a value of a wrong type.
+    """
     sampling = pdserve_pb2.SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -40,13 +58,46 @@ def make_request(
         stop=list(stop),
         stop_token_ids=list(stop_token_ids),
         ignore_eos=ignore_eos,
+        min_tokens=min_tokens,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )
     if seed is not None:
         sampling.seed = seed
+    request = pdserve_pb2.GenerateRequest(sampling=sampling)
     if isinstance(prompt, str):
-        return pdserve_pb2.GenerateRequest(text=prompt, sampling=sampling)
-    token_ids = pdserve_pb2.TokenIds(ids=list(prompt))
-    return pdserve_pb2.GenerateRequest(token_ids=token_ids, sampling=sampling)
+        request.text = prompt
+    elif _is_token_ids(prompt):
+        request.token_ids.SetInParent()  # selects the variant even for an empty list
+        request.token_ids.ids.extend(prompt)
+    else:
+        request.messages.CopyFrom(_chat_messages(prompt, chat_template_kwargs))
+    if chat_template_kwargs is not None and not request.HasField("messages"):
+        raise ValueError("chat_template_kwargs: only a conversation prompt has a chat template")
+    return request
+
+
+def _is_token_ids(prompt: Sequence[int] | ChatPrompt) -> TypeGuard[Sequence[int]]:
+    # An empty sequence stays token ids, as before conversations existed: the server rejects it
+    # naming `prompt.token_ids`.
+    return not any(isinstance(item, Mapping) for item in prompt)
+
+
+def _chat_messages(
+    conversation: Sequence[object], chat_template_kwargs: Mapping[str, Any] | None
+) -> pdserve_pb2.ChatMessages:
+    messages = pdserve_pb2.ChatMessages()
+    for index, turn in enumerate(conversation):
+        if not isinstance(turn, Mapping) or not {"role", "content"} <= turn.keys():
+            raise ValueError(f"prompt[{index}]: a chat message is a mapping with role and content")
+        # The proto has no field for anything else: refuse it rather than drop it silently.
+        unknown = sorted(set(turn.keys()) - CHAT_MESSAGE_KEYS)
+        if unknown:
+            raise ValueError(f"prompt[{index}]: unknown chat message keys {unknown}")
+        messages.messages.add(role=turn["role"], content=turn["content"], name=turn.get("name"))
+    if chat_template_kwargs is not None:
+        messages.chat_template_kwargs.update(dict(chat_template_kwargs))
+    return messages
 
 
 class GenerationClient:
@@ -77,7 +128,7 @@ class GenerationClient:
 
     def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         *,
         max_tokens: int,
         temperature: float = 0.0,
@@ -87,8 +138,13 @@ class GenerationClient:
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
-    ) -> Iterator[pdserve_pb2.GenerateResponse]:
-        """Streams the responses of one Generate call.
+        min_tokens: int = 0,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> Generator[pdserve_pb2.GenerateResponse, None, None]:
+        """Streams the responses of one Generate call (arguments as in `make_request`, which
+        raises before any call is made).
 
         The call starts on the first `next()` and is cancelled if the iterator is closed or
         dropped before the stream ends. Iterating raises `grpc.RpcError` on a failed call.
@@ -103,12 +159,16 @@ class GenerationClient:
             stop=stop,
             stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos,
+            min_tokens=min_tokens,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            chat_template_kwargs=chat_template_kwargs,
         )
         return self._stream(request)
 
     def _stream(
         self, request: pdserve_pb2.GenerateRequest
-    ) -> Iterator[pdserve_pb2.GenerateResponse]:
+    ) -> Generator[pdserve_pb2.GenerateResponse, None, None]:
         call = self._stub.Generate(request, timeout=self.timeout_s, metadata=self._metadata)
         try:
             yield from call
@@ -157,6 +217,8 @@ class GenerationResult:
 
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+    # One entry per token id, when the request asked for logprobs.
+    logprobs: list[pdserve_pb2.TokenLogprobs] = field(default_factory=list)
     # The final message's summary; None if the stream ended without one (a server bug).
     final: pdserve_pb2.FinalInfo | None = None
     # From the call's start until the first message carrying a token.
@@ -185,11 +247,14 @@ class GenerationResult:
             return " ".join(["finish=NONE (stream ended without a final message)", *parts])
         reason = pdserve_pb2.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_")
         served = final.served_by
+        usage = final.usage
+        cached = usage.cached_prompt_tokens
         return " ".join(
             [
                 f"finish={reason}",
-                f"prompt_tokens={final.usage.prompt_tokens}",
-                f"completion_tokens={final.usage.completion_tokens}",
+                f"prompt_tokens={usage.prompt_tokens}",
+                *([f"cached_prompt_tokens={cached}"] if cached else []),
+                f"completion_tokens={usage.completion_tokens}",
                 *parts,
                 f"mode={served.mode}",
                 f"transport={served.kv_transport}",
@@ -219,6 +284,7 @@ def collect(
                 first_token_at = now
             last_token_at = now
             result.token_ids.extend(response.token_ids)
+        result.logprobs.extend(response.logprobs)
         if response.text:
             result.text += response.text
             if on_text is not None:

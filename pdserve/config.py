@@ -65,7 +65,21 @@ class PdserveConfig(ConfigSection):
                 f"limits.max_tokens ({self.limits.max_tokens}) must be below "
                 f"model.max_context_tokens ({self.model.max_context_tokens})"
             )
+        self._check_router_ports()
         return self
+
+    def _check_router_ports(self) -> None:
+        """The router's listeners share its host: two fixed ports must differ (0 = free)."""
+        ports = {"router.port": self.router.port, "router.http_port": self.router.http_port}
+        if self.metrics.enabled:
+            ports["metrics.router_port"] = self.metrics.router_port
+        seen: dict[int, str] = {}
+        for key, port in ports.items():
+            if not port:
+                continue
+            if port in seen:
+                raise ValueError(f"{key} and {seen[port]} are both {port}: the router binds both")
+            seen[port] = key
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for shipping to replicas as msgpack)."""

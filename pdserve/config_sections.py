@@ -31,6 +31,13 @@ class ModelConfig(ConfigSection):
     # Root folder the embedded model is converted into (once, keyed by its sha256);
     # None = ~/.cache/pdserve/models.
     cache_dir: str | None = None
+    # The model id the OpenAI API lists and expects in `model`; None = `source`.
+    served_model_name: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @property
+    def served_name(self) -> str:
+        """The id clients name the model by (OpenAI `model`)."""
+        return self.served_model_name or self.source
 
 
 class ResourcesConfig(ConfigSection):
@@ -180,6 +187,8 @@ class RouterConfig(ConfigSection):
     host: str = Field(default="127.0.0.1", min_length=1)
     # 0 picks a free port (tests).
     port: int = Field(default=50051, ge=0, le=65535)
+    # Port of the OpenAI-compatible HTTP API on the same host; 0 picks a free port, None = off.
+    http_port: int | None = Field(default=8000, ge=0, le=65535)
     # Requests admitted and not yet finished; more are rejected with RESOURCE_EXHAUSTED.
     max_inflight_requests: int = Field(default=256, ge=1)
 
@@ -191,8 +200,10 @@ class LimitsConfig(ConfigSection):
     max_stop_strings: int = Field(default=8, ge=0)
     max_stop_string_chars: int = Field(default=64, ge=1)
     max_stop_token_ids: int = Field(default=32, ge=0)
-    # Largest GenerateRequest message accepted by the router's gRPC server.
+    # Largest request accepted: a gRPC GenerateRequest message or an HTTP request body.
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Most sequences one OpenAI request may ask for (`n`).
+    max_n: int = Field(default=4, ge=1, le=64)
 
 
 class SecurityConfig(ConfigSection):

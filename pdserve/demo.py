@@ -28,23 +28,25 @@ REQUEST_TIMEOUT_S = 300.0
 class DemoPrompt:
     # What the terminal shows.
     label: str
-    # What is sent to the model.
-    text: str
+    # What is sent: raw text to continue, or a conversation the router renders with the
+    # model's own chat template.
+    prompt: str | tuple[dict[str, str], ...]
     stop: tuple[str, ...] = ()
 
 
 def _chat(question: str) -> DemoPrompt:
-    # SmolLM2-Instruct's ChatML turn format; the router sends text to the model as is.
-    text = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-    return DemoPrompt(label=f"user: {question}", text=text)
+    return DemoPrompt(label=f"user: {question}", prompt=({"role": "user", "content": question},))
 
 
 PROMPTS = (
-    DemoPrompt(label="The capital of France is", text="The capital of France is", stop=("\n",)),
+    DemoPrompt(
+        label="The capital of France is", prompt="The capital of France is", stop=("\n",)
+    ),
     _chat("Give me three tips for staying healthy."),
     _chat("Write a haiku about the ocean."),
     DemoPrompt(
-        label="Once upon a time, in a small village,", text="Once upon a time, in a small village,"
+        label="Once upon a time, in a small village,",
+        prompt="Once upon a time, in a small village,",
     ),
 )
 
@@ -67,7 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     service = Service(config, ray_address=resolve_ray_address(None, config.ray.address))
     try:
         service.start()
-        print(f"pdserve is listening on {service.address}\n", flush=True)
+        print(f"pdserve is listening on {service.address} (gRPC)", flush=True)
+        if service.http_base_url:
+            print(f"OpenAI-compatible API on {service.http_base_url}", flush=True)
+        print(flush=True)
         with GenerationClient(service.address, timeout_s=REQUEST_TIMEOUT_S) as client:
             for number, prompt in enumerate(PROMPTS, start=1):
                 print(f"[{number}/{len(PROMPTS)}] {prompt.label}")
@@ -85,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _ask(client: GenerationClient, prompt: DemoPrompt) -> GenerationResult:
-    stream = client.generate(prompt.text, max_tokens=MAX_TOKENS, stop=prompt.stop)
+    content = prompt.prompt if isinstance(prompt.prompt, str) else list(prompt.prompt)
+    stream = client.generate(content, max_tokens=MAX_TOKENS, stop=prompt.stop)
     print("  > ", end="", flush=True)
     result = collect(stream, on_text=_print_live)
     print(flush=True)

@@ -42,6 +42,12 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # EOS and `stop_token_ids` cannot be sampled before this many tokens were generated.
+    min_tokens: int = 0
+    # Report each sampled token's log-probability (a `TokenLogprobs` per token) ...
+    logprobs: bool = False
+    # ... with this many most likely alternatives (0..20); only with `logprobs`.
+    top_logprobs: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -49,6 +55,18 @@ class SamplingParams:
         # every score into inf and the probabilities into NaN): sample greedily instead, as
         # such a temperature means.
         return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities of one sampled token, from the model's distribution before
+    temperature, top-k/top-p and min_tokens are applied (log_softmax of the raw logits)."""
+
+    token_id: int
+    logprob: float
+    # The `top_logprobs` most likely token ids, most likely first, and their log-probabilities.
+    top_token_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -90,6 +108,10 @@ class PrefillEvent:
     num_bytes: int = 0
     transport: str = ""
     error: ErrorInfo | None = None
+    # `first_token` only: the first token's log-probabilities (when the request asked for them)
+    # and the prompt tokens whose KV came from the prefix cache.
+    logprobs: TokenLogprobs | None = None
+    num_cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,6 +156,8 @@ class DecodeEvent:
     kv_wait_s: float = 0.0
     decode_s: float = 0.0
     error: ErrorInfo | None = None
+    # One entry per token id when the request asked for logprobs, else empty.
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -164,6 +188,10 @@ class ColocatedEvent:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     error: ErrorInfo | None = None
+    # One entry per token id when the request asked for logprobs, else empty.
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # On the event with the first token: prompt tokens whose KV came from the prefix cache.
+    num_cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -207,6 +235,14 @@ class LoadReport:
 
 
 @dataclass(frozen=True)
+class NamedToken:
+    """One named special token of a tokenizer, e.g. name `eos_token`, text `<|im_end|>`."""
+
+    name: str
+    text: str
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What the router needs to know about the served model (from a replica)."""
 
@@ -219,6 +255,11 @@ class ModelInfo:
     # tokenizers' JSON serialisation of the model's tokenizer.
     tokenizer_json: str
     kv_fingerprint: str
+    # The tokenizer's Jinja chat template ("" when the model has none) and the named special
+    # tokens the template may use (`bos_token`, `eos_token`, ...), as
+    # `transformers`' `apply_chat_template` passes them.
+    chat_template: str = ""
+    special_tokens: list[NamedToken] = field(default_factory=list)
 
 
 T = TypeVar("T")
@@ -233,6 +274,8 @@ _NESTED: dict[str, type] = {
     "SamplingParams": SamplingParams,
     "KVTarget": KVTarget,
     "ErrorInfo": ErrorInfo,
+    "TokenLogprobs": TokenLogprobs,
+    "NamedToken": NamedToken,
 }
 
 

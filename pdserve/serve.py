@@ -58,6 +58,16 @@ class Service:
         return f"{host}:{self.port}"
 
     @property
+    def http_base_url(self) -> str:
+        """Base URL of the OpenAI-compatible API ("" when `router.http_port` is null)."""
+        router = self.router
+        if router is None or router.http is None:
+            return ""
+        host = self.address.rsplit(":", 1)[0]
+        scheme = "https" if self.config.security.tls_cert_file else "http"
+        return f"{scheme}://{host}:{router.http_port}/v1"
+
+    @property
     def prefill_actors(self) -> dict[str, Any]:
         """The prefill replicas now (live scaling adds and removes some)."""
         return self._live_actors("prefill", self._prefill)

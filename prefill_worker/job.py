@@ -8,8 +8,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from engine.model_runner import SequenceChunk
+from engine.sampler import SamplingRow
 from kvtransfer import TransferStats
-from pdserve.messages import PrefillRequest
+from pdserve.messages import PrefillRequest, TokenLogprobs
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,8 @@ class FirstToken:
     finish_reason: str
     queue_s: float
     prefill_s: float
+    # Only when the request asked for log-probabilities.
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass
@@ -75,6 +79,19 @@ class PrefillJob:
     def is_last_chunk(self) -> bool:
         """Whether the current chunk ends the prompt (its pass samples the first token)."""
         return self.num_computed_tokens + self.num_chunk_tokens == self.num_prompt_tokens
+
+    @property
+    def chunk(self) -> SequenceChunk:
+        """What the job's current pass computes: the next `num_chunk_tokens` prompt tokens."""
+        start = self.num_computed_tokens
+        token_ids = self.request.prompt_token_ids[start : start + self.num_chunk_tokens]
+        return SequenceChunk(token_ids, start, self.block_table or [])
+
+    @property
+    def sampling_row(self) -> SamplingRow:
+        """How the first token is sampled (after any tokens generated before a migration)."""
+        request = self.request
+        return SamplingRow(request.sampling, request.num_previous_tokens, request.eos_token_ids)
 
     def seconds_left(self) -> float:
         return self.request.deadline - time.time()

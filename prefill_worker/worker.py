@@ -46,9 +46,8 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.layer_progress import LayerProgress
-from engine.model_runner import SequenceChunk
 from engine.replica_engine import ReplicaEngine
-from engine.sampler import sample
+from engine.sampler import SampledToken, sample_tokens
 from engine.stopping import finish_reason
 from kvtransfer import KVLayout
 from pdserve.config import PdserveConfig
@@ -111,7 +110,8 @@ class PrefillWorker:
             first = await _within(job, job.first_token)
             yield PrefillEvent(
                 kind="first_token", token_id=first.token_id, finished=bool(first.finish_reason),
-                queue_s=first.queue_s, prefill_s=first.prefill_s,
+                queue_s=first.queue_s, prefill_s=first.prefill_s, logprobs=first.logprobs,
+                num_cached_tokens=job.num_cached_tokens,
             )
             if not first.finish_reason:
                 yield await self._hand_off.finish(job, first.token_id)
@@ -196,7 +196,7 @@ class PrefillWorker:
                 self._start_pipelined_send(job, progress)
         loop = asyncio.get_running_loop()
         try:
-            token_ids: list[int | None | PdserveError] = list(
+            tokens: list[SampledToken | None | PdserveError] = list(
                 await loop.run_in_executor(self._forward_pool, self._forward, batch, progress)
             )
         except Exception as exc:  # a failed pass fails its batch, never the replica
@@ -204,18 +204,18 @@ class PrefillWorker:
             failure = Internal(f"prefill forward failed: {exc}")
             if progress is not None:
                 progress.fail(failure)
-            token_ids = [failure] * len(batch)
+            tokens = [failure] * len(batch)
         done_at = time.monotonic()
         self._metrics.observe_prefill_pass(
             len(batch), sum(job.num_chunk_tokens for job in batch), done_at - started
         )
-        for job, token in zip(batch, token_ids):
+        for job, token in zip(batch, tokens):
             job.in_forward = False
             job.forward_done_at = done_at
             self._after_pass(job, token)
             self._free_if_idle(job)
 
-    def _after_pass(self, job: PrefillJob, token: int | None | PdserveError) -> None:
+    def _after_pass(self, job: PrefillJob, token: SampledToken | None | PdserveError) -> None:
         """Books a pass's outcome for one job: its first token after the last chunk, an error
         for a failed pass; only a succeeded pass's blocks are cached for later prompts."""
         if isinstance(token, PdserveError):
@@ -242,48 +242,38 @@ class PrefillWorker:
 
     def _forward(
         self, batch: list[PrefillJob], progress: LayerProgress | None
-    ) -> list[int | None]:
+    ) -> list[SampledToken | None]:
         """Runs one pass over each job's current chunk; the first token of each job whose
         chunk ends its prompt, None for the others."""
         self._faults.before_prefill([job.request.prompt_token_ids for job in batch])
-        chunks = [
-            SequenceChunk(
-                job.request.prompt_token_ids[
-                    job.num_computed_tokens : job.num_computed_tokens + job.num_chunk_tokens
-                ],
-                job.num_computed_tokens,
-                job.block_table or [],
-            )
-            for job in batch
-        ]
         on_layer = progress.layer_written if progress is not None else None
-        logits = self._engine.runner.forward(chunks, on_layer_written=on_layer)
+        logits = self._engine.runner.forward(
+            [job.chunk for job in batch], on_layer_written=on_layer
+        )
         last = [i for i, job in enumerate(batch) if job.is_last_chunk]
         if not last:
             return [None] * len(batch)
-        sampled = sample(
-            logits[last],
-            [batch[i].request.sampling for i in last],
-            [batch[i].request.num_previous_tokens for i in last],
-        )
-        token_ids: list[int | None] = [None] * len(batch)
-        for i, token_id in zip(last, sampled):
-            token_ids[i] = token_id
-        return token_ids
+        sampled = sample_tokens(logits[last], [batch[i].sampling_row for i in last])
+        tokens: list[SampledToken | None] = [None] * len(batch)
+        for i, token in zip(last, sampled):
+            tokens[i] = token
+        return tokens
 
-    def _resolve(self, job: PrefillJob, token: int | PdserveError) -> None:
+    def _resolve(self, job: PrefillJob, token: SampledToken | PdserveError) -> None:
         request = job.request
         reason = ""
         if not isinstance(token, PdserveError):
             num_generated = request.num_previous_tokens + 1
-            reason = finish_reason(token, num_generated, request.sampling, request.eos_token_ids)
+            reason = finish_reason(
+                token.token_id, num_generated, request.sampling, request.eos_token_ids
+            )
         if reason:
             job.cancel.set()  # a pipelined send must not commit KV nobody will decode
         if job.first_token_for_send is not None:
             if isinstance(token, PdserveError):
                 job.first_token_for_send.set_exception(token)
             else:
-                job.first_token_for_send.set_result(token)
+                job.first_token_for_send.set_result(token.token_id)
         if job.first_token.done():
             return  # aborted while its pass ran
         if isinstance(token, PdserveError):
@@ -291,8 +281,8 @@ class PrefillWorker:
             return
         job.first_token.set_result(
             FirstToken(
-                token, reason, queue_s=job.first_pass_at - job.enqueued_at,
-                prefill_s=job.forward_done_at - job.first_pass_at,
+                token.token_id, reason, queue_s=job.first_pass_at - job.enqueued_at,
+                prefill_s=job.forward_done_at - job.first_pass_at, logprobs=token.logprobs,
             )
         )
 

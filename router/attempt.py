@@ -31,6 +31,7 @@ from pdserve.messages import (
     PrefillRequest,
     ReserveReply,
     ReserveRequest,
+    TokenLogprobs,
     encode,
 )
 from pdserve.metrics import RouterMetrics
@@ -48,6 +49,8 @@ class TokenEvent:
     token_ids: list[int]
     # "stop" / "length" when the model side ended the request with these tokens.
     finish_reason: str = ""
+    # One per token id when the request asked for logprobs, else empty.
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 @dataclass
@@ -59,6 +62,8 @@ class AttemptReport:
     decode_replica: str = ""
     kv_transport: str = ""
     kv_bytes: int = 0
+    # Prompt tokens the prefill replica took from its prefix cache.
+    num_cached_tokens: int = 0
 
 
 class Attempt:
@@ -100,11 +105,13 @@ class Attempt:
         prefill = self._open(self._prefill, "prefill", PrefillEvent, prefill_request)
         first: PrefillEvent = await self._next(prefill, self._prefill)
         self.report.timings.update(queue_s=first.queue_s, prefill_s=first.prefill_s)
+        self.report.num_cached_tokens = first.num_cached_tokens
+        first_logprobs = [first.logprobs] if first.logprobs is not None else []
         if first.finished:
             # Decode never starts: close() aborts its reservation.
-            yield TokenEvent([first.token_id], self._first_token_reason(first))
+            yield TokenEvent([first.token_id], self._first_token_reason(first), first_logprobs)
             return
-        yield TokenEvent([first.token_id])
+        yield TokenEvent([first.token_id], logprobs=first_logprobs)
         decode = self._open(self._decode, "generate", DecodeEvent, self._decode_request())
         handed_off = await self._hand_off(prefill, prefill_request.kv_target.transport)
         self.report.timings["kv_transfer_s"] = handed_off.transfer_s
@@ -115,7 +122,7 @@ class Attempt:
             if event.finish_reason:
                 self.report.timings["decode_s"] = event.decode_s
                 self._finished = True
-            yield TokenEvent(event.token_ids, event.finish_reason)
+            yield TokenEvent(event.token_ids, event.finish_reason, event.logprobs)
             if event.finish_reason:
                 return
 

@@ -45,27 +45,46 @@ Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandl
 
 @dataclass(frozen=True)
 class PublicSecurity:
-    """What the router's server needs: interceptors (empty: open API) and TLS credentials
-    (None: plaintext)."""
+    """What the router's servers need: interceptors (empty: open API) and TLS credentials
+    (None: plaintext) for gRPC; the same bearer-token check and PEM files for the HTTP API."""
 
     interceptors: tuple[grpc.aio.ServerInterceptor, ...]
     credentials: grpc.ServerCredentials | None
+    # The token check both APIs share (None: open API).
+    bearer: BearerTokenInterceptor | None = None
+    # (certificate chain, private key) PEM paths, already checked (None: plaintext).
+    tls_files: tuple[str, str] | None = None
 
     @property
     def auth_required(self) -> bool:
         return bool(self.interceptors)
 
+    @property
+    def tls(self) -> bool:
+        return self.tls_files is not None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A server TLS context for the HTTP API from the same files (None: plaintext)."""
+        if self.tls_files is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*self.tls_files, password=lambda: b"")
+        return context
+
 
 def load_public_security(config: SecurityConfig) -> PublicSecurity:
     """Reads the token and PEM files named by `config` (blocks on file I/O; called once by the
     router at start). Raises ConfigError naming the key of any unreadable or invalid file."""
-    interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()
+    bearer = None
     if config.api_tokens_file is not None:
-        interceptors = (BearerTokenInterceptor(read_api_tokens(config.api_tokens_file)),)
+        bearer = BearerTokenInterceptor(read_api_tokens(config.api_tokens_file))
     credentials = None
+    tls_files = None
     if config.tls_cert_file is not None and config.tls_key_file is not None:
         credentials = read_tls_credentials(config.tls_cert_file, config.tls_key_file)
-    return PublicSecurity(interceptors, credentials)
+        tls_files = (config.tls_cert_file, config.tls_key_file)
+    interceptors = (bearer,) if bearer is not None else ()
+    return PublicSecurity(interceptors, credentials, bearer, tls_files)
 
 
 def read_api_tokens(path: str) -> tuple[str, ...]:

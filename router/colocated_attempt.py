@@ -64,11 +64,12 @@ class ColocatedAttempt:
         reason."""
         event = await self._place()
         self.report.timings.update(queue_s=event.queue_s, prefill_s=event.prefill_s)
+        self.report.num_cached_tokens = event.num_cached_tokens
         while True:
             if event.finish_reason:
                 self.report.timings["decode_s"] = event.decode_s
                 self._finished = True
-            yield TokenEvent(event.token_ids, event.finish_reason)
+            yield TokenEvent(event.token_ids, event.finish_reason, event.logprobs)
             if event.finish_reason:
                 return
             event = await self._next()

@@ -27,10 +27,11 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.config import PdserveConfig
 from pdserve.errors import Unavailable
+from pdserve.messages import TokenLogprobs
 from pdserve.metrics import RouterMetrics
 from router.attempt import Attempt, AttemptReport, ReplicaLost
 from router.colocated_attempt import ColocatedAttempt
@@ -57,6 +58,8 @@ class Completion:
     decode_replica: str
     kv_bytes: int
     num_migrations: int = 0
+    # Prompt tokens whose KV came from a prefill replica's prefix cache.
+    num_cached_tokens: int = 0
 
 
 @dataclass
@@ -64,6 +67,8 @@ class StreamChunk:
     token_ids: list[int]
     text: str
     completion: Completion | None = None
+    # One per token id when the request asked for logprobs, else empty.
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 class RequestFlow:
@@ -86,14 +91,20 @@ class RequestFlow:
         # Set in colocated mode only: then every attempt is a ColocatedAttempt on it.
         self._colocated_pool = colocated_pool if config.mode == "colocated" else None
 
-    async def run(self, request: ValidatedRequest, deadline: float) -> AsyncIterator[StreamChunk]:
-        """Streams one request; raises a PdserveError on failure. `deadline` is wall-clock."""
-        request_id = uuid.uuid4().hex
+    async def run(
+        self, request: ValidatedRequest, deadline: float, request_id: str | None = None
+    ) -> AsyncIterator[StreamChunk]:
+        """Streams one request; raises a PdserveError on failure. `deadline` is wall-clock;
+        `request_id` is minted by the router (a fresh one when None), never the client's."""
+        request_id = request_id or uuid.uuid4().hex
         admitted_at = time.monotonic()
-        text = TextOutput(self._tokenizer, request.prompt_token_ids, request.stop)
+        text = TextOutput(
+            self._tokenizer, request.prompt_token_ids, request.stop,
+            request.sampling.min_tokens,
+        )
         sent: list[int] = []
         timings: dict[str, float] = {}
-        num_retries = num_migrations = 0
+        num_retries = num_migrations = num_cached_tokens = 0
         timer = self._metrics.stream_timer(admitted_at)
         while True:
             num_previous = len(sent)
@@ -104,10 +115,13 @@ class RequestFlow:
                 async for event in tokens:
                     if not sent:
                         timings["time_to_first_token_s"] = time.monotonic() - admitted_at
+                        num_cached_tokens = attempt.report.num_cached_tokens
                     if event.token_ids:
                         timer.tokens_sent(len(event.token_ids))
                     sent.extend(event.token_ids)
-                    chunk = StreamChunk(event.token_ids, text.push(event.token_ids))
+                    chunk = StreamChunk(
+                        event.token_ids, text.push(event.token_ids), logprobs=event.logprobs
+                    )
                     if chunk.token_ids or chunk.text:
                         yield chunk
                     finish_reason = "stop" if text.stopped else event.finish_reason
@@ -136,7 +150,8 @@ class RequestFlow:
             timings.update(report.timings, total_s=time.monotonic() - admitted_at)
             self._metrics.observe_completion(timings, len(sent) - num_previous)
             completion = self._completion(
-                request_id, request, finish_reason, text, timings, report, num_migrations
+                request_id, request, finish_reason, text, timings, report, num_migrations,
+                num_cached_tokens,
             )
             yield StreamChunk([], text.finish(), completion)
             return
@@ -176,6 +191,7 @@ class RequestFlow:
         timings: dict[str, float],
         report: AttemptReport,
         num_migrations: int,
+        num_cached_tokens: int,
     ) -> Completion:
         return Completion(
             request_id=request_id,
@@ -189,4 +205,5 @@ class RequestFlow:
             decode_replica=report.decode_replica,
             kv_bytes=report.kv_bytes,
             num_migrations=num_migrations,
+            num_cached_tokens=num_cached_tokens,
         )

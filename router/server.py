@@ -26,6 +26,8 @@ from pdserve.messages import ModelInfo
 from pdserve.metrics import RouterMetrics
 from router.admin_servicer import AdminServicer
 from router.auth import PublicSecurity, load_public_security
+from router.front_door import FrontDoor
+from router.http import HttpServer
 from router.live_scaling import LiveScaling
 from router.pool_scaler import ReplicaFactory
 from router.ray_calls import call_message
@@ -72,7 +74,10 @@ class Router:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self.servicer: GenerationServicer | None = None
+        self.front_door: FrontDoor | None = None
+        self.http: HttpServer | None = None
         self.port = 0
+        self.http_port = 0
         # Counted even when not served (`metrics.enabled: false`); `metrics.address` says where.
         self.metrics = RouterMetrics()
 
@@ -85,8 +90,9 @@ class Router:
             self._config, tokenizer, self.prefill_pool, self.decode_pool, self.metrics,
             colocated_pool=self.colocated_pool,
         )
+        self.front_door = FrontDoor(self._config, tokenizer, flow, self.metrics)
         self.servicer = GenerationServicer(
-            self._config, tokenizer, flow, self.prefill_pool, self.decode_pool,
+            self._config, self.front_door, self.prefill_pool, self.decode_pool,
             model_name=model_info.model, version=_pdserve_version(), metrics=self.metrics,
             colocated_pool=self.colocated_pool,
         )
@@ -115,6 +121,7 @@ class Router:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
+        await self._start_http(model_info, security)
         for pool in self._active_pools():
             await pool.poll_once()
         await self._update_health()
@@ -130,12 +137,14 @@ class Router:
         in-flight streams may finish within `timeouts.drain_grace_s`; the rest are cut."""
         await self._health.enter_graceful_shutdown()
         grace_s = self._config.timeouts.drain_grace_s
-        if self.servicer is not None:
-            num_inflight = self.servicer.num_inflight
-            if not await self.servicer.drain(grace_s):
+        if self.front_door is not None:
+            num_inflight = self.front_door.num_inflight
+            if not await self.front_door.drain(grace_s):
                 logger.warning("drain: streams still running after %.0f s are cut", grace_s)
             elif num_inflight:
                 logger.info("drain: %d in-flight streams finished", num_inflight)
+        if self.http is not None:
+            await self.http.stop()
         if self._server is not None:
             await self._server.stop(grace=1.0)
         if self.scaling is not None:
@@ -143,6 +152,30 @@ class Router:
         for pool in self._active_pools():
             await pool.stop()
         await asyncio.to_thread(self.metrics.stop)
+
+    @property
+    def serving(self) -> bool:
+        """Whether health is SERVING: every active pool has a ready replica, not draining."""
+        if self.front_door is None or self.front_door.draining:
+            return False
+        return all(pool.num_ready > 0 for pool in self._active_pools())
+
+    async def _start_http(self, model_info: ModelInfo, security: PublicSecurity) -> None:
+        """Starts the OpenAI-compatible HTTP API unless `router.http_port` is None."""
+        router_config = self._config.router
+        if router_config.http_port is None:
+            logger.info("OpenAI HTTP API off (router.http_port is null)")
+            return
+        assert self.front_door is not None, "the front door is built first"
+        self.http = HttpServer(
+            self._config, self.front_door, security, model_info, self.metrics,
+            is_serving=lambda: self.serving, version=_pdserve_version(),
+        )
+        self.http_port = await self.http.start(router_config.host, router_config.http_port)
+        logger.info(
+            "OpenAI HTTP API on %s://%s:%d/v1", "https" if security.tls else "http",
+            router_config.host, self.http_port,
+        )
 
     def actors(self, role: str | None = None) -> dict[str, Any]:
         """{replica_id: actor handle} of the replicas the pools (or the pool `role`) hold now,

@@ -1,31 +1,31 @@
-"""The public `pdserve.v1.Generation` service: thin adapters between protobuf and the flow.
+"""The public `pdserve.v1.Generation` service: thin adapters between protobuf and the front door.
 
-Protobuf stays here: requests are validated into `ValidatedRequest`, the flow's chunks become
-`GenerateResponse`s, and every `PdserveError` ends the call through `abort_with` (the one
+Protobuf stays here: requests become `GenerateInput`s (`router.proto_input`) that the
+`FrontDoor` validates, admits and runs (the same path the OpenAI HTTP API takes), its chunks
+become `GenerateResponse`s, and every `PdserveError` ends the call through `abort_with` (the one
 mapping to gRPC statuses).
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from pdserve.config import PdserveConfig
-from pdserve.errors import PdserveError, ResourceExhausted, Unavailable
+from pdserve.errors import PdserveError
+from pdserve.messages import TokenLogprobs
 from pdserve.metrics import RouterMetrics
 from pdserve.v1 import pdserve_pb2
 from router.colocated_attempt import NO_KV_TRANSPORT
+from router.front_door import FrontDoor, new_request_id
+from router.proto_input import input_from_proto
 from router.replica_pool import ReplicaPool
 from router.request_codec import InvalidRequestBytes, generate_request_deserializer
-from router.request_flow import Completion, RequestFlow, StreamChunk
+from router.request_flow import Completion, StreamChunk
 from router.scaling import pool_limits
 from router.status import abort_with
-from router.tokenizer import RouterTokenizer
-from router.validation import validate_request
 
 SERVICE_NAME = "pdserve.v1.Generation"
 _FINISH_REASONS = {
@@ -46,8 +46,7 @@ class GenerationServicer:
     def __init__(
         self,
         config: PdserveConfig,
-        tokenizer: RouterTokenizer,
-        flow: RequestFlow,
+        front_door: FrontDoor,
         prefill_pool: ReplicaPool,
         decode_pool: ReplicaPool,
         model_name: str,
@@ -56,24 +55,14 @@ class GenerationServicer:
         colocated_pool: ReplicaPool | None = None,
     ) -> None:
         self._config = config
-        self._tokenizer = tokenizer
-        self._flow = flow
+        self._front_door = front_door
         self._prefill_pool = prefill_pool
         self._decode_pool = decode_pool
         # Set in `mode: colocated`: Info then shows it, and no prefill or decode pool.
         self._colocated_pool = colocated_pool if config.mode == "colocated" else None
         self._model_name = model_name
         self._version = version
-        self._max_context_tokens = min(
-            config.model.max_context_tokens, tokenizer.max_context_tokens
-        )
-        self.num_inflight = 0
         self._metrics = metrics or RouterMetrics()
-        self._metrics.watch_inflight(lambda: self.num_inflight)
-        # Set by `drain()`: new requests are refused, in-flight ones finish.
-        self._draining = False
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's method table, with the size-limited, UTF-8-safe request parser."""
@@ -105,25 +94,15 @@ class GenerationServicer:
         try:
             if isinstance(request, InvalidRequestBytes):
                 raise request.to_error()
-            validated = validate_request(
-                request, self._tokenizer, self._config.limits, self._max_context_tokens
-            )
-            if self._draining:
-                raise Unavailable("the server is shutting down")
-            if self.num_inflight >= self._config.router.max_inflight_requests:
-                raise ResourceExhausted(
-                    f"router at capacity ({self.num_inflight} requests in flight)"
-                )
-            self.num_inflight += 1
-            self._idle.clear()
+            validated = self._front_door.validate(input_from_proto(request))
+            deadline = self._front_door.deadline(context.time_remaining())
+            chunks = self._front_door.generate(validated, deadline, new_request_id())
             try:
-                async for chunk in self._flow.run(validated, self._deadline(context)):
-                    yield _to_proto(chunk)
-                outcome = "OK"
+                async for choice in chunks:
+                    yield _to_proto(choice.chunk)
             finally:
-                self.num_inflight -= 1
-                if not self.num_inflight:
-                    self._idle.set()
+                await chunks.aclose()
+            outcome = "OK"
         except PdserveError as exc:
             outcome = exc.code.value
             await abort_with(context, exc)
@@ -133,16 +112,6 @@ class GenerationServicer:
         finally:
             self._metrics.count_request(outcome)
 
-    async def drain(self, grace_s: float) -> bool:
-        """Refuses new requests and waits up to `grace_s` for in-flight ones to finish.
-        Returns whether they all did."""
-        self._draining = True
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
-        except asyncio.TimeoutError:
-            return False
-        return True
-
     async def Info(  # noqa: N802 - gRPC method name
         self, request: pdserve_pb2.InfoRequest, context: grpc.aio.ServicerContext
     ) -> pdserve_pb2.InfoResponse:
@@ -151,7 +120,7 @@ class GenerationServicer:
             dtype=self._config.model.dtype,
             mode=self._config.mode,
             version=self._version,
-            max_context_tokens=self._max_context_tokens,
+            max_context_tokens=self._front_door.max_context_tokens,
             # The router refuses to start with a tokens file that holds no token.
             auth_required=self._config.security.api_tokens_file is not None,
             **self._pools_info(),
@@ -173,16 +142,13 @@ class GenerationServicer:
             "kv_block_size": config.decode.kv_cache.block_size,
         }
 
-    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
-        """Wall-clock deadline: the client's, capped by config; the default when unset."""
-        timeouts = self._config.timeouts
-        remaining = context.time_remaining()
-        seconds = timeouts.default_deadline_s if remaining is None else remaining
-        return time.time() + min(seconds, timeouts.max_deadline_s)
-
 
 def _to_proto(chunk: StreamChunk) -> pdserve_pb2.GenerateResponse:
-    response = pdserve_pb2.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text)
+    response = pdserve_pb2.GenerateResponse(
+        token_ids=chunk.token_ids,
+        text=chunk.text,
+        logprobs=[_logprobs_proto(entry) for entry in chunk.logprobs],
+    )
     if chunk.completion is not None:
         response.final.CopyFrom(_final_info(chunk.completion))
     return response
@@ -197,6 +163,7 @@ def _final_info(completion: Completion) -> pdserve_pb2.FinalInfo:
         usage=pdserve_pb2.Usage(
             prompt_tokens=completion.num_prompt_tokens,
             completion_tokens=completion.num_completion_tokens,
+            cached_prompt_tokens=completion.num_cached_tokens,
         ),
         timings=pdserve_pb2.Timings(**timings),
         request_id=completion.request_id,
@@ -208,6 +175,17 @@ def _final_info(completion: Completion) -> pdserve_pb2.FinalInfo:
             kv_bytes=completion.kv_bytes,
             num_migrations=completion.num_migrations,
         ),
+    )
+
+
+def _logprobs_proto(entry: TokenLogprobs) -> pdserve_pb2.TokenLogprobs:
+    return pdserve_pb2.TokenLogprobs(
+        token_id=entry.token_id,
+        logprob=entry.logprob,
+        top=[
+            pdserve_pb2.TopLogprob(token_id=token_id, logprob=logprob)
+            for token_id, logprob in zip(entry.top_token_ids, entry.top_logprobs)
+        ],
     )
 
 

@@ -7,11 +7,21 @@ from router.tokenizer import RouterTokenizer
 
 
 class TextOutput:
-    """One request's text stream. `stopped` turns True when a stop string completed."""
+    """One request's text stream. `stopped` turns True when a stop string completed.
 
-    def __init__(self, tokenizer: RouterTokenizer, prompt_ids: list[int], stop: list[str]) -> None:
+    Stop strings are looked for only in the text of tokens after the first `min_tokens`
+    (vLLM's rule: nothing stops a request before min_tokens)."""
+
+    def __init__(
+        self,
+        tokenizer: RouterTokenizer,
+        prompt_ids: list[int],
+        stop: list[str],
+        min_tokens: int = 0,
+    ) -> None:
         self._detokenizer = tokenizer.detokenizer(prompt_ids)
         self._stop = StopStringMatcher(stop)
+        self._min_tokens = min_tokens
         self.num_tokens = 0
 
     @property
@@ -21,7 +31,10 @@ class TextOutput:
     def push(self, token_ids: list[int]) -> str:
         """Text safe to show after these tokens (may be "")."""
         self.num_tokens += len(token_ids)
-        text, _ = self._stop.feed(self._detokenizer.push(token_ids))
+        delta = self._detokenizer.push(token_ids)
+        if self.num_tokens < self._min_tokens:
+            return delta
+        text, _ = self._stop.feed(delta)
         return text
 
     def finish(self) -> str:

@@ -1,16 +1,22 @@
-"""The router's tokenizer: the model's tokenizer.json loaded with `tokenizers` alone.
+"""The router's tokenizer: the model's tokenizer.json loaded with `tokenizers` alone, and its
+chat template.
 
 The router must not import torch, and `transformers` would, so the replicas ship the fast
-tokenizer's JSON in `ModelInfo.tokenizer_json` and the router rebuilds it here. Encoding applies
-the tokenizer's own post-processor (BOS etc.), as `AutoTokenizer(text).input_ids` does.
+tokenizer's JSON in `ModelInfo.tokenizer_json` (and the chat template beside it) and the router
+rebuilds them here. Encoding a text prompt applies the tokenizer's own post-processor (BOS
+etc.), as `AutoTokenizer(text).input_ids` does; a rendered chat is encoded without it, as
+`apply_chat_template(..., tokenize=True)` does (the template writes its own special tokens).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from tokenizers import Tokenizer
 
-from pdserve.errors import Internal
+from pdserve.errors import Internal, InvalidArgument
 from pdserve.messages import ModelInfo
+from router.chat_template import ChatTemplate
 from router.detokenizer import IncrementalDetokenizer
 
 
@@ -22,7 +28,9 @@ class RouterTokenizer:
     (CPU time grows with the text; callers bound the text size first).
     """
 
-    def __init__(self, tokenizer: Tokenizer, info: ModelInfo) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, info: ModelInfo, chat_template: ChatTemplate | None = None
+    ) -> None:
         # A tokenizer.json may carry truncation or padding settings; transformers switches them
         # off for a plain call, and silently truncated prompts would be wrong, so do the same.
         tokenizer.no_truncation()
@@ -31,6 +39,7 @@ class RouterTokenizer:
         self._vocab_size = info.vocab_size
         self._eos_token_ids = list(info.eos_token_ids)
         self._max_context_tokens = info.max_context_tokens
+        self._chat_template = chat_template or ChatTemplate.from_model_info(info)
 
     @classmethod
     def from_model_info(cls, info: ModelInfo) -> RouterTokenizer:
@@ -55,9 +64,26 @@ class RouterTokenizer:
         """The model's own context limit (the config may lower it further)."""
         return self._max_context_tokens
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, with the tokenizer's special tokens added."""
-        return self._tokenizer.encode(text, add_special_tokens=True).ids
+    @property
+    def has_chat_template(self) -> bool:
+        return self._chat_template.available
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, with the tokenizer's special tokens added unless asked not to."""
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def render_chat(
+        self, messages: list[dict[str, str]], template_kwargs: dict[str, Any] | None = None
+    ) -> str:
+        """The prompt text of a conversation, with the generation prompt added. Raises
+        `InvalidArgument` (field `prompt.messages` or `prompt.messages.chat_template_kwargs`)
+        when the model has no usable template or the template refuses the conversation."""
+        try:
+            return self._chat_template.render(
+                messages, add_generation_prompt=True, template_kwargs=template_kwargs
+            )
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"prompt.{exc.field}", exc.message.partition(": ")[2]) from None
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of complete `token_ids` (ids must be non-negative; unknown ids are dropped)."""

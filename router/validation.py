@@ -1,7 +1,9 @@
-"""Admission checks: a `GenerateRequest` becomes a `ValidatedRequest` or an `InvalidArgument`.
+"""Admission checks: a `GenerateInput` becomes a `ValidatedRequest` or an `InvalidArgument`.
 
-Every error names the proto field path (`prompt.text`, `sampling.max_tokens`, ...) and the bound
-it broke, in a few words. Cheap field checks run before the prompt is tokenized.
+One set of rules for both public APIs. Every error names the field by its gRPC path
+(`prompt.text`, `sampling.max_tokens`, ...) and the bound it broke, in a few words; the HTTP
+layer renames the field to its own parameter. Cheap field checks run before the prompt is
+rendered (chat) and tokenized.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from dataclasses import dataclass
 from pdserve.config import LimitsConfig
 from pdserve.errors import InvalidArgument
 from pdserve.messages import SamplingParams
-from pdserve.v1 import pdserve_pb2
+from router.generate_input import CHAT_ROLES, ROLE_ALIASES, ChatTurn, GenerateInput
 from router.tokenizer import RouterTokenizer
 
 # Seeds travel as signed 64-bit integers (msgpack, torch generators).
-_SEED_MODULUS = 2**63
+SEED_MODULUS = 2**63
+# The most alternatives a token's logprobs may list (OpenAI's bound).
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -26,8 +30,10 @@ class ValidatedRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     stop: list[str]
-    # The prompt as the client sent it, or None for a pre-tokenized prompt.
+    # The prompt as text (the client's, or the rendered chat), or None for token ids.
     prompt_text: str | None
+    # Independent sequences to sample for this prompt.
+    num_choices: int = 1
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -35,83 +41,141 @@ class ValidatedRequest:
 
 
 def validate_request(
-    request: pdserve_pb2.GenerateRequest,
+    request: GenerateInput,
     tokenizer: RouterTokenizer,
     limits: LimitsConfig,
     max_context_tokens: int,
 ) -> ValidatedRequest:
-    """Checks every field and tokenizes a text prompt.
+    """Checks every field, renders a chat and tokenizes a text prompt.
 
-    Called by the Generate servicer before admission; synchronous (tokenizing is CPU work that
-    grows with the prompt, which the gRPC size limit bounds). Raises `InvalidArgument` naming the
-    first offending field.
+    Synchronous (rendering and tokenizing are CPU work that grows with the prompt, which the
+    APIs' request size limits bound); every check that needs no tokens runs first. Raises
+    `InvalidArgument` naming the first offending field.
     """
-    prompt_form = _check_prompt_form(request)
-    sampling = _check_sampling(request, tokenizer.vocab_size, limits, max_context_tokens)
-    stop = _check_stop_strings(request.sampling, limits)
-    if prompt_form == "text":
-        prompt_token_ids = tokenizer.encode(request.text)
-        if not prompt_token_ids:
-            raise InvalidArgument("prompt.text", "encodes to zero tokens")
-        _check_context(len(prompt_token_ids), sampling.max_tokens, max_context_tokens)
-        _check_ids_in_vocab("prompt.text", prompt_token_ids, tokenizer.vocab_size)
-        return ValidatedRequest(prompt_token_ids, sampling, stop, prompt_text=request.text)
-    prompt_token_ids = list(request.token_ids.ids)
-    _check_context(len(prompt_token_ids), sampling.max_tokens, max_context_tokens)
-    _check_ids_in_vocab("prompt.token_ids", prompt_token_ids, tokenizer.vocab_size)
-    return ValidatedRequest(prompt_token_ids, sampling, stop, prompt_text=None)
+    form = _check_prompt_form(request)
+    _check_choices(request.num_choices, limits)
+    stop = _check_stop_strings(request.stop, limits)
+    _check_max_tokens(request.max_tokens, limits, max_context_tokens)
+    _check_sampling_values(request, tokenizer.vocab_size, limits)
+    prompt_token_ids, prompt_text = _prompt_tokens(request, form, tokenizer, max_context_tokens)
+    max_tokens = _resolve_max_tokens(
+        request.max_tokens, len(prompt_token_ids), limits, max_context_tokens
+    )
+    if request.min_tokens > max_tokens:
+        raise InvalidArgument(
+            "sampling.min_tokens", f"{request.min_tokens} exceeds max_tokens {max_tokens}"
+        )
+    return ValidatedRequest(
+        prompt_token_ids, _sampling_params(request, max_tokens), stop, prompt_text,
+        num_choices=request.num_choices,
+    )
 
 
-def _check_prompt_form(request: pdserve_pb2.GenerateRequest) -> str:
-    form = request.WhichOneof("prompt")
+def _check_prompt_form(request: GenerateInput) -> str:
+    form = request.prompt_form
     if form is None:
-        raise InvalidArgument("prompt", "set exactly one of text or token_ids")
+        raise InvalidArgument("prompt", "set exactly one of text, token_ids or messages")
     if form == "text" and not request.text:
         raise InvalidArgument("prompt.text", "must not be empty")
-    if form == "token_ids" and not request.token_ids.ids:
+    if form == "token_ids" and not request.token_ids:
         raise InvalidArgument("prompt.token_ids", "must not be empty")
+    if form == "messages":
+        _check_messages(request.messages or [])
+    elif request.chat_template_kwargs:
+        raise InvalidArgument("prompt.messages.chat_template_kwargs", "only with messages")
     return form
 
 
-def _check_sampling(
-    request: pdserve_pb2.GenerateRequest,
-    vocab_size: int,
-    limits: LimitsConfig,
-    max_context_tokens: int,
-) -> SamplingParams:
-    if not request.HasField("sampling"):
-        raise InvalidArgument("sampling.max_tokens", "required (sampling is not set)")
-    proto = request.sampling
-    max_tokens = _check_max_tokens(proto.max_tokens, limits, max_context_tokens)
-    temperature = proto.temperature
+def _check_messages(messages: list[ChatTurn]) -> None:
+    if not messages:
+        raise InvalidArgument("prompt.messages", "must hold at least one message")
+    for index, turn in enumerate(messages):
+        role = ROLE_ALIASES.get(turn.role, turn.role)
+        if role not in CHAT_ROLES:
+            raise InvalidArgument(
+                "prompt.messages",
+                f"message {index} has role {turn.role[:32]!r}; "
+                f"supported: {', '.join(CHAT_ROLES)}",
+            )
+
+
+def _prompt_tokens(
+    request: GenerateInput, form: str, tokenizer: RouterTokenizer, max_context_tokens: int
+) -> tuple[list[int], str | None]:
+    """The prompt's token ids and text; checks vocabulary and that the prompt leaves room."""
+    if form == "token_ids":
+        token_ids = list(request.token_ids or [])
+        _check_ids_in_vocab("prompt.token_ids", token_ids, tokenizer.vocab_size)
+        _check_prompt_fits(len(token_ids), max_context_tokens)
+        return token_ids, None
+    if form == "messages":
+        field = "prompt.messages"
+        text = tokenizer.render_chat(
+            [_template_message(turn) for turn in request.messages or []],
+            request.chat_template_kwargs,
+        )
+        token_ids = tokenizer.encode(text, add_special_tokens=False)
+    else:
+        field = "prompt.text"
+        text = request.text or ""
+        token_ids = tokenizer.encode(text)
+    if not token_ids:
+        raise InvalidArgument(field, "encodes to zero tokens")
+    _check_ids_in_vocab(field, token_ids, tokenizer.vocab_size)
+    _check_prompt_fits(len(token_ids), max_context_tokens)
+    return token_ids, text
+
+
+def _template_message(turn: ChatTurn) -> dict[str, str]:
+    message = {"role": ROLE_ALIASES.get(turn.role, turn.role), "content": turn.content}
+    if turn.name is not None:
+        message["name"] = turn.name
+    return message
+
+
+def _check_sampling_values(request: GenerateInput, vocab_size: int, limits: LimitsConfig) -> None:
+    temperature = request.temperature
     if not math.isfinite(temperature) or temperature < 0:
         raise InvalidArgument(
             "sampling.temperature", f"must be finite and >= 0, got {temperature:g}"
         )
-    top_p = proto.top_p
-    if math.isnan(top_p) or top_p < 0 or top_p > 1:
-        raise InvalidArgument("sampling.top_p", f"must be in (0, 1] (0 = unset), got {top_p:g}")
-    if proto.top_k < 0:
-        raise InvalidArgument("sampling.top_k", f"must be >= 0, got {proto.top_k}")
-    stop_token_ids = list(proto.stop_token_ids)
-    if len(stop_token_ids) > limits.max_stop_token_ids:
+    top_p = request.top_p
+    if math.isnan(top_p) or top_p <= 0 or top_p > 1:
+        raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {top_p:g}")
+    if request.top_k < 0:
+        raise InvalidArgument("sampling.top_k", f"must be >= 0, got {request.top_k}")
+    if request.min_tokens < 0:
+        raise InvalidArgument("sampling.min_tokens", f"must be >= 0, got {request.min_tokens}")
+    _check_logprobs(request)
+    if len(request.stop_token_ids) > limits.max_stop_token_ids:
         raise InvalidArgument(
             "sampling.stop_token_ids",
-            f"at most {limits.max_stop_token_ids} ids, got {len(stop_token_ids)}",
+            f"at most {limits.max_stop_token_ids} ids, got {len(request.stop_token_ids)}",
         )
-    _check_ids_in_vocab("sampling.stop_token_ids", stop_token_ids, vocab_size)
+    _check_ids_in_vocab("sampling.stop_token_ids", request.stop_token_ids, vocab_size)
+
+
+def _sampling_params(request: GenerateInput, max_tokens: int) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p if top_p > 0 else 1.0,
-        top_k=proto.top_k,
-        seed=proto.seed % _SEED_MODULUS if proto.HasField("seed") else None,
-        stop_token_ids=stop_token_ids,
-        ignore_eos=proto.ignore_eos,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        seed=request.seed % SEED_MODULUS if request.seed is not None else None,
+        stop_token_ids=list(request.stop_token_ids),
+        ignore_eos=request.ignore_eos,
+        min_tokens=request.min_tokens,
+        logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs,
     )
 
 
-def _check_max_tokens(max_tokens: int, limits: LimitsConfig, max_context_tokens: int) -> int:
+def _check_max_tokens(
+    max_tokens: int | None, limits: LimitsConfig, max_context_tokens: int
+) -> None:
+    """Bounds that hold whatever the prompt (None: unset, resolved after tokenizing)."""
+    if max_tokens is None:
+        return
     if max_tokens < 1:
         raise InvalidArgument("sampling.max_tokens", f"must be >= 1, got {max_tokens}")
     if max_tokens > limits.max_tokens:
@@ -123,11 +187,41 @@ def _check_max_tokens(max_tokens: int, limits: LimitsConfig, max_context_tokens:
             "sampling.max_tokens",
             f"{max_tokens} exceeds the context of {max_context_tokens} tokens",
         )
+
+
+def _resolve_max_tokens(
+    max_tokens: int | None, num_prompt_tokens: int, limits: LimitsConfig, max_context_tokens: int
+) -> int:
+    """The request's max_tokens, checked against the room the prompt leaves; unset = as many
+    as fit (the prompt check left room for at least one), at most `limits.max_tokens`."""
+    room = max_context_tokens - num_prompt_tokens
+    if max_tokens is None:
+        return min(limits.max_tokens, room)
+    if max_tokens > room:
+        raise InvalidArgument(
+            "prompt",
+            f"{num_prompt_tokens} prompt tokens + {max_tokens} max_tokens exceeds the context "
+            f"of {max_context_tokens} tokens",
+        )
     return max_tokens
 
 
-def _check_stop_strings(proto: pdserve_pb2.SamplingParams, limits: LimitsConfig) -> list[str]:
-    stop = list(proto.stop)
+def _check_logprobs(request: GenerateInput) -> None:
+    if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument(
+            "sampling.top_logprobs",
+            f"must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs}",
+        )
+    if request.top_logprobs and not request.logprobs:
+        raise InvalidArgument("sampling.top_logprobs", "needs logprobs to be true")
+
+
+def _check_choices(num_choices: int, limits: LimitsConfig) -> None:
+    if not 1 <= num_choices <= limits.max_n:
+        raise InvalidArgument("n", f"must be in [1, {limits.max_n}], got {num_choices}")
+
+
+def _check_stop_strings(stop: list[str], limits: LimitsConfig) -> list[str]:
     if len(stop) > limits.max_stop_strings:
         raise InvalidArgument(
             "sampling.stop", f"at most {limits.max_stop_strings} strings, got {len(stop)}"
@@ -140,7 +234,7 @@ def _check_stop_strings(proto: pdserve_pb2.SamplingParams, limits: LimitsConfig)
                 "sampling.stop",
                 f"string {index} has {len(text)} chars, limit {limits.max_stop_string_chars}",
             )
-    return stop
+    return list(stop)
 
 
 def _check_ids_in_vocab(field: str, token_ids: list[int], vocab_size: int) -> None:
@@ -150,10 +244,11 @@ def _check_ids_in_vocab(field: str, token_ids: list[int], vocab_size: int) -> No
     raise InvalidArgument(field, f"id {token_id} at index {index} is outside [0, {vocab_size})")
 
 
-def _check_context(num_prompt_tokens: int, max_tokens: int, max_context_tokens: int) -> None:
-    if num_prompt_tokens + max_tokens > max_context_tokens:
+def _check_prompt_fits(num_prompt_tokens: int, max_context_tokens: int) -> None:
+    """The prompt must leave room for at least one generated token."""
+    if num_prompt_tokens >= max_context_tokens:
         raise InvalidArgument(
             "prompt",
-            f"{num_prompt_tokens} prompt tokens + {max_tokens} max_tokens exceeds the context "
-            f"of {max_context_tokens} tokens",
+            f"{num_prompt_tokens} prompt tokens leave no room in the context of "
+            f"{max_context_tokens} tokens",
         )

@@ -1,5 +1,7 @@
-"""The load generator `pdserve bench serve`: drives a running router over gRPC and reports
-TTFT, inter-token gaps, TPOT, end-to-end latency, throughput and goodput.
+"""The load generator `pdserve bench serve`: drives a running router over gRPC, or any
+OpenAI-compatible HTTP server (`--backend openai-chat|openai-completions`, see
+`pdserve.bench.backends`), and reports TTFT, inter-token gaps, TPOT, end-to-end latency,
+throughput and goodput.
 
 The CLI adds the flags with `add_serve_arguments`, builds `BenchOptions` with
 `options_from_args` and calls `run_serve_bench`; tests may build `BenchOptions` directly.

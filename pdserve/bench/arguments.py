@@ -2,7 +2,8 @@
 
 `pdserve.cli` creates the subcommand, adds its shared `--address`/`--token`/`--tls-ca` flags,
 then calls `add_serve_arguments`; its handler calls `options_from_args`. `options_to_argv` gives
-the canonical command line of a run for results.json (without the token).
+the canonical command line of a run for results.json (without the token or API key). The
+backend flags live in `backend_arguments`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import datetime
 import math
 from collections.abc import Callable
 
+from pdserve.bench.backend_arguments import add_backend_arguments, backend_argv, backend_fields
 from pdserve.bench.lengths import LengthDistribution
 from pdserve.bench.options import BenchOptions
 from pdserve.errors import InvalidArgument
@@ -21,7 +23,8 @@ DEFAULT_LONG_EVERY_S = 10.0  # `--mix` without `--long-every`
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the arrival, workload, bound, SLO and output flags to `parser`."""
+    """Adds the backend, arrival, workload, bound, SLO and output flags to `parser`."""
+    add_backend_arguments(parser)
     arrivals = parser.add_mutually_exclusive_group(required=True)
     arrivals.add_argument(
         "--rate",
@@ -159,7 +162,7 @@ def options_from_args(args: argparse.Namespace, token: str | None) -> BenchOptio
         else (DEFAULT_LONG_EVERY_S if args.mix else None)
     )
     return BenchOptions(
-        address=args.address,
+        **backend_fields(args),
         rate_per_s=args.rate,
         concurrency=args.concurrency,
         **given_lengths,
@@ -186,7 +189,7 @@ def options_from_args(args: argparse.Namespace, token: str | None) -> BenchOptio
 
 def options_to_argv(options: BenchOptions) -> list[str]:
     """The canonical `pdserve bench serve ...` command line of `options`, token left out."""
-    argv = ["pdserve", "bench", "serve", "--address", options.address]
+    argv = ["pdserve", "bench", "serve", *backend_argv(options)]
     if options.rate_per_s is not None:
         argv += ["--rate", _format_number(options.rate_per_s)]
     else:

@@ -19,10 +19,14 @@ _KIND_COLOURS = {"main": "tab:blue", "long": "tab:orange"}
 
 
 def write_charts(
-    out_dir: Path, records: Sequence[RequestRecord], long_arrivals_s: Sequence[float]
+    out_dir: Path,
+    records: Sequence[RequestRecord],
+    long_arrivals_s: Sequence[float],
+    target: str = "",
 ) -> list[Path]:
-    """Draws both charts into `out_dir` from the OK records; returns their paths. Blocks on
-    drawing and file I/O (a second or two); raises OSError if a file cannot be written."""
+    """Draws both charts into `out_dir` from the OK records, each titled with `target` (the
+    backend, URL and model); returns their paths. Blocks on drawing and file I/O (a second or
+    two); raises OSError if a file cannot be written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,12 +34,12 @@ def write_charts(
 
     ok = [record for record in records if record.ok]
     paths = [out_dir / CDF_FILE, out_dir / ITL_OVER_TIME_FILE]
-    _draw_cdfs(pyplot, ok, paths[0])
-    _draw_itl_over_time(pyplot, ok, long_arrivals_s, paths[1])
+    _draw_cdfs(pyplot, ok, paths[0], target)
+    _draw_itl_over_time(pyplot, ok, long_arrivals_s, paths[1], target)
     return paths
 
 
-def _draw_cdfs(pyplot: Any, records: Sequence[RequestRecord], path: Path) -> None:
+def _draw_cdfs(pyplot: Any, records: Sequence[RequestRecord], path: Path, target: str) -> None:
     panels = (
         ("TTFT", lambda r: [r.ttft_s] if r.ttft_s is not None else []),
         ("inter-token gap", lambda r: r.itl_gaps_s()),
@@ -61,13 +65,19 @@ def _draw_cdfs(pyplot: Any, records: Sequence[RequestRecord], path: Path) -> Non
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
+    if target:
+        figure.suptitle(target)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     pyplot.close(figure)
 
 
 def _draw_itl_over_time(
-    pyplot: Any, records: Sequence[RequestRecord], long_arrivals_s: Sequence[float], path: Path
+    pyplot: Any,
+    records: Sequence[RequestRecord],
+    long_arrivals_s: Sequence[float],
+    path: Path,
+    target: str,
 ) -> None:
     figure, ax = pyplot.subplots(figsize=(13, 4.5))
     for kind in ordered_kinds({record.kind for record in records}):
@@ -84,7 +94,8 @@ def _draw_itl_over_time(
             linestyle="--",
             label="long prompt sent" if index == 0 else None,
         )
-    ax.set_title("inter-token gaps over time")
+    title = "inter-token gaps over time"
+    ax.set_title(f"{title} — {target}" if target else title)
     ax.set_xlabel("seconds since start")
     ax.set_ylabel("gap (ms)")
     ax.grid(alpha=0.3)

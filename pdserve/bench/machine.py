@@ -8,7 +8,7 @@ import platform
 from importlib import metadata
 from typing import Any
 
-_PACKAGES = ("pdserve", "grpcio", "protobuf")
+_PACKAGES = ("pdserve", "grpcio", "protobuf", "aiohttp")
 
 
 def machine_facts() -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Everything one `pdserve bench serve` run is told: target, arrivals, workload, bounds, output.
 
 Built from the command line by `pdserve.bench.arguments.options_from_args` (or directly by a
-caller); read by the runner and the report. The token is kept out of `repr` and out of
-`results.json`.
+caller); read by the runner and the report. The token and the API key are kept out of `repr`
+and out of `results.json`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ from pdserve.bench.lengths import LengthDistribution
 from pdserve.errors import InvalidArgument
 
 DEFAULT_NUM_REQUESTS = 100  # when neither --num-requests nor --duration bounds the run
+GRPC = "grpc"  # pdserve.v1.Generation/Generate on the router (`address`)
+OPENAI_CHAT = "openai-chat"  # POST {base_url}/chat/completions
+OPENAI_COMPLETIONS = "openai-completions"  # POST {base_url}/completions
+BACKENDS = (GRPC, OPENAI_CHAT, OPENAI_COMPLETIONS)
 
 
 @dataclass(frozen=True)
@@ -24,9 +28,11 @@ class BenchOptions:
     requests or after `duration_s`, whichever comes first, then waits for what is in flight.
     `long_every_s` set turns on the mix: one extra request of `long_prompt_len` prompt tokens
     every `long_every_s` seconds from `long_start_s`, while the main process dispatches.
-    Raises InvalidArgument (naming the flag) for an inconsistent combination."""
+    `backend` picks the protocol: gRPC to `address`, or an OpenAI-compatible HTTP API at
+    `base_url` (see `pdserve.bench.openai_client`). Raises InvalidArgument (naming the flag)
+    for an inconsistent combination."""
 
-    address: str
+    address: str = ""
     rate_per_s: float | None = None
     concurrency: int | None = None
     prompt_len: LengthDistribution = LengthDistribution.parse("uniform:32:256")
@@ -49,6 +55,12 @@ class BenchOptions:
     progress: bool = True
     token: str | None = field(default=None, repr=False)
     tls_ca_file: str | None = None
+    backend: str = GRPC
+    base_url: str | None = None
+    model: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    send_ignore_eos: bool = True
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         if (self.rate_per_s is None) == (self.concurrency is None):
@@ -71,6 +83,54 @@ class BenchOptions:
             raise InvalidArgument("--long-start", f"must be >= 0, got {self.long_start_s}")
         if self.long_prompt_len < 1:
             raise InvalidArgument("--long-prompt-len", f"must be >= 1, got {self.long_prompt_len}")
+        self._check_target()
+
+    def _check_target(self) -> None:
+        if self.backend not in BACKENDS:
+            raise InvalidArgument("--backend", f"{self.backend!r} is not one of {BACKENDS}")
+        if self.backend == GRPC:
+            if not self.address:
+                raise InvalidArgument("--address", "the grpc backend needs the router's host:port")
+            openai_only = (
+                ("--base-url", self.base_url),
+                ("--model", self.model),
+                ("--api-key", self.api_key),
+                ("--tokenizer", self.tokenizer),
+            )
+            for flag, value in openai_only:
+                if value is not None:
+                    raise InvalidArgument(flag, "is for the openai-* backends, not grpc")
+            if not self.send_ignore_eos:
+                raise InvalidArgument("--no-ignore-eos-param", "is for the openai-* backends")
+            return
+        if not self.base_url or not self.base_url.startswith(("http://", "https://")):
+            raise InvalidArgument(
+                "--base-url", f"{self.backend} needs an http(s) URL such as http://host:8000/v1"
+            )
+        if self.backend != OPENAI_CHAT and self.tokenizer is not None:
+            raise InvalidArgument("--tokenizer", "is for openai-chat (completions take token ids)")
+        if self.backend == OPENAI_CHAT and self.tokenizer is None and self.has_token_prompts:
+            raise InvalidArgument(
+                "--tokenizer",
+                "openai-chat sends text, and the synthetic and --mix prompts are token ids: "
+                "pass --tokenizer (tokenizer.json or a Hugging Face folder) to decode them, "
+                "or use --sharegpt without --mix, or --backend openai-completions",
+            )
+
+    @property
+    def has_token_prompts(self) -> bool:
+        """Whether some prompts are token ids (synthetic main or the mix's long prompts)."""
+        return self.sharegpt_file is None or self.mix
+
+    @property
+    def bearer_token(self) -> str | None:
+        """What goes in `Authorization: Bearer`: the API key, else the pdserve token."""
+        return self.api_key if self.api_key is not None else self.token
+
+    @property
+    def target_url(self) -> str:
+        """Where the requests go: the base URL (openai-*) or the router address (grpc)."""
+        return self.base_url if self.base_url is not None else self.address
 
     @property
     def mix(self) -> bool:
@@ -106,5 +166,6 @@ class BenchOptions:
                 value = "inf"  # JSON has no infinity
             values[name] = value
         values["token"] = "<set>" if self.token is not None else None
+        values["api_key"] = "<set>" if self.api_key is not None else None
         values["max_main_requests"] = self.max_main_requests
         return values

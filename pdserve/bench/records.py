@@ -3,6 +3,12 @@
 The raw facts are the send and end times and, for every message that carried tokens, when it
 arrived and how many tokens it carried. TTFT, inter-token gaps, TPOT and end-to-end latency are
 derived from them, so `results.json` keeps both and any other statistic can be recomputed.
+
+What a "message" is depends on the backend (`message_unit`): over gRPC each message says how
+many tokens it carried (TOKENS), so gaps are per token. An OpenAI-compatible stream carries text
+chunks whose token count is not on the wire (CHUNKS): each content chunk is recorded as one
+message of 1, so inter-token gaps are gaps between chunk arrivals, while the true token count
+(from the server's `usage`, see `num_tokens_source`) sets TPOT and throughput.
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ from pdserve.v1 import pdserve_pb2
 OK = "OK"
 NO_FINAL = "NO_FINAL"  # the stream ended without a final message (a server bug)
 PENDING = "PENDING"
+TOKENS = "tokens"  # message_num_tokens are token counts (gRPC)
+CHUNKS = "chunks"  # one entry of 1 per content chunk; token counts unknown (OpenAI SSE)
+USAGE = "usage"  # num_completion_tokens is the server's count
+COUNTED = "counted"  # num_completion_tokens counts the stream's chunks (no usage came)
 _ROUND_DIGITS = 6  # microseconds; keeps results.json compact
 
 
@@ -40,6 +50,8 @@ class RequestRecord:
     request_id: str = ""
     server_timings: dict[str, float] = field(default_factory=dict)
     served_by: dict[str, Any] = field(default_factory=dict)
+    message_unit: str = TOKENS
+    num_tokens_source: str = ""  # USAGE or COUNTED once the request finished OK
 
     def add_message(self, offset_s: float, num_tokens: int) -> None:
         """Records a message that carried `num_tokens` (> 0) tokens `offset_s` after sending."""
@@ -50,6 +62,7 @@ class RequestRecord:
         """Takes usage, finish reason, the server's timings and served_by from the final
         message and marks the request OK."""
         self.status = OK
+        self.num_tokens_source = USAGE
         self.finish_reason = pdserve_pb2.FinishReason.Name(final.finish_reason).removeprefix(
             "FINISH_REASON_"
         )
@@ -90,17 +103,27 @@ class RequestRecord:
         return self.end_s - self.send_s
 
     @property
+    def num_output_tokens(self) -> int:
+        """Tokens the stream delivered: counted on the wire for TOKENS messages; for CHUNKS,
+        the server's usage when it sent one, else the number of chunks."""
+        if self.message_unit == CHUNKS and self.num_tokens_source == USAGE:
+            return self.num_completion_tokens
+        return self.num_tokens_received
+
+    @property
     def tpot_s(self) -> float | None:
-        """(last token time - first token time) / (tokens - 1); None below two tokens."""
-        if self.num_tokens_received < 2:
+        """(last token time - first token time) / (tokens - 1); None below two tokens or
+        without a token-carrying message."""
+        if self.num_output_tokens < 2 or not self.message_offsets_s:
             return None
         span_s = self.message_offsets_s[-1] - self.message_offsets_s[0]
-        return span_s / (self.num_tokens_received - 1)
+        return span_s / (self.num_output_tokens - 1)
 
     def itl_gaps_s(self) -> list[float]:
         """One gap per token after the first: the time between token-carrying messages, split
         evenly over the k tokens of a message that carried k. Extra tokens in the first message
-        arrived with the first token and count as gaps of 0. They sum to last - first."""
+        arrived with the first token and count as gaps of 0. They sum to last - first. For
+        CHUNKS messages (each counted as 1) these are the gaps between chunk arrivals."""
         if not self.message_num_tokens:
             return []
         gaps = [0.0] * (self.message_num_tokens[0] - 1)
@@ -143,6 +166,8 @@ class RequestRecord:
             "itl_s": [_round(gap) for gap in self.itl_gaps_s()],
             "message_offsets_s": [_round(offset) for offset in self.message_offsets_s],
             "message_num_tokens": list(self.message_num_tokens),
+            "message_unit": self.message_unit,
+            "num_tokens_source": self.num_tokens_source,
             "finish_reason": self.finish_reason,
             "request_id": self.request_id,
             "server_timings": dict(self.server_timings),

@@ -1,7 +1,8 @@
 """The load generator's engine: dispatches requests on one asyncio loop and records each stream.
 
-All requests share one `grpc.aio` channel; every request is a task, so thousands can be in
-flight without threads and the client stays far below the cost of a decode step. Times are
+All requests share one backend connection (a `grpc.aio` channel or an aiohttp session, see
+`pdserve.bench.backends`); every request is a task, so thousands can be in flight without
+threads and the client stays far below the cost of a decode step. Times are
 `time.perf_counter()` seconds since the run started, stamped as each message is read.
 
 Main requests come from the open loop (Poisson send times, not waiting for responses) or the
@@ -16,16 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import grpc
-
 from pdserve.bench.arrivals import periodic_arrivals, poisson_arrivals
+from pdserve.bench.backends import Backend
 from pdserve.bench.options import BenchOptions
-from pdserve.bench.records import NO_FINAL, PENDING, RequestRecord
+from pdserve.bench.records import RequestRecord
 from pdserve.bench.workload import RequestShape, Workload, seeded_rng
-from pdserve.client import make_request
-from pdserve.v1 import pdserve_pb2_grpc
-
-Metadata = tuple[tuple[str, str], ...]
 
 
 @dataclass
@@ -40,26 +36,24 @@ class RunOutcome:
 
 
 class LoadRunner:
-    """One run against `stub`. `run()` must be awaited once, on the loop that owns the stub's
-    channel; it returns when every dispatched request has ended and raises nothing for failed
-    requests (they are recorded with their gRPC status). `on_done` is called on the loop with
-    each finished record (for progress display)."""
+    """One run against `backend`. `run()` must be awaited once, on the loop that owns the
+    backend's connection; it returns when every dispatched request has ended and raises nothing
+    for failed requests (they are recorded with their status). `on_done` is called on the loop
+    with each finished record (for progress display)."""
 
     def __init__(
         self,
-        stub: pdserve_pb2_grpc.GenerationStub,
+        backend: Backend,
         options: BenchOptions,
         main: Workload,
         long: Workload | None,
         *,
-        metadata: Metadata = (),
         on_done: Callable[[RequestRecord], None] | None = None,
     ) -> None:
-        self._stub = stub
+        self._backend = backend
         self._options = options
         self._main = main
         self._long = long
-        self._metadata = metadata
         self._on_done = on_done
         self._records: list[RequestRecord] = []
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -155,25 +149,6 @@ class LoadRunner:
         task.add_done_callback(self._in_flight.discard)
 
     async def _send(self, record: RequestRecord, shape: RequestShape) -> None:
-        # Built before the clock starts: TTFT should not include building a long prompt.
-        request = make_request(shape.prompt, max_tokens=shape.max_tokens, ignore_eos=True)
-        record.send_s = self._now()
-        call = self._stub.Generate(
-            request, timeout=self._options.timeout_s, metadata=self._metadata
-        )
-        try:
-            async for response in call:
-                if response.token_ids:
-                    record.add_message(self._now() - record.send_s, len(response.token_ids))
-                if response.HasField("final"):
-                    record.apply_final(response.final)
-            if record.status == PENDING:
-                record.status = NO_FINAL
-        except grpc.aio.AioRpcError as exc:
-            record.status = exc.code().name
-            record.error = exc.details() or ""
-        finally:
-            record.end_s = self._now()
-            call.cancel()  # no-op once the stream ended
+        await self._backend.stream(record, shape, self._now)
         if self._on_done is not None:
             self._on_done(record)

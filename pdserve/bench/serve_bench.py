@@ -1,20 +1,21 @@
-"""`pdserve bench serve` end to end: set up the workload, drive the router, report.
+"""`pdserve bench serve` end to end: set up the workload, drive the server, report.
 
-`run_serve_bench` is what the CLI calls (and what tests call in-process). It asks the router's
-`Info` for the model and context limit first, so a workload that cannot fit fails before any
-request is sent.
+`run_serve_bench` is what the CLI calls (and what tests call in-process). It asks the backend
+for the server's facts first (the router's `Info`, or the OpenAI `/models` listing), so a
+workload that cannot fit the server's context fails before any request is sent; a server that
+does not say its context limit gets no such check.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from pdserve.bench.arguments import options_to_argv
+from pdserve.bench.backends import open_backend
 from pdserve.bench.charts import write_charts
 from pdserve.bench.lengths import LengthDistribution
 from pdserve.bench.machine import machine_facts
@@ -25,13 +26,10 @@ from pdserve.bench.runner import LoadRunner, RunOutcome
 from pdserve.bench.sharegpt import Conversation, load_sharegpt
 from pdserve.bench.stats import Slo, summarize
 from pdserve.bench.workload import LONG, MAIN, ShareGPTWorkload, SyntheticWorkload, Workload
-from pdserve.client import MAX_CA_FILE_BYTES
 from pdserve.errors import InvalidArgument
-from pdserve.v1 import pdserve_pb2, pdserve_pb2_grpc
 
 RESULTS_FILE = "results.json"
 ShareGPTFile = tuple[list[Conversation], int]  # usable conversations, entries skipped
-INFO_TIMEOUT_S = 30.0
 SCHEMA = "pdserve.bench.serve/1"
 
 
@@ -40,12 +38,13 @@ def run_serve_bench(options: BenchOptions) -> dict[str, Any]:
     set), prints the summary table to stdout and returns the results.
 
     Blocks for the whole run. Raises InvalidArgument for a workload the server cannot take
-    or an unreadable ShareGPT/CA file, grpc.RpcError when `Info` fails (server unreachable,
-    bad token). Failed requests are recorded, not raised.
+    or an unreadable ShareGPT/CA/tokenizer file, grpc.RpcError when `Info` fails (server
+    unreachable, bad token), PdserveError when `/models` fails (openai-* without --model).
+    Failed requests are recorded, not raised.
     """
     machine = machine_facts()
     sharegpt = load_sharegpt(options.sharegpt_file) if options.sharegpt_file else None
-    server, workload, outcome = asyncio.run(_drive(options, sharegpt))
+    server, target, workload, outcome = asyncio.run(_drive(options, sharegpt))
     machine["loadavg_end"] = list(os.getloadavg())
     summary = summarize(outcome.records, outcome.elapsed_s, _slo(options))
     results = {
@@ -53,6 +52,7 @@ def run_serve_bench(options: BenchOptions) -> dict[str, Any]:
         "command_line": options_to_argv(options),
         "options": options.to_dict(),
         "machine": machine,
+        "target": target,
         "server": server,
         "workload": workload,
         "started_unix_s": outcome.started_unix_s,
@@ -64,7 +64,8 @@ def run_serve_bench(options: BenchOptions) -> dict[str, Any]:
         out_dir = Path(options.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_results_json(out_dir / RESULTS_FILE, results)
-        write_charts(out_dir, outcome.records, outcome.long_arrivals_s)
+        write_charts(out_dir, outcome.records, outcome.long_arrivals_s, _title(target))
+    print(f"target      {_title(target)}", flush=True)
     print(format_summary(summary, _describe_arrivals(options)), flush=True)
     if options.out_dir is not None:
         print(f"results     {Path(options.out_dir) / RESULTS_FILE} (+ PNG charts)", flush=True)
@@ -73,33 +74,39 @@ def run_serve_bench(options: BenchOptions) -> dict[str, Any]:
 
 async def _drive(
     options: BenchOptions, sharegpt: ShareGPTFile | None
-) -> tuple[dict[str, Any], dict[str, Any], RunOutcome]:
-    metadata = (("authorization", f"Bearer {options.token}"),) if options.token else ()
-    async with _open_channel(options) as channel:
-        stub = pdserve_pb2_grpc.GenerationStub(channel)
-        info = await stub.Info(pdserve_pb2.InfoRequest(), timeout=INFO_TIMEOUT_S, metadata=metadata)
-        main, long, workload = _workloads(options, sharegpt, info.max_context_tokens)
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], RunOutcome]:
+    """Runs the load; returns the server's facts, the target, the workload and the outcome."""
+    async with open_backend(options) as backend:
+        server = await backend.describe()
+        main, long, workload = _workloads(options, sharegpt, server["max_context_tokens"])
+        target = {
+            "backend": options.backend,
+            "url": options.target_url,
+            "model": server["model"],
+            **backend.request_form,
+        }
         progress = ProgressBar(options.max_main_requests, options.progress)
-        runner = LoadRunner(stub, options, main, long, metadata=metadata, on_done=progress.update)
+        runner = LoadRunner(backend, options, main, long, on_done=progress.update)
         try:
             outcome = await runner.run()
         finally:
             progress.close()
-    return _server_facts(info), workload, outcome
+    return server, target, workload, outcome
 
 
 def _workloads(
-    options: BenchOptions, sharegpt: ShareGPTFile | None, max_context_tokens: int
+    options: BenchOptions, sharegpt: ShareGPTFile | None, max_context_tokens: int | None
 ) -> tuple[Workload, Workload | None, dict[str, Any]]:
     """The main and (with the mix) long-prompt workloads, checked against the server's
-    context limit, and a description of the main one for results.json."""
+    context limit (None: unknown, not checked), and a description of the main one for
+    results.json."""
     main: Workload
     if sharegpt is not None:
         conversations, num_skipped = sharegpt
         main = ShareGPTWorkload(
             conversations,
             seed=options.seed,
-            max_context_tokens=max_context_tokens,
+            max_context_tokens=sys.maxsize if max_context_tokens is None else max_context_tokens,
             max_output_tokens=options.sharegpt_max_output_tokens,
         )
         facts = {
@@ -133,8 +140,8 @@ def _synthetic(
     )
 
 
-def _check_fits(workload: SyntheticWorkload, max_context_tokens: int, flag: str) -> None:
-    if workload.max_context_tokens > max_context_tokens:
+def _check_fits(workload: SyntheticWorkload, max_context_tokens: int | None, flag: str) -> None:
+    if max_context_tokens is not None and workload.max_context_tokens > max_context_tokens:
         raise InvalidArgument(
             flag,
             f"prompt up to {workload.prompt_len.max_tokens} + output up to "
@@ -143,37 +150,13 @@ def _check_fits(workload: SyntheticWorkload, max_context_tokens: int, flag: str)
         )
 
 
-def _open_channel(options: BenchOptions) -> grpc.aio.Channel:
-    if options.tls_ca_file is None:
-        return grpc.aio.insecure_channel(options.address)
-    try:
-        with open(options.tls_ca_file, "rb") as file:
-            root_certificates = file.read(MAX_CA_FILE_BYTES + 1)
-    except OSError as exc:
-        raise InvalidArgument("--tls-ca", f"cannot read: {exc.strerror or exc}") from None
-    if len(root_certificates) > MAX_CA_FILE_BYTES:
-        raise InvalidArgument("--tls-ca", f"larger than {MAX_CA_FILE_BYTES} bytes")
-    credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-    return grpc.aio.secure_channel(options.address, credentials)
-
-
-def _server_facts(info: pdserve_pb2.InfoResponse) -> dict[str, Any]:
-    return {
-        "model": info.model,
-        "dtype": info.dtype,
-        "mode": info.mode,
-        "kv_transport": info.kv_transport,
-        "version": info.version,
-        "max_context_tokens": info.max_context_tokens,
-        "num_prefill_replicas": len(info.prefill.replicas),
-        "num_decode_replicas": len(info.decode.replicas),
-        # Set in mode colocated (the prefill and decode pools are empty then).
-        "num_colocated_replicas": len(info.colocated.replicas),
-    }
-
-
 def _slo(options: BenchOptions) -> Slo:
     return Slo(ttft_s=options.slo_ttft_s, itl_p99_s=options.slo_itl_p99_s)
+
+
+def _title(target: dict[str, Any]) -> str:
+    """The run's target in one line, for the summary and the chart titles."""
+    return f"{target['backend']} {target['url']} (model {target['model']})"
 
 
 def _describe_arrivals(options: BenchOptions) -> str:

@@ -2,7 +2,8 @@
 
 A workload hands out shapes one at a time from its own seeded generator, so the n-th shape is
 the same on every run with the same seed, whatever the arrival process or timing. Every shape
-is sent with `ignore_eos`, so a request generates exactly `max_tokens` tokens unless it fails.
+is sent with `ignore_eos` (unless an openai-* run is told `--no-ignore-eos-param`), so a request
+generates exactly `max_tokens` tokens unless it fails.
 """
 
 from __future__ import annotations

@@ -127,6 +127,8 @@ def _check_listeners(config: PdserveConfig, container: Mapping[str, Any]) -> lis
     problems = []
     ports = {port["containerPort"] for port in container.get("ports", [])}
     wanted = {"router.port": config.router.port}
+    if config.router.http_port is not None:
+        wanted["router.http_port"] = config.router.http_port
     if config.metrics.enabled:
         wanted["metrics.router_port"] = config.metrics.router_port
     problems += [
@@ -155,15 +157,19 @@ def _check_router_service(
 ) -> list[str]:
     labels = deployment["spec"]["template"]["metadata"].get("labels") or {}
     named = {port.get("name"): port["containerPort"] for port in container.get("ports", [])}
+    routed = set()
     for obj in objects:
         selector = (obj.get("spec") or {}).get("selector") or {}
         if obj.get("kind") != "Service" or not selector or not _selects(selector, labels):
             continue
         for port in obj["spec"].get("ports", []):
             target = port.get("targetPort", port.get("port"))
-            if named.get(target, target) == config.router.port:
-                return []
-    return [f"no Service routes to the router's gRPC port {config.router.port}"]
+            routed.add(named.get(target, target))
+    public = {"gRPC": config.router.port, "HTTP": config.router.http_port}
+    return [
+        f"no Service routes to the router's {api} port {port}"
+        for api, port in public.items() if port is not None and port not in routed
+    ]
 
 
 def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:

@@ -23,7 +23,7 @@ def make_config(model_source: str, **overrides: Any) -> PdserveConfig:
         "model": {"source": model_source, "dtype": "float32", "max_context_tokens": 512},
         "prefill": {"replicas": 1, "resources": {"num_cpus": 1}, "kv_cache": {"memory_mb": 64}},
         "decode": {"replicas": 1, "resources": {"num_cpus": 1}, "kv_cache": {"memory_mb": 64}},
-        "router": {"host": "127.0.0.1", "port": 0},
+        "router": {"host": "127.0.0.1", "port": 0, "http_port": 0},
         # Free ports: several services may run in one test session.
         "metrics": {"router_port": 0, "replica_port": 0},
         "limits": {"max_tokens": 128},

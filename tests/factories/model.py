@@ -23,9 +23,14 @@ EOS_TOKEN_ID = 0  # `<|endoftext|>` in the factory tokenizer
 
 
 def build_tiny_model_dir(
-    path: Path, model_type: str = "llama", num_layers: int = 3, seed: int = 0
+    path: Path,
+    model_type: str = "llama",
+    num_layers: int = 3,
+    seed: int = 0,
+    chat_template: str | dict[str, str] | None = None,
 ) -> Path:
-    """Writes config, random weights and a byte-level tokenizer into `path`."""
+    """Writes config, random weights and a byte-level tokenizer (with `chat_template`, if
+    given: one Jinja template or several by name) into `path`."""
     tokenizer = train_byte_level_tokenizer()
     common = dict(
         vocab_size=tokenizer.get_vocab_size(),
@@ -49,7 +54,9 @@ def build_tiny_model_dir(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path)
-    PreTrainedTokenizerFast(
+    saved = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|pad|>"
-    ).save_pretrained(path)
+    )
+    saved.chat_template = chat_template
+    saved.save_pretrained(path)
     return path

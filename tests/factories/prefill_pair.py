@@ -132,13 +132,14 @@ def prefill_request(
     sampling: SamplingParams,
     deadline_s: float = 30.0,
     address: str | None = None,
+    eos_token_ids: tuple[int, ...] = (0,),
 ) -> PrefillRequest:
     return PrefillRequest(
         request_id=f"r-{transfer_id}",
         transfer_id=transfer_id,
         prompt_token_ids=prompt,
         sampling=sampling,
-        eos_token_ids=[0],
+        eos_token_ids=list(eos_token_ids),
         kv_target=KVTarget("decode-0", address or pair.decode.kv_address, "inproc"),
         deadline=time.time() + deadline_s,
     )
@@ -157,7 +158,11 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 
 async def serve(
-    pair: Pair, prompt: list[int], sampling: SamplingParams, num_prompt_tokens: int | None = None
+    pair: Pair,
+    prompt: list[int],
+    sampling: SamplingParams,
+    num_prompt_tokens: int | None = None,
+    eos_token_ids: tuple[int, ...] = (0,),
 ) -> tuple[list[PrefillEvent], list[DecodeEvent]]:
     """One request as the router runs it: reserve, then prefill and generate concurrently."""
     transfer_id = uuid.uuid4().hex
@@ -175,12 +180,13 @@ async def serve(
         request_id=f"r-{transfer_id}",
         transfer_id=transfer_id,
         sampling=sampling,
-        eos_token_ids=[0],
+        eos_token_ids=list(eos_token_ids),
         deadline=time.time() + 30,
     )
+    prefill = prefill_request(pair, transfer_id, prompt, sampling, eos_token_ids=eos_token_ids)
     prefill_events, decode_events = await asyncio.wait_for(
         asyncio.gather(
-            collect(pair.prefill.prefill(prefill_request(pair, transfer_id, prompt, sampling))),
+            collect(pair.prefill.prefill(prefill)),
             collect(pair.decode.generate(decode_request)),
         ),
         WAIT_S,

@@ -64,7 +64,7 @@ def assert_quiet(service: Service) -> list[LoadReport]:
             if r.num_active_requests or r.num_leases or r.num_transfers
             or r.num_free_blocks != r.num_total_blocks
         ]
-        router_busy = service.router is not None and service.router.servicer.num_inflight
+        router_busy = service.router is not None and service.router.front_door.num_inflight
         if not leaks and not router_busy:
             return reports
         if time.monotonic() > deadline:

@@ -203,7 +203,7 @@ def _leaks_once_quiet(service: Service) -> str:
             if report.num_active_requests or report.num_leases or report.num_transfers
             or report.num_free_blocks != report.num_total_blocks
         ]
-        inflight = service.router.servicer.num_inflight if service.router is not None else 0
+        inflight = service.router.front_door.num_inflight if service.router is not None else 0
         if not leaks and not inflight:
             return ""
         if time.monotonic() > deadline:

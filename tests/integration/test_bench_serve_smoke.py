@@ -67,3 +67,32 @@ def test_bench_serve_on_the_tiny_model(ray_cluster, tiny_model_dir: Path, tmp_pa
 
     for name in ("latency_cdf.png", "itl_over_time.png"):
         assert (out / name).read_bytes()[:8] == PNG_SIGNATURE, name
+
+
+def test_bench_serve_over_the_openai_completions_api(
+    ray_cluster, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The same workload through pdserve's own OpenAI HTTP API: every request OK, token counts
+    from the server's usage, a gap per content chunk, the target named in results.json."""
+    out = tmp_path / "bench-openai"
+    with Service(make_config(str(tiny_model_dir))) as service:
+        base_url = service.http_base_url
+        argv = [
+            "bench", "serve", "--backend", "openai-completions",
+            "--base-url", base_url, "--concurrency", "2",
+            "--num-requests", str(NUM_MAIN_REQUESTS), "--prompt-len", "uniform:8:64",
+            "--output-len", "fixed:12", "--vocab-low", str(VOCAB_LOW),
+            "--vocab-high", str(VOCAB_HIGH), "--seed", "7", "--out", str(out), "--no-progress",
+        ]  # fmt: skip
+        assert cli.main(argv) == 0
+        assert_quiet(service)
+    results = json.loads((out / "results.json").read_text())
+    assert results["target"]["backend"] == "openai-completions"
+    assert results["target"]["url"] == base_url
+    assert results["server"]["max_context_tokens"] == 512
+    for record in results["requests"]:
+        assert record["status"] == "OK", record
+        assert record["num_completion_tokens"] == 12  # ignore_eos was sent and honoured
+        assert record["num_tokens_source"] == "usage"
+        assert 0 < record["ttft_s"] <= record["e2e_s"]
+    assert results["summary"]["num_ok"] == NUM_MAIN_REQUESTS

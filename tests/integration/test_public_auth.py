@@ -1,17 +1,21 @@
-"""Bearer tokens and TLS on the public port of a real service.
+"""Bearer tokens and TLS on the public ports (gRPC and OpenAI HTTP) of a real service.
 
-With `security.api_tokens_file` set, Generate and Info need a configured token while the health
-service stays open. With a certificate and key set, the port speaks TLS only: a client trusting
-the certificate generates, a plaintext client or one trusting another CA cannot connect.
+With `security.api_tokens_file` set, Generate and Info (and every `/v1` HTTP route) need a
+configured token while the health service (and `GET /health`) stays open. With a certificate and
+key set, both ports speak TLS only: a client trusting the certificate generates, a plaintext
+client or one trusting another CA cannot connect.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+import httpx2
+import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -177,6 +181,52 @@ def test_cli_and_health_over_tls(
             health_pb2.HealthCheckRequest(service=""), timeout=10
         )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_http_api_needs_a_configured_token_but_health_does_not(token_service: Service) -> None:
+    base_url = token_service.http_base_url
+    for token in ("not-a-configured-token-42", TOKENS[0][:-1]):
+        with pytest.raises(openai.AuthenticationError) as caught:
+            openai.OpenAI(base_url=base_url, api_key=token, max_retries=0).completions.create(
+                model=token_service.config.model.served_name, prompt=PROMPT, max_tokens=2
+            )
+        assert caught.value.status_code == 401
+    missing = httpx2.post(f"{base_url}/completions", json={"prompt": PROMPT}, timeout=30)
+    assert missing.status_code == 401
+    assert missing.json()["error"]["type"] == "authentication_error"
+    for token in TOKENS:
+        client = openai.OpenAI(base_url=base_url, api_key=token, max_retries=0)
+        reply = client.completions.create(
+            model=token_service.config.model.served_name, prompt=PROMPT, max_tokens=NUM_TOKENS,
+            extra_body={"ignore_eos": True},
+        )
+        assert reply.usage is not None and reply.usage.completion_tokens == NUM_TOKENS
+    assert httpx2.get(base_url.removesuffix("/v1") + "/health", timeout=30).status_code == 200
+    assert_quiet(token_service)
+
+
+def test_http_api_over_tls_with_the_same_certificate(
+    tls_service: tuple[Service, list[logging.LogRecord]], tls_files: tuple[Path, Path]
+) -> None:
+    service, _ = tls_service
+    cert, _ = tls_files
+    base_url = service.http_base_url
+    assert base_url.startswith("https://")
+    trusting = openai.OpenAI(
+        base_url=base_url, api_key="unused", max_retries=0,
+        http_client=httpx2.Client(verify=ssl.create_default_context(cafile=str(cert))),
+    )
+    stream = trusting.completions.create(
+        model=service.config.model.served_name, prompt=PROMPT, max_tokens=NUM_TOKENS,
+        stream=True, extra_body={"ignore_eos": True},
+    )
+    assert sum(1 for chunk in stream if chunk.choices and chunk.choices[0].text) >= 1
+    with pytest.raises(httpx2.ConnectError):
+        httpx2.get(base_url + "/models", timeout=10)  # does not trust the certificate
+    plaintext = base_url.replace("https://", "http://")
+    with pytest.raises(httpx2.HTTPError):
+        httpx2.get(plaintext + "/models", timeout=10)
+    assert_quiet(service)
 
 
 def test_tls_key_must_match_the_certificate(tmp_path: Path) -> None:

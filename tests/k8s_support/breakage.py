@@ -74,6 +74,8 @@ CONFIG_DRIFTS = {
         {"metrics": {"replica_port": 0}}, "metrics.replica_port is 0"),
     "ray address elsewhere": (
         {"ray": {"address": "ray-head:6379"}}, "is not the head Service"),
+    "HTTP API on a port the pod does not expose": (
+        {"router": {"http_port": 8080}}, "does not expose router.http_port 8080"),
 }
 
 
@@ -94,6 +96,11 @@ MANIFEST_DRIFTS = {
     "worker without the metrics port": (
         lambda o: worker(o, 1)["template"]["spec"]["containers"][0].update(ports=[]),
         "worker group decode does not expose metrics.replica_port"),
+    "no Service for the HTTP API": (
+        lambda o: find(o, "Service", "pdserve-router")["spec"].update(ports=[
+            p for p in find(o, "Service", "pdserve-router")["spec"]["ports"]
+            if p["name"] != "http"]),
+        "no Service routes to the router's HTTP port 8000"),
     "router reads another file": (
         lambda o: router(o).update(args=[router(o)["args"][0].replace(
             "/etc/pdserve/config.yaml", "/etc/pdserve/other.yaml")]),

@@ -9,6 +9,7 @@ import threading
 import types
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -23,18 +24,24 @@ BAD_PROMPT = "please fail"
 
 
 class FakeGeneration(pdserve_pb2_grpc.GenerationServicer):
-    """Records requests; streams PIECES then a final message, or fails for BAD_PROMPT."""
+    """Records requests; streams PIECES (with logprobs when asked) then a final message, or
+    fails when the prompt text or the last chat message is BAD_PROMPT."""
 
     def __init__(self) -> None:
         self.requests: list[pdserve_pb2.GenerateRequest] = []
 
     def Generate(self, request, context):  # noqa: N802 (gRPC method name)
         self.requests.append(request)
-        if request.text == BAD_PROMPT:
+        if last_prompt_text(request) == BAD_PROMPT:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p: must be in (0, 1]")
         for token_ids, text in PIECES:
-            yield pdserve_pb2.GenerateResponse(token_ids=token_ids, text=text)
-        yield pdserve_pb2.GenerateResponse(final=_final(len(request.text.split())))
+            logprobs = [
+                pdserve_pb2.TokenLogprobs(token_id=token_id, logprob=-0.5)
+                for token_id in token_ids
+                if request.sampling.logprobs
+            ]
+            yield pdserve_pb2.GenerateResponse(token_ids=token_ids, text=text, logprobs=logprobs)
+        yield pdserve_pb2.GenerateResponse(final=final_info(len(request.text.split())))
 
     def Info(self, request, context):  # noqa: N802
         replica = pdserve_pb2.ReplicaInfo(
@@ -58,7 +65,19 @@ class FakeGeneration(pdserve_pb2_grpc.GenerationServicer):
         )
 
 
-def _final(num_prompt_tokens: int) -> pdserve_pb2.FinalInfo:
+def last_prompt_text(request: pdserve_pb2.GenerateRequest) -> str:
+    if request.WhichOneof("prompt") == "messages":
+        return request.messages.messages[-1].content
+    return request.text
+
+
+def chat_roles(request: pdserve_pb2.GenerateRequest) -> list[tuple[str, str]]:
+    """The (role, content) pairs of a chat request."""
+    assert request.WhichOneof("prompt") == "messages", request
+    return [(message.role, message.content) for message in request.messages.messages]
+
+
+def final_info(num_prompt_tokens: int) -> pdserve_pb2.FinalInfo:
     num_tokens = sum(len(ids) for ids, _ in PIECES)
     return pdserve_pb2.FinalInfo(
         finish_reason=pdserve_pb2.FINISH_REASON_LENGTH,
@@ -74,15 +93,24 @@ def _final(num_prompt_tokens: int) -> pdserve_pb2.FinalInfo:
     )
 
 
-@pytest.fixture
-def fake() -> Iterator[tuple[str, FakeGeneration]]:
-    servicer = FakeGeneration()
+@contextmanager
+def serving(servicer: pdserve_pb2_grpc.GenerationServicer) -> Iterator[str]:
+    """Serves `servicer` on a loopback port; yields its address."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pdserve_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    yield f"127.0.0.1:{port}", servicer
-    server.stop(grace=None)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)
+
+
+@pytest.fixture
+def fake() -> Iterator[tuple[str, FakeGeneration]]:
+    servicer = FakeGeneration()
+    with serving(servicer) as address:
+        yield address, servicer
 
 
 def test_generate_flags_reach_the_request(fake, capsys) -> None:

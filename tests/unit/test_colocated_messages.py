@@ -15,6 +15,7 @@ from pdserve.messages import (
     LoadReport,
     MessageError,
     SamplingParams,
+    TokenLogprobs,
     decode,
     encode,
 )
@@ -27,6 +28,8 @@ REQUEST = ColocatedRequest(
 EVENT = ColocatedEvent(
     token_ids=[7, 8], finish_reason="length", queue_s=0.25, prefill_s=0.5, decode_s=1.5,
     error=ErrorInfo(code=StatusCode.RESOURCE_EXHAUSTED, message="KV cache full"),
+    logprobs=[TokenLogprobs(7, -0.25, [7, 3], [-0.25, -1.5]), TokenLogprobs(8, -3.0)],
+    num_cached_tokens=32,
 )
 REPORT = LoadReport(
     replica_id="colocated-0", role="colocated", pid=7, node_id="n", num_active_requests=3,

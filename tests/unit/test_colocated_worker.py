@@ -5,6 +5,7 @@ failed step), and the real tiny model's chunked, mixed batches matching transfor
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -105,6 +106,18 @@ async def test_a_request_runs_to_its_length_and_frees_its_blocks() -> None:
     report = worker.load("node", 1)
     assert report.role == "colocated"
     assert (report.total_prefill_chunks, report.total_decode_tokens) == (3, 2)
+
+
+async def test_every_event_keeps_its_logprobs_the_last_one_included() -> None:
+    worker, blocks = make_worker(FakeRunner(), budget=4)
+    sampling = SamplingParams(max_tokens=3, ignore_eos=True, logprobs=True, top_logprobs=1)
+    asks = dataclasses.replace(request("a", list(range(10, 20))), sampling=sampling)
+    events = await collect(worker.generate(asks))
+    assert tokens(events) == [20, 21, 22] and events[-1].decode_s > 0
+    assert [lp.token_id for e in events for lp in e.logprobs] == [20, 21, 22]
+    assert all(e.logprobs[0].top_token_ids == e.token_ids for e in events)
+    assert events[0].num_cached_tokens == 0
+    assert is_quiet(worker, blocks)
 
 
 async def test_no_room_is_resource_exhausted_and_holds_nothing() -> None:

@@ -250,3 +250,12 @@ def test_tls_needs_both_files_and_names_both_keys(given: str) -> None:
 )
 def test_bad_security_values_name_the_key(raw: Any, key: str) -> None:
     assert key in _error(raw)
+
+
+def test_router_listeners_need_distinct_ports() -> None:
+    with pytest.raises(ConfigError, match="router.http_port and router.port are both 9000"):
+        parse_config({"router": {"port": 9000, "http_port": 9000}})
+    with pytest.raises(ConfigError, match="metrics.router_port and router.http_port"):
+        parse_config({"router": {"http_port": 9400}})
+    parse_config({"router": {"port": 0, "http_port": 0}, "metrics": {"router_port": 0}})
+    assert parse_config({"router": {"http_port": None}}).router.http_port is None

@@ -71,6 +71,17 @@ def test_converted_folder_matches_the_gguf(converted: Path) -> None:
 
 
 @pytest.mark.smollm2
+def test_converted_folder_carries_the_chat_template(converted: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from engine.model_loader import chat_template_of, special_tokens_of
+
+    tokenizer = AutoTokenizer.from_pretrained(str(converted))
+    assert "<|im_start|>" in chat_template_of(tokenizer, NAME)
+    assert special_tokens_of(tokenizer)["eos_token"] == "<|im_end|>"
+
+
+@pytest.mark.smollm2
 def test_second_call_reuses_the_folder(converted: Path, monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("converted again")

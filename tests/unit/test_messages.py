@@ -19,11 +19,13 @@ from pdserve.messages import (
     LoadReport,
     MessageError,
     ModelInfo,
+    NamedToken,
     PrefillEvent,
     PrefillRequest,
     ReserveReply,
     ReserveRequest,
     SamplingParams,
+    TokenLogprobs,
     decode,
     encode,
 )
@@ -36,9 +38,15 @@ SAMPLING = SamplingParams(
     seed=1234,
     stop_token_ids=[5, 6],
     ignore_eos=True,
+    min_tokens=3,
+    logprobs=True,
+    top_logprobs=2,
 )
 TARGET = KVTarget(replica_id="decode-1", address="127.0.0.1:5555", transport="grpc")
 ERROR = ErrorInfo(code=StatusCode.DATA_LOSS, message="chunk 3: checksum mismatch — ünïcode")
+LOGPROBS = TokenLogprobs(
+    token_id=42, logprob=-0.125, top_token_ids=[42, 7], top_logprobs=[-0.125, -2.5]
+)
 
 # One instance of every message type, every field set to a value other than its default so a
 # codec that drops or renames a field cannot round-trip it.
@@ -66,6 +74,8 @@ MESSAGES: list[Any] = [
         num_bytes=123456,
         transport="inproc",
         error=ERROR,
+        logprobs=LOGPROBS,
+        num_cached_tokens=16,
     ),
     ReserveRequest(
         request_id="r2", transfer_id="t2", num_prompt_tokens=9, max_tokens=33, deadline=12.5
@@ -81,7 +91,10 @@ MESSAGES: list[Any] = [
         prompt_first_token_id=11,
     ),
     DecodeEvent(
-        token_ids=[8, 9, 10], finish_reason="length", kv_wait_s=0.25, decode_s=2.5, error=ERROR
+        token_ids=[8, 9, 10], finish_reason="length", kv_wait_s=0.25, decode_s=2.5, error=ERROR,
+        logprobs=[
+            TokenLogprobs(8, -0.5), TokenLogprobs(9, -1.0), TokenLogprobs(10, -0.0, [10], [-0.0])
+        ],
     ),
     LoadReport(
         replica_id="p0",
@@ -107,6 +120,8 @@ MESSAGES: list[Any] = [
         total_prompt_tokens=1000,
         total_cached_prompt_tokens=640,
     ),
+    LOGPROBS,
+    NamedToken(name="eos_token", text="<|im_end|>"),
     ModelInfo(
         model="tiny",
         dtype="bfloat16",
@@ -116,6 +131,8 @@ MESSAGES: list[Any] = [
         eos_token_ids=[0],
         tokenizer_json='{"a": 1}',
         kv_fingerprint="abc",
+        chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}",
+        special_tokens=[NamedToken("bos_token", "<s>"), NamedToken("eos_token", "</s>")],
     ),
 ]
 

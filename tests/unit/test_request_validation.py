@@ -1,4 +1,5 @@
-"""validate_request: every rule, and every error names its proto field."""
+"""validate_request (through the gRPC API's `input_from_proto`): every rule, and every error
+names its proto field."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pdserve.config import LimitsConfig
 from pdserve.errors import InvalidArgument
 from pdserve.messages import ModelInfo
 from pdserve.v1 import pdserve_pb2
+from router.proto_input import input_from_proto
 from router.tokenizer import RouterTokenizer
 from router.validation import ValidatedRequest, validate_request
 from tests.factories.tokenizer import train_byte_level_tokenizer
@@ -62,7 +64,7 @@ def validate(
     tokenizer: RouterTokenizer = ROUTER_TOKENIZER,
     max_context_tokens: int = MAX_CONTEXT_TOKENS,
 ) -> ValidatedRequest:
-    return validate_request(request, tokenizer, LIMITS, max_context_tokens)
+    return validate_request(input_from_proto(request), tokenizer, LIMITS, max_context_tokens)
 
 
 def expect_error(request: pdserve_pb2.GenerateRequest, field: str, **kwargs: Any) -> str:

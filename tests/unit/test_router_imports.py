@@ -20,6 +20,12 @@ ROUTER_MODULES = [
     "router.request_flow",
     "router.servicer",
     "router.server",
+    "router.chat_template",
+    "router.front_door",
+    "router.proto_input",
+    "router.http",
+    "router.http.server",
+    "router.http.endpoints",
     # The driver process (CLI, service bootstrap, actor shells) stays torch-free too: the
     # replicas import the engine inside their own processes.
     "pdserve.serve",

@@ -1,11 +1,12 @@
-"""Sampling: greedy, top-k, top-p and per-request seeds."""
+"""Sampling: greedy, top-k, top-p, per-request seeds and min_tokens (log-probabilities are in
+test_sampler_logprobs.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.sampler import _top_p_filter, sample
+from engine.sampler import SamplingRow, _top_p_filter, sample, sample_tokens
 from pdserve.messages import SamplingParams
 
 VOCAB = 50
@@ -144,3 +145,80 @@ def test_tiny_positive_temperature_samples_greedily(temperature: float) -> None:
     logits = torch.tensor([[1.0, 30.0, -5.0, 29.5]])
     params = [SamplingParams(temperature=temperature, max_tokens=4, seed=1)]
     assert sample(logits, params, [0]) == [1]
+
+
+# min_tokens: EOS and stop ids cannot be sampled while fewer tokens were generated.
+
+EOS = 3
+STOP = 8
+
+
+def eos_favoured_logits() -> torch.Tensor:
+    """EOS far ahead, then the stop id, then token 20; everything else unlikely."""
+    logits = torch.full((1, VOCAB), -10.0)
+    logits[0, EOS], logits[0, STOP], logits[0, 20] = 30.0, 25.0, 20.0
+    return logits
+
+
+def sampled_ids(logits: torch.Tensor, sampling: SamplingParams, num_generated: int) -> int:
+    row = SamplingRow(sampling, num_generated, [EOS])
+    return sample_tokens(logits, [row])[0].token_id
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_min_tokens_masks_eos_and_stop_ids_until_reached(temperature: float) -> None:
+    logits = eos_favoured_logits()
+    sampling = SamplingParams(
+        max_tokens=10, temperature=temperature, seed=1, min_tokens=2, stop_token_ids=[STOP]
+    )
+    assert [sampled_ids(logits, sampling, n) for n in range(4)] == [20, 20, EOS, EOS]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_ignore_eos_leaves_eos_to_the_model_but_still_masks_stop_ids(temperature: float) -> None:
+    logits = eos_favoured_logits()
+    sampling = SamplingParams(
+        max_tokens=10, temperature=temperature, seed=2, min_tokens=5, stop_token_ids=[STOP],
+        ignore_eos=True,
+    )
+    assert sampled_ids(logits, sampling, 0) == EOS
+    only_stop = SamplingParams(max_tokens=10, temperature=temperature, seed=2, min_tokens=5)
+    logits[0, EOS] = -10.0  # now the stop id leads, but this request has none
+    assert sampled_ids(logits, only_stop, 0) == STOP
+
+
+def test_sampled_rows_never_draw_a_masked_token() -> None:
+    logits = flat_logits()  # ten equally likely tokens: 7, 11, ..., 43, 47
+    eos_and_stops = {7, 11, 15}
+    for seed in range(200):
+        sampling = SamplingParams(
+            max_tokens=10, temperature=1.0, seed=seed, min_tokens=1, stop_token_ids=[11, 15]
+        )
+        row = SamplingRow(sampling, 0, [7])
+        assert sample_tokens(logits, [row])[0].token_id not in eos_and_stops
+
+
+def test_min_tokens_in_a_batch_masks_only_its_own_rows() -> None:
+    logits = eos_favoured_logits().repeat(3, 1)
+    rows = [
+        SamplingRow(SamplingParams(max_tokens=10, min_tokens=4), 1, [EOS]),
+        SamplingRow(SamplingParams(max_tokens=10), 1, [EOS]),
+        SamplingRow(SamplingParams(max_tokens=10, min_tokens=1), 1, [EOS]),  # reached
+    ]
+    assert [t.token_id for t in sample_tokens(logits, rows)] == [STOP, EOS, EOS]
+
+
+def test_ids_outside_the_vocabulary_are_ignored() -> None:
+    sampling = SamplingParams(max_tokens=4, min_tokens=3, stop_token_ids=[VOCAB, 10**9, -1])
+    row = SamplingRow(sampling, 0, [EOS, VOCAB + 5])
+    assert sample_tokens(eos_favoured_logits(), [row])[0].token_id == STOP
+
+
+def test_seeded_draws_past_min_tokens_are_those_without_min_tokens() -> None:
+    logits = flat_logits()
+    for seed in range(50):
+        plain = SamplingParams(max_tokens=4, temperature=1.0, seed=seed)
+        with_min = SamplingParams(
+            max_tokens=4, temperature=1.0, seed=seed, min_tokens=2, stop_token_ids=[7]
+        )
+        assert sample(logits, [plain], [2]) == sample(logits, [with_min], [2])

@@ -1,0 +1,96 @@
+"""Several independent sequences for one prompt (OpenAI's `n`), streamed as one.
+
+Each choice is its own run of the request flow (its own placement, KV and retries; prefill
+replicas share the prompt's cached prefix blocks between them). A seeded request gives choice i
+the seed `seed + i`, so the choices differ and the whole response still repeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+from router.request_flow import RequestFlow, StreamChunk
+from router.validation import SEED_MODULUS, ValidatedRequest
+
+
+@dataclass(frozen=True)
+class ChoiceChunk:
+    """A chunk of choice `index`'s stream."""
+
+    index: int
+    chunk: StreamChunk
+
+
+@dataclass(frozen=True)
+class _ChoiceEnded:
+    index: int
+    error: BaseException | None = None
+
+
+def choice_request(request: ValidatedRequest, index: int) -> ValidatedRequest:
+    """The request choice `index` runs: the same, with seed + index when seeded."""
+    seed = request.sampling.seed
+    if index == 0 or seed is None:
+        return request
+    sampling = dataclasses.replace(request.sampling, seed=(seed + index) % SEED_MODULUS)
+    return dataclasses.replace(request, sampling=sampling)
+
+
+async def stream_choices(
+    flow: RequestFlow, request: ValidatedRequest, deadline: float, request_id: str
+) -> AsyncGenerator[ChoiceChunk, None]:
+    """Runs `request.num_choices` flows at once and yields their chunks as they come.
+
+    Choice i's flow carries request id `<request_id>-<i>` (just `request_id` for one choice).
+    The first choice to fail fails the whole stream: the others are cancelled (which aborts
+    their work on the replicas) before its error is raised. Closing the generator early
+    cancels every choice the same way."""
+    if request.num_choices == 1:
+        async for chunk in flow.run(request, deadline, request_id):
+            yield ChoiceChunk(0, chunk)
+        return
+    queue: asyncio.Queue[ChoiceChunk | _ChoiceEnded] = asyncio.Queue()
+    tasks = [
+        asyncio.create_task(
+            _pump(flow, choice_request(request, index), deadline, f"{request_id}-{index}",
+                  index, queue)
+        )
+        for index in range(request.num_choices)
+    ]
+    try:
+        num_running = len(tasks)
+        while num_running:
+            item = await queue.get()
+            if isinstance(item, ChoiceChunk):
+                yield item
+                continue
+            num_running -= 1
+            if item.error is not None:
+                raise item.error
+    finally:
+        for task in tasks:
+            task.cancel()
+        # Each choice's own clean-up (aborts on the replicas) runs before this returns.
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _pump(
+    flow: RequestFlow,
+    request: ValidatedRequest,
+    deadline: float,
+    request_id: str,
+    index: int,
+    queue: asyncio.Queue[ChoiceChunk | _ChoiceEnded],
+) -> None:
+    try:
+        async for chunk in flow.run(request, deadline, request_id):
+            queue.put_nowait(ChoiceChunk(index, chunk))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # handed to the consumer, which raises it
+        queue.put_nowait(_ChoiceEnded(index, exc))
+        return
+    queue.put_nowait(_ChoiceEnded(index))

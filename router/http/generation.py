@@ -1,0 +1,149 @@
+"""Answering one generation request over HTTP: a whole JSON response or a server-sent stream.
+
+Both run the request through `FrontDoor.generate`. A stream is opened only once the first
+token is there, so everything that fails before (admission, placement, prefill) is an HTTP
+status with OpenAI's error object; an error after that is sent as a final `data: {"error":
+...}` event, then `data: [DONE]`. The stream sends, per choice, an opening update (chat: the
+role), its text updates with the finish reason on the last, then one usage chunk when asked
+(`stream_options.include_usage`), then `data: [DONE]`. However the handler ends (finished,
+failed, client gone and the handler cancelled), the generator is closed, which aborts every
+choice's work on the replicas before the handler returns.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from pdserve.errors import Internal, PdserveError
+from pdserve.messages import TokenLogprobs
+from router.choices import ChoiceChunk
+from router.http.errors import http_error
+from router.http.formats import ResponseFormat, usage
+from router.request_flow import Completion
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    # Proxies such as nginx would otherwise buffer the stream.
+    "X-Accel-Buffering": "no",
+}
+_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class GenerationReply:
+    """How to answer: the endpoint's format and the client's streaming options."""
+
+    response_format: ResponseFormat
+    request_id: str
+    stream: bool
+    include_usage: bool
+    want_logprobs: bool
+    # Renames validation's field paths to the endpoint's parameters in error objects.
+    params: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _ChoiceText:
+    """What a whole response says about one choice, collected from its chunks."""
+
+    texts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    completion: Completion | None = None
+
+
+async def reply_whole(
+    chunks: AsyncGenerator[ChoiceChunk, None], num_choices: int, reply: GenerationReply
+) -> web.Response:
+    """Collects every choice, then answers one JSON response."""
+    collected = [_ChoiceText() for _ in range(num_choices)]
+    async for item in chunks:
+        choice = collected[item.index]
+        choice.texts.append(item.chunk.text)
+        choice.logprobs.extend(item.chunk.logprobs)
+        if item.chunk.completion is not None:
+            choice.completion = item.chunk.completion
+    completions = [_finished(choice) for choice in collected]
+    fmt = reply.response_format
+    choices = [
+        fmt.full_choice(
+            index, "".join(choice.texts), choice.logprobs if reply.want_logprobs else None,
+            completion,
+        )
+        for index, (choice, completion) in enumerate(zip(collected, completions))
+    ]
+    return web.json_response(
+        fmt.response(choices, usage(completions)),
+        headers={"x-request-id": reply.request_id},
+        dumps=_dumps,
+    )
+
+
+async def reply_stream(
+    request: web.Request, chunks: AsyncGenerator[ChoiceChunk, None], reply: GenerationReply
+) -> web.StreamResponse:
+    """Streams server-sent events; raises (before sending anything) what fails before the
+    first token."""
+    try:
+        first = await chunks.__anext__()
+    except StopAsyncIteration:
+        raise Internal("the request ended without output") from None
+    response = web.StreamResponse(headers={**SSE_HEADERS, "x-request-id": reply.request_id})
+    await response.prepare(request)
+    stream = _EventStream(response, reply)
+    try:
+        await stream.send(first)
+        async for item in chunks:
+            await stream.send(item)
+        if reply.include_usage:
+            await stream.event(reply.response_format.usage_chunk(usage(stream.completions())))
+    except PdserveError as exc:
+        await stream.event(http_error(exc, reply.params).body())
+    await response.write(_DONE)
+    await response.write_eof()
+    return response
+
+
+class _EventStream:
+    """Writes one request's choices as server-sent events."""
+
+    def __init__(self, response: web.StreamResponse, reply: GenerationReply) -> None:
+        self._response = response
+        self._reply = reply
+        self._fmt = reply.response_format
+        self._opened: set[int] = set()
+        self._completions: dict[int, Completion] = {}
+
+    async def send(self, item: ChoiceChunk) -> None:
+        if item.index not in self._opened:
+            self._opened.add(item.index)
+            opening = self._fmt.start_choice(item.index)
+            if opening is not None:
+                await self.event(self._fmt.chunk(opening))
+        chunk = item.chunk
+        if chunk.completion is not None:
+            self._completions[item.index] = chunk.completion
+        logprobs = chunk.logprobs if self._reply.want_logprobs else None
+        update = self._fmt.delta_choice(item.index, chunk.text, logprobs, chunk.completion)
+        await self.event(self._fmt.chunk(update))
+
+    def completions(self) -> list[Completion]:
+        return [self._completions[index] for index in sorted(self._completions)]
+
+    async def event(self, payload: dict[str, Any]) -> None:
+        await self._response.write(b"data: " + _dumps(payload).encode("utf-8") + b"\n\n")
+
+
+def _finished(choice: _ChoiceText) -> Completion:
+    if choice.completion is None:
+        raise Internal("a choice ended without its final message")
+    return choice.completion
+
+
+def _dumps(payload: Any) -> str:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
