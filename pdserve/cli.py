@@ -146,6 +146,8 @@ def _serve(args: argparse.Namespace) -> int:
         # ray.init() (inside start) replaces the SIGTERM handler with one that exits at once.
         signal.signal(signal.SIGTERM, _interrupt)
         print(f"pdserve: listening on {service.address}", flush=True)
+        if service.http_base_url:
+            print(f"pdserve: OpenAI-compatible API on {service.http_base_url}", flush=True)
         service.wait()
     except KeyboardInterrupt:
         print("pdserve: shutting down...", file=sys.stderr, flush=True)

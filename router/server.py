@@ -86,6 +86,12 @@ class Router:
         serve different models."""
         model_info = await self._model_info()
         tokenizer = RouterTokenizer.from_model_info(model_info)
+        if not model_info.chat_template:
+            logger.warning(
+                "%s has no chat template: chat requests (gRPC prompt.messages, "
+                "POST /v1/chat/completions) are refused with INVALID_ARGUMENT / 400",
+                model_info.model,
+            )
         flow = RequestFlow(
             self._config, tokenizer, self.prefill_pool, self.decode_pool, self.metrics,
             colocated_pool=self.colocated_pool,

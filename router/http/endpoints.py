@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from pdserve.errors import PdserveError
+from pdserve.errors import PdserveError, StatusCode
 from pdserve.metrics import RouterMetrics
 from router.front_door import FrontDoor, new_request_id
 from router.generate_input import GenerateInput
@@ -29,6 +30,29 @@ from router.http.protocol import (
     parse_body,
 )
 from router.validation import ValidatedRequest
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What differs between the two generation endpoints."""
+
+    body_model: type[SamplingFields]
+    # Validation's field paths -> this endpoint's parameter names.
+    params: dict[str, str]
+    build_input: Callable[[Any], GenerateInput]
+    response_format: type[ResponseFormat]
+    id_prefix: str
+    wants_logprobs: Callable[[Any], bool]
+
+
+CHAT = Endpoint(
+    ChatCompletionRequest, CHAT_PARAMS, chat_input, ChatFormat, "chatcmpl",
+    lambda parsed: bool(parsed.logprobs),
+)
+COMPLETIONS = Endpoint(
+    CompletionRequest, COMPLETION_PARAMS, completion_input, CompletionFormat, "cmpl",
+    lambda parsed: parsed.logprobs is not None,
+)
 
 
 class OpenAIEndpoints:
@@ -50,18 +74,10 @@ class OpenAIEndpoints:
         self._created = int(time.time())
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_body(await request.read(), ChatCompletionRequest)
-        return await self._generate(
-            request, parsed, CHAT_PARAMS, lambda: chat_input(parsed), ChatFormat, "chatcmpl",
-            want_logprobs=parsed.logprobs,
-        )
+        return await self._generate(request, CHAT)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_body(await request.read(), CompletionRequest)
-        return await self._generate(
-            request, parsed, COMPLETION_PARAMS, lambda: completion_input(parsed),
-            CompletionFormat, "cmpl", want_logprobs=parsed.logprobs is not None,
-        )
+        return await self._generate(request, COMPLETIONS)
 
     async def list_models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [self._model_card()]})
@@ -72,40 +88,37 @@ class OpenAIEndpoints:
             raise HttpErrorResponse(_unknown_model(model_id))
         return web.json_response(self._model_card())
 
-    async def _generate(
-        self,
-        request: web.Request,
-        parsed: SamplingFields,
-        params: dict[str, str],
-        build_input: Callable[[], GenerateInput],
-        format_class: type[ResponseFormat],
-        id_prefix: str,
-        want_logprobs: bool,
-    ) -> web.StreamResponse:
-        if parsed.model is not None and parsed.model != self._model_name:
-            raise HttpErrorResponse(_unknown_model(parsed.model))
+    async def _generate(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         # Unless set below, the handler ended because the client went away (it was cancelled).
         outcome = "CANCELLED"
         try:
-            validated = self._front_door.validate(build_input())
+            parsed = parse_body(await request.read(), endpoint.body_model)
+            if parsed.model is not None and parsed.model != self._model_name:
+                raise HttpErrorResponse(_unknown_model(parsed.model))
+            validated = self._front_door.validate(endpoint.build_input(parsed))
             request_id = new_request_id()
             reply = GenerationReply(
-                format_class(self._front_door.tokenizer, self._model_name,
-                             f"{id_prefix}-{request_id}"),
+                endpoint.response_format(
+                    self._front_door.tokenizer, self._model_name,
+                    f"{endpoint.id_prefix}-{request_id}",
+                ),
                 request_id,
                 stream=parsed.stream,
                 include_usage=bool(parsed.stream_options and parsed.stream_options.include_usage),
-                want_logprobs=want_logprobs,
-                params=params,
+                want_logprobs=endpoint.wants_logprobs(parsed),
+                params=endpoint.params,
             )
             response = await self._answer(request, validated, reply)
             outcome = "OK"
             return response
         except PdserveError as exc:
             outcome = exc.code.value
-            raise HttpErrorResponse(http_error(exc, params)) from None
-        except HttpErrorResponse:
-            outcome = "INVALID_ARGUMENT"
+            raise HttpErrorResponse(http_error(exc, endpoint.params)) from None
+        except HttpErrorResponse as exc:
+            outcome = exc.error.code_name
+            raise
+        except web.HTTPRequestEntityTooLarge:
+            outcome = StatusCode.INVALID_ARGUMENT.value
             raise
         finally:
             self._metrics.count_request(outcome)

@@ -28,6 +28,16 @@ _HTTP_STATUS: dict[StatusCode, tuple[int, str]] = {
     StatusCode.INTERNAL: (500, "server_error"),
 }
 
+_CODE_NAMES = {
+    400: StatusCode.INVALID_ARGUMENT.value,
+    401: StatusCode.UNAUTHENTICATED.value,
+    404: StatusCode.NOT_FOUND.value,
+    413: StatusCode.INVALID_ARGUMENT.value,
+    429: StatusCode.RESOURCE_EXHAUSTED.value,
+    503: StatusCode.UNAVAILABLE.value,
+    504: StatusCode.DEADLINE_EXCEEDED.value,
+}
+
 # Field paths validation uses that mean the same parameter on every endpoint.
 COMMON_PARAMS: dict[str, str] = {
     "sampling.max_tokens": "max_tokens",
@@ -51,6 +61,11 @@ class HttpError:
     type: str
     param: str | None = None
     code: str | None = None
+
+    @property
+    def code_name(self) -> str:
+        """The status code name pdserve's metrics count it under (gRPC names, as for gRPC)."""
+        return _CODE_NAMES.get(self.status, StatusCode.INTERNAL.value)
 
     def body(self) -> dict[str, Any]:
         """OpenAI's error object."""
