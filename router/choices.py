@@ -1,8 +1,11 @@
 """Several independent sequences for one prompt (OpenAI's `n`), streamed as one.
 
-Each choice is its own run of the request flow (its own placement, KV and retries; prefill
-replicas share the prompt's cached prefix blocks between them). A seeded request gives choice i
-the seed `seed + i`, so the choices differ and the whole response still repeats.
+Each choice is its own run of the request flow (its own placement, KV and retries). Choice 0
+starts first and the others once it has its first token: by then the prefill replica has
+cached the prompt's full blocks, so the other choices prefill only the prompt's last partial
+block instead of computing the whole prompt n times (when they land on the same prefill
+replica, which least-loaded placement makes likely but does not promise). A seeded request
+gives choice i the seed `seed + i`, so the choices differ and the whole response still repeats.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def choice_request(request: ValidatedRequest, index: int) -> ValidatedRequest:
 async def stream_choices(
     flow: RequestFlow, request: ValidatedRequest, deadline: float, request_id: str
 ) -> AsyncGenerator[ChoiceChunk, None]:
-    """Runs `request.num_choices` flows at once and yields their chunks as they come.
+    """Runs the request's choices (choice 0 first, the others from its first token) and
+    yields their chunks as they come.
 
     Choice i's flow carries request id `<request_id>-<i>` (just `request_id` for one choice).
     The first choice to fail fails the whole stream: the others are cancelled (which aborts
@@ -53,23 +57,27 @@ async def stream_choices(
             yield ChoiceChunk(0, chunk)
         return
     queue: asyncio.Queue[ChoiceChunk | _ChoiceEnded] = asyncio.Queue()
-    tasks = [
-        asyncio.create_task(
-            _pump(flow, choice_request(request, index), deadline, f"{request_id}-{index}",
-                  index, queue)
+
+    def start(index: int) -> asyncio.Task[None]:
+        choice = choice_request(request, index)
+        return asyncio.create_task(
+            _pump(flow, choice, deadline, f"{request_id}-{index}", index, queue)
         )
-        for index in range(request.num_choices)
-    ]
+
+    tasks = [start(0)]
     try:
-        num_running = len(tasks)
-        while num_running:
+        num_ended = 0
+        while num_ended < request.num_choices:
             item = await queue.get()
+            if isinstance(item, _ChoiceEnded) and item.error is not None:
+                raise item.error
+            if len(tasks) == 1:
+                # Choice 0's first token (or its end): its prompt blocks are cached now.
+                tasks += [start(index) for index in range(1, request.num_choices)]
             if isinstance(item, ChoiceChunk):
                 yield item
-                continue
-            num_running -= 1
-            if item.error is not None:
-                raise item.error
+            else:
+                num_ended += 1
     finally:
         for task in tasks:
             task.cancel()

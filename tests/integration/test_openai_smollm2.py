@@ -214,13 +214,31 @@ async def test_completions_endpoint_text_prompt(service: Service, tokenizer: Any
     assert reply.choices[0].text == expected
 
 
-async def test_sampled_n_choices_with_seed_repeat(service: Service) -> None:
-    kwargs = {"n": 2, "seed": 11, "temperature": 0.9, "max_tokens": 12}
+def _cached_prompt_tokens(service: Service) -> int:
+    return sum(r.total_cached_prompt_tokens for r in load_reports(service) if r.role == "prefill")
+
+
+async def test_sampled_n_choices_share_the_prompt_prefix_and_repeat_with_a_seed(
+    service: Service, tokenizer: Any
+) -> None:
+    # A system prompt no other test sends: nothing of this prompt is cached before.
+    messages = [
+        {"role": "system", "content": "Zebra-striped answers only, please."},
+        {"role": "user", "content": "Name three colours, one word each."},
+    ]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    # The cache serves whole blocks and always leaves the last prompt token to compute.
+    full_blocks_tokens = (len(prompt) - 1) // 16 * 16
+    assert full_blocks_tokens >= 16, "the prompt must fill a KV block"
+    kwargs: dict[str, Any] = {"n": 2, "seed": 11, "temperature": 0.9, "max_tokens": 12}
+    cached_before = _cached_prompt_tokens(service)
     first = await _client(service).chat.completions.create(
-        model=service.config.model.served_name, messages=CONVERSATIONS[0], **kwargs
+        model=service.config.model.served_name, messages=messages, **kwargs
     )
+    # Choice 1 started once choice 0 had its first token: it found the prompt's blocks cached.
+    assert _cached_prompt_tokens(service) - cached_before == full_blocks_tokens
     again = await _client(service).chat.completions.create(
-        model=service.config.model.served_name, messages=CONVERSATIONS[0], **kwargs
+        model=service.config.model.served_name, messages=messages, **kwargs
     )
     assert [c.index for c in first.choices] == [0, 1]
     assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]

@@ -250,6 +250,7 @@ class FakeService:
         self.ray_address = ray_address
         self.calls: list[str] = []
         self.address = "127.0.0.1:6000"
+        self.http_base_url = "http://127.0.0.1:8000/v1"
         FakeService.instances.append(self)
 
     def start(self) -> None:
@@ -277,7 +278,9 @@ def test_serve_runs_until_sigterm_then_stops(tmp_path, monkeypatch, capsys) -> N
     assert service.calls == ["start", "wait", "stop"]
     assert service.ray_address == "env-head:6379"
     assert service.config.router.port == 6000
-    assert "listening on 127.0.0.1:6000" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "listening on 127.0.0.1:6000" in out
+    assert "OpenAI-compatible API on http://127.0.0.1:8000/v1" in out
     assert signal.getsignal(signal.SIGTERM) is before
 
 
