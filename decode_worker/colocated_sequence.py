@@ -35,10 +35,22 @@ class ColocatedSequence:
     enqueued_at: float = field(default_factory=time.monotonic)
     prefill_started_at: float = 0.0
     decode_started_at: float = 0.0
+    # Requests admitted on this replica before this one (breaks `service_order` ties).
+    arrival_index: int = 0
 
     @property
     def transfer_id(self) -> str:
         return self.request.transfer_id
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def service_order(self) -> tuple[int, float, int]:
+        """Sorts the sequence served first first; preemption takes its victims from the other
+        end and never takes the first running one (`decode_worker.kv_growth`)."""
+        return (self.request.priority, self.request.admitted_at, self.arrival_index)
 
     @property
     def num_prompt_tokens(self) -> int:

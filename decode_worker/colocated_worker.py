@@ -3,19 +3,28 @@
 Life cycle of a request on a colocated replica
 ----------------------------------------------
 1. **Admit.** The router opens `generate()` with the whole prompt (plus the tokens generated
-   before a migration). Blocks for prompt + max_tokens are allocated at once under the
-   router-minted transfer id; when they do not fit, the stream's only event is
-   RESOURCE_EXHAUSTED (the router then tries another replica).
+   before a migration, or before a preemption). Blocks for the prompt plus `reserve_new_tokens`
+   (or plus max_tokens with `kv_cache.reservation: full`) are allocated at once under the
+   router-minted transfer id; when they are not free now, the stream's only event is
+   RESOURCE_EXHAUSTED (the router then tries another replica or waits), when they exceed the
+   whole cache, INVALID_ARGUMENT.
 2. **Prefill.** The sequence waits in the `MixedBatchLoop`'s FIFO; its prompt runs in chunks
    inside the loop's steps, beside the running sequences' decode tokens (chunked prefill,
    bounded by `colocated.max_prefill_tokens_per_step`). The step that runs the last chunk
    samples the first token, which is streamed at once.
 3. **Decode.** The sequence joins the running batch: one token per step, each streamed as a
-   `ColocatedEvent`.
-4. **Finish.** On EOS / stop id / max_tokens / deadline the sequence leaves the batch.
+   `ColocatedEvent`. On demand, before each step it gains the block its next token needs.
+4. **Preempt** (on demand only). When a running sequence needs a block and none is free,
+   running sequences are preempted by recompute, lowest priority then newest first, never the
+   oldest (`decode_worker.kv_growth`; prompts being prefilled are never victims): the victim's
+   blocks are freed at once and its stream ends with `ColocatedEvent(preempted=True)`; the
+   router re-prefills prompt + generated tokens. A sequence with no victim sits steps out.
+5. **Finish.** On EOS / stop id / max_tokens / deadline the sequence leaves the batch.
    `abort()` (router cancel, stop string, client gone), the router dropping the stream, the
    deadline or a failed step end it at any stage. Blocks are freed on every end path, but only
-   when no step can touch them any more (the loop reports a sequence that left during a step).
+   when no step can touch them any more (the loop reports a sequence that left during a step),
+   and only once: a preempted sequence's later release finds them gone. The stream ends at the
+   first last-event (finish, error or preempted), whatever else races it.
 
 No KV moves between replicas in this mode: nothing here has a lease or a transfer.
 """
@@ -29,6 +38,7 @@ import time
 from collections.abc import AsyncIterator
 
 from decode_worker.colocated_sequence import ColocatedSequence, ColocatedState
+from decode_worker.kv_growth import KVGrowth, check_cache_can_hold, num_reserved_slots
 from decode_worker.mixed_batch_loop import MixedBatchLoop
 from decode_worker.sequence_table import SequenceTable
 from engine.replica_engine import ReplicaEngine
@@ -66,17 +76,22 @@ class ColocatedWorker:
             engine.block_manager, ColocatedState.DONE
         )
         pool = config.colocated
+        self._kv_config = pool.kv_cache
+        growth = None
+        if pool.kv_cache.reservation == "on_demand":
+            growth = KVGrowth[ColocatedSequence](engine.block_manager, self._metrics)
         self._batch = MixedBatchLoop(
             engine.runner, pool.max_batch_size, pool.max_prefill_tokens_per_step,
             self._sequences.on_step_exit, FaultInjector(config.faults, replica_id), self._metrics,
+            growth,
         )
 
     async def generate(self, request: ColocatedRequest) -> AsyncIterator[ColocatedEvent]:
         """Prefills and decodes one request, streaming its tokens (the first one included).
 
-        The last event has `finish_reason` or `error`; a refusal (bad request, no room) is the
-        only event. Whatever ends the stream, including the caller closing it, frees the
-        request's blocks."""
+        The last event has `finish_reason`, `error` or `preempted`; a refusal (bad request, no
+        room) is the only event. Whatever ends the stream, including the caller closing it,
+        frees the request's blocks."""
         try:
             seq = self._admit(request)
         except PdserveError as exc:
@@ -86,7 +101,7 @@ class ColocatedWorker:
             self._batch.add(seq)
             while True:
                 event = await self._next_event(seq)
-                if event.finish_reason or event.error:
+                if event.finish_reason or event.error or event.preempted:
                     decode_s = time.monotonic() - seq.decode_started_at if seq.token_ids else 0.0
                     yield dataclasses.replace(event, decode_s=decode_s)
                     return
@@ -116,7 +131,7 @@ class ColocatedWorker:
             total_decode_steps=batch.num_steps, total_decode_tokens=batch.num_decode_tokens,
             metrics_address=self._metrics.address,
             total_prefill_chunks=batch.num_prefill_chunks,
-            total_mixed_steps=batch.num_mixed_steps,
+            total_mixed_steps=batch.num_mixed_steps, total_preemptions=batch.num_preemptions,
         )
         self._metrics.observe_load(report)
         return report
@@ -136,8 +151,13 @@ class ColocatedWorker:
             )
         if request.deadline <= time.time():
             raise DeadlineExceeded("deadline passed before the request reached the replica")
-        block_table = blocks.allocate(request.transfer_id, num_prompt_tokens + num_new_tokens)
-        seq = ColocatedSequence(request=request, block_table=block_table)
+        num_slots = num_reserved_slots(self._kv_config, num_prompt_tokens, num_new_tokens)
+        check_cache_can_hold(blocks, num_prompt_tokens, num_slots, "generate")
+        block_table = blocks.allocate(request.transfer_id, num_slots)
+        seq = ColocatedSequence(
+            request=request, block_table=block_table,
+            arrival_index=self._sequences.total_requests,
+        )
         self._sequences.add(seq)
         return seq
 

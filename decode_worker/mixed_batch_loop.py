@@ -14,7 +14,14 @@ The step samples a token for every running sequence and for every prompt whose l
 ran; such a prompt's first token is streamed and it joins the running set. Sequences join and
 leave between steps; one removed during a step is skipped when the step returns, and
 `on_step_exit` is called for it so its owner can free its blocks. Event loop only; the forward
-pass runs in a worker thread.
+pass runs in a worker thread (`decode_worker.mixed_step`).
+
+With a `KVGrowth` (on-demand reservations), the running sequences of a step first get the
+block their token needs, preempting running sequences when the cache is full
+(`decode_worker.kv_growth`; prompts being prefilled hold their blocks from admission and are
+never victims): a preempted sequence leaves the running set and its stream ends with a
+`preempted` event; one that cannot grow sits the step out. When a step would be empty, the loop
+sleeps until a sequence joins or leaves or the first stalled deadline passes: never a spin.
 """
 
 from __future__ import annotations
@@ -24,11 +31,13 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from decode_worker.colocated_sequence import ColocatedSequence, ColocatedState
-from engine.model_runner import ModelRunner, SequenceChunk
-from engine.sampler import SampledToken, SamplingRow, sample_tokens
+from decode_worker.kv_growth import KVGrowth
+from decode_worker.mixed_step import PrefillChunk, StepPlan, run_step, token_event
+from decode_worker.wakeup import Wakeup
+from engine.model_runner import ModelRunner
+from engine.sampler import SampledToken
 from engine.stopping import finish_reason
 from pdserve.errors import DeadlineExceeded, ErrorInfo, Internal, PdserveError
 from pdserve.faults import FaultInjector
@@ -36,33 +45,6 @@ from pdserve.messages import ColocatedEvent
 from pdserve.metrics import ReplicaMetrics
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PrefillChunk:
-    """Prompt tokens [start, start + num_tokens) of one sequence, run in one step."""
-
-    seq: ColocatedSequence
-    start: int
-    num_tokens: int
-
-    @property
-    def is_last(self) -> bool:
-        return self.start + self.num_tokens == self.seq.num_prompt_tokens
-
-
-@dataclass
-class StepPlan:
-    decode: list[ColocatedSequence] = field(default_factory=list)
-    prefill: list[PrefillChunk] = field(default_factory=list)
-
-    @property
-    def seqs(self) -> list[ColocatedSequence]:
-        return self.decode + [chunk.seq for chunk in self.prefill]
-
-    @property
-    def num_prefill_tokens(self) -> int:
-        return sum(chunk.num_tokens for chunk in self.prefill)
 
 
 class MixedBatchLoop:
@@ -74,8 +56,12 @@ class MixedBatchLoop:
         on_step_exit: Callable[[ColocatedSequence], None],
         faults: FaultInjector,
         metrics: ReplicaMetrics | None = None,
+        growth: KVGrowth[ColocatedSequence] | None = None,
     ) -> None:
+        """`growth` is None with `full` reservations: tables then never grow."""
         self._runner = runner
+        self._growth = growth
+        self._wakeup = Wakeup()
         self._max_batch_size = max_batch_size
         self._max_prefill_tokens = max_prefill_tokens_per_step
         self._on_step_exit = on_step_exit
@@ -100,27 +86,36 @@ class MixedBatchLoop:
     def num_running(self) -> int:
         return len(self._running)
 
+    @property
+    def num_preemptions(self) -> int:
+        return self._growth.num_preemptions if self._growth is not None else 0
+
     def add(self, seq: ColocatedSequence) -> None:
         """Queues a sequence whose blocks are allocated; its prompt runs in the next steps."""
         self._waiting[seq.transfer_id] = seq
+        self._wakeup.notify()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
     def remove(self, seq: ColocatedSequence) -> None:
-        """Takes a sequence out of both sets (idempotent); a step running it still finishes."""
+        """Takes a sequence out of both sets (idempotent); a step running it still finishes.
+        Wakes a loop waiting for blocks: the caller frees `seq`'s blocks right after."""
         self._waiting.pop(seq.transfer_id, None)
         self._running.pop(seq.transfer_id, None)
+        self._wakeup.notify()
 
     async def _loop(self) -> None:
         while self._waiting or self._running:
-            plan = self._plan()
+            plan, stalled = self._plan()
             if not plan.seqs:
-                continue  # every waiting prompt had expired; look again
+                if stalled:
+                    await self._wakeup.wait(min(seq.seconds_left() for seq in stalled))
+                continue  # else every planned sequence ended (expired, preempted): look again
             for seq in plan.seqs:
                 seq.in_step = True
             started = time.monotonic()
             try:
-                tokens = await asyncio.to_thread(self._step, plan)
+                tokens = await asyncio.to_thread(run_step, self._runner, self._faults, plan)
             except Exception as exc:  # a failed step fails its sequences, not the replica
                 logger.exception("colocated step failed for %d sequences", len(plan.seqs))
                 self._fail(plan, Internal(f"colocated step failed: {exc}"))
@@ -131,12 +126,15 @@ class MixedBatchLoop:
             self._count(plan, time.monotonic() - started)
             self._deliver(plan, tokens)
 
-    def _plan(self) -> StepPlan:
-        plan = StepPlan(decode=list(self._running.values())[: self._max_batch_size])
-        for seq in plan.decode:
+    def _plan(self) -> tuple[StepPlan, list[ColocatedSequence]]:
+        """The next step, and the running sequences sitting it out for want of a block."""
+        decode = list(self._running.values())[: self._max_batch_size]
+        for seq in decode:
             # Move to the back: the next step starts with those that waited.
             self._running.pop(seq.transfer_id)
             self._running[seq.transfer_id] = seq
+        ready, stalled = self._grow(decode)
+        plan = StepPlan(decode=ready)
         budget = self._max_prefill_tokens
         for seq in list(self._waiting.values()):
             if budget == 0 or len(plan.decode) + len(plan.prefill) >= self._max_batch_size:
@@ -149,32 +147,27 @@ class MixedBatchLoop:
                 seq.prefill_started_at = time.monotonic()
             plan.prefill.append(PrefillChunk(seq, seq.num_prefilled_tokens, num_tokens))
             budget -= num_tokens
-        return plan
+        return plan, stalled
 
-    def _step(self, plan: StepPlan) -> list[SampledToken]:
-        """Runs on a worker thread: one forward pass; returns the sampled tokens of the running
-        sequences, then of the prompts whose last chunk ran, in plan order."""
-        self._faults.before_decode_step([seq.fault_key for seq in plan.decode])
-        self._faults.before_prefill([chunk.seq.fault_key for chunk in plan.prefill])
-        chunks = [
-            SequenceChunk([seq.token_ids[-1]], seq.num_context_tokens - 1, seq.block_table)
-            for seq in plan.decode
-        ]
-        for chunk in plan.prefill:
-            prompt = chunk.seq.request.prompt_token_ids
-            token_ids = prompt[chunk.start : chunk.start + chunk.num_tokens]
-            chunks.append(SequenceChunk(token_ids, chunk.start, chunk.seq.block_table))
-        logits = self._runner.forward(chunks)
-        num_decode = len(plan.decode)
-        rows = list(range(num_decode))
-        sampled = list(plan.decode)
-        for index, chunk in enumerate(plan.prefill):
-            if chunk.is_last:
-                rows.append(num_decode + index)
-                sampled.append(chunk.seq)
-        if not rows:
-            return []
-        return sample_tokens(logits[rows], [_sampling_row(seq) for seq in sampled])
+    def _grow(
+        self, decode: list[ColocatedSequence]
+    ) -> tuple[list[ColocatedSequence], list[ColocatedSequence]]:
+        """Gives `decode` their next blocks; ends the preempted ones and those that can never
+        or no longer go on. Returns the ready and the stalled sequences."""
+        if self._growth is None:
+            return decode, []
+        grown = self._growth.plan(decode, self._running.values())
+        for seq in grown.preempted:
+            self._finish(seq, ColocatedEvent(preempted=True))
+        for seq in grown.too_long:
+            self._finish(seq, ColocatedEvent(error=self._growth.too_long_error(seq).to_info()))
+        stalled = []
+        for seq in grown.stalled:
+            if seq.seconds_left() > 0:
+                stalled.append(seq)
+            else:
+                self._finish(seq, ColocatedEvent(error=_deadline_error("waiting for KV blocks")))
+        return grown.ready, stalled
 
     def _deliver(self, plan: StepPlan, sampled: list[SampledToken]) -> None:
         tokens = iter(sampled)
@@ -200,7 +193,7 @@ class MixedBatchLoop:
             self._finish(seq, ColocatedEvent(error=exc.to_info()))
             return
         seq.token_ids.append(token.token_id)
-        self._emit(seq, _token_event(token))
+        self._emit(seq, token_event(token))
 
     def _start_decoding(self, seq: ColocatedSequence, token: SampledToken) -> None:
         """The prompt's last chunk ran: stream its first token and join the running set."""
@@ -209,7 +202,7 @@ class MixedBatchLoop:
         # num_cached_tokens stays 0: colocated replicas have no prefix cache (every prompt
         # token is computed here).
         event = dataclasses.replace(
-            _token_event(token),
+            token_event(token),
             queue_s=seq.prefill_started_at - seq.enqueued_at,
             prefill_s=seq.decode_started_at - seq.prefill_started_at,
         )
@@ -255,17 +248,6 @@ class MixedBatchLoop:
             self._metrics.observe_decode_step(len(plan.decode), seconds)
         if plan.prefill:
             self._metrics.observe_prefill_pass(len(plan.prefill), plan.num_prefill_tokens, seconds)
-
-
-def _sampling_row(seq: ColocatedSequence) -> SamplingRow:
-    request = seq.request
-    return SamplingRow(request.sampling, seq.num_generated, request.eos_token_ids)
-
-
-def _token_event(token: SampledToken) -> ColocatedEvent:
-    """One sampled token, with its log-probabilities when the request asked for them."""
-    logprobs = [token.logprobs] if token.logprobs is not None else []
-    return ColocatedEvent(token_ids=[token.token_id], logprobs=logprobs)
 
 
 def _deadline_error(when: str) -> ErrorInfo:

@@ -40,6 +40,11 @@ class DecodeSequence:
     aborted: bool = False
     reserved_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0
+    # From the reservation: see `service_order`.
+    priority: int = 0
+    admitted_at: float = 0.0
+    # Reservations made on this replica before this one (breaks ties of the two above).
+    arrival_index: int = 0
 
     @property
     def num_generated(self) -> int:
@@ -52,6 +57,12 @@ class DecodeSequence:
         """Tokens whose KV is (or after this step will be) in the cache, plus the last token.
         `num_prompt_tokens` already counts tokens generated before a migration."""
         return self.num_prompt_tokens + len(self.token_ids)
+
+    @property
+    def service_order(self) -> tuple[int, float, int]:
+        """Sorts the sequence served first first; preemption takes its victims from the other
+        end and never takes the first running one (`decode_worker.kv_growth`)."""
+        return (self.priority, self.admitted_at, self.arrival_index)
 
     @property
     def fault_key(self) -> list[int]:

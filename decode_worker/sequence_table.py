@@ -3,7 +3,9 @@
 Shared by `DecodeWorker` and `ColocatedWorker`. The table frees a sequence's blocks once the
 worker has released it (set its state to done) AND no step may read or write them (`in_step` is
 false): one released during a step keeps its blocks until the batch loop calls `on_step_exit`
-for it after that step. Event loop only.
+for it after that step. A preempted sequence is the one exception: it is in no step and never
+runs again, so the growth pass frees its blocks at once (`decode_worker.kv_growth`) and the
+table's later free finds nothing (`BlockManager.free` is idempotent). Event loop only.
 """
 
 from __future__ import annotations

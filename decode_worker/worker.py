@@ -2,11 +2,12 @@
 
 Life cycle of a request on a decode replica
 -------------------------------------------
-1. **Reserve.** Before prefill starts, the router calls `reserve()`: blocks for
-   prompt + max_tokens are allocated under the router-minted transfer id (back-pressure comes
-   from here: RESOURCE_EXHAUSTED when they do not fit) and the `KVReceiver` is told to expect the
-   transfer and write it straight into those blocks. A reservation that no `generate()` claims
-   within the KV timeout is freed.
+1. **Reserve.** Before prefill starts, the router calls `reserve()`: blocks are allocated
+   under the router-minted transfer id, for the prompt plus `reserve_new_tokens` (or plus
+   max_tokens with `kv_cache.reservation: full`), and the `KVReceiver` is told to expect the
+   transfer and write it straight into those blocks. Back-pressure comes from here:
+   RESOURCE_EXHAUSTED when the blocks are not free now, INVALID_ARGUMENT when they exceed the
+   whole cache. A reservation that no `generate()` claims before its deadline is freed.
 2. **Receive.** The prefill replica pushes the prompt's KV; the receiver validates every chunk
    and, on commit, reports the first token (sampled by prefill). A failed transfer fails the
    request; partial KV is never used.
@@ -14,10 +15,17 @@ Life cycle of a request on a decode replica
    then the sequence joins the running batch at the next step.
 4. **Decode.** Each step of the batch loop is ONE batched forward over the running sequences
    (off the event loop); every sampled token is streamed to the router as a `DecodeEvent`.
-5. **Finish.** On EOS / stop id / max_tokens / deadline the sequence leaves the batch and its
+   On demand, before each step a sequence gains the block its next token needs.
+5. **Preempt** (on demand only). When a step's sequence needs a block and none is free, running
+   sequences are preempted by recompute, lowest priority then newest first, never the oldest
+   (`decode_worker.kv_growth`): the victim's blocks are freed at once and its stream ends with
+   `DecodeEvent(preempted=True)`; the router re-prefills prompt + generated tokens. Sequences
+   still waiting for their KV are never preempted. A sequence with no victim sits steps out.
+6. **Finish.** On EOS / stop id / max_tokens / deadline the sequence leaves the batch and its
    blocks are freed. `abort()` (router cancel, stop string, client gone) or the router dropping
    the stream does the same at any stage; blocks are freed only when no step and no receiver
-   write can touch them any more.
+   write can touch them any more. Every stream ends exactly once (its first last event wins:
+   finish, error or preempted, whatever races it) and every block is freed exactly once.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import time
 from collections.abc import AsyncIterator
 
 from decode_worker.batch_loop import DecodeBatchLoop
+from decode_worker.kv_growth import KVGrowth, check_cache_can_hold, num_reserved_slots
 from decode_worker.sequence import DecodeSequence, SequenceState
 from decode_worker.sequence_table import SequenceTable
 from engine.kv_io import PagedKVSink
@@ -72,9 +81,12 @@ class DecodeWorker:
         configured = config.kv_transfer.transport
         self._receive_transport = "auto" if configured == "auto" else receiver.transport
         self._sequences = SequenceTable[DecodeSequence](engine.block_manager, SequenceState.DONE)
+        growth = None
+        if config.decode.kv_cache.reservation == "on_demand":
+            growth = KVGrowth[DecodeSequence](engine.block_manager, self._metrics)
         self._batch = DecodeBatchLoop(
             engine.runner, config.decode.max_batch_size, self._sequences.on_step_exit,
-            FaultInjector(config.faults, replica_id), self._metrics,
+            FaultInjector(config.faults, replica_id), self._metrics, growth,
         )
 
     @property
@@ -93,8 +105,11 @@ class DecodeWorker:
                 f"{request.max_tokens} max_tokens cannot be served",
             )
             return ReserveReply(ok=False, error=impossible.to_info())
-        num_slots = request.num_prompt_tokens + request.max_tokens
+        num_slots = num_reserved_slots(
+            self._config.decode.kv_cache, request.num_prompt_tokens, request.max_tokens
+        )
         try:
+            check_cache_can_hold(blocks, request.num_prompt_tokens, num_slots, "reserve")
             block_table = blocks.allocate(request.transfer_id, num_slots)
         except PdserveError as exc:
             return ReserveReply(ok=False, error=exc.to_info())
@@ -111,7 +126,8 @@ class DecodeWorker:
         seq = DecodeSequence(
             transfer_id=request.transfer_id, request_id=request.request_id,
             num_prompt_tokens=request.num_prompt_tokens, block_table=block_table,
-            kv_ready=loop.create_future(),
+            kv_ready=loop.create_future(), priority=request.priority,
+            admitted_at=request.admitted_at, arrival_index=self._sequences.total_requests,
         )
         self._sequences.add(seq)
         sink = PagedKVSink(self._engine.kv_cache, block_table, request.num_prompt_tokens)
@@ -126,7 +142,8 @@ class DecodeWorker:
         loop.call_later(expire_in_s, self._expire_unclaimed, seq)
 
     async def generate(self, request: DecodeRequest) -> AsyncIterator[DecodeEvent]:
-        """Streams the tokens after the first one; the last event has finish_reason or error."""
+        """Streams the tokens after the first one; the last event has finish_reason, error or
+        preempted (its blocks were freed for older sequences: re-prefill and go on)."""
         seq = self._sequences.get(request.transfer_id)
         if seq is None or seq.request is not None:
             yield DecodeEvent(error=NotFound(f"no reservation {request.transfer_id}").to_info())
@@ -151,7 +168,7 @@ class DecodeWorker:
             self._batch.add(seq)
             while True:
                 event = await seq.events.get()
-                if event.finish_reason or event.error:
+                if event.finish_reason or event.error or event.preempted:
                     decode_s = time.monotonic() - seq.started_at
                     yield dataclasses.replace(event, kv_wait_s=kv_wait_s, decode_s=decode_s)
                     return
@@ -173,6 +190,8 @@ class DecodeWorker:
         if not seq.kv_ready.done():
             fail_future(seq.kv_ready, Cancelled(f"transfer {transfer_id} aborted"))
         if seq.state is SequenceState.RUNNING:
+            # Out of the batch now: no more steps, no growth, never a preemption victim.
+            self._batch.remove(seq)
             seq.events.put_nowait(DecodeEvent(error=Cancelled("aborted").to_info()))
         return True
 
@@ -189,6 +208,7 @@ class DecodeWorker:
             total_decode_steps=self._batch.num_steps,
             total_decode_tokens=self._batch.num_step_tokens,
             metrics_address=self._metrics.address,
+            total_preemptions=self._batch.num_preemptions,
         )
         self._metrics.observe_load(report)
         return report
@@ -217,6 +237,7 @@ class DecodeWorker:
             # Nobody waits yet. The receiver is done with the blocks: free them now; the record
             # stays (its error for a later generate) until abort or expiry removes it.
             self._engine.block_manager.free(seq.transfer_id)
+            self._batch.wake()
 
     def _expire_unclaimed(self, seq: DecodeSequence) -> None:
         if seq.request is None and self._sequences.get(seq.transfer_id) is seq:

@@ -5,6 +5,10 @@ get block ids and turn them into cache slots through `PagedKVCache`. Owners are 
 keys (the router-minted transfer id of a request). Not thread-safe: call it from one thread
 (the replica's event loop).
 
+Growth (decode and colocated replicas): an owner's table may gain fresh blocks at its end
+(`can_grow`/`grow`) as its sequence generates tokens; the table keeps its identity, so the
+sequence, a KV sink or a pass that holds the list sees the new blocks.
+
 Prefix caching (prefill replicas; decode replicas never use it): after a pass has computed an
 owner's full prompt blocks, `cache_blocks` indexes them by their chained hashes
 (`engine.prefix_cache`). When the owner frees them they stay cached, unreferenced and evictable
@@ -103,6 +107,32 @@ class BlockManager:
         self._block_tables[owner] = block_table
         return block_table
 
+    def num_blocks_to_grow(self, owner: str, num_tokens: int) -> int:
+        """Fresh blocks `owner`'s table lacks to cover `num_tokens` slots (0 when it does).
+        Raises ValueError when `owner` holds no blocks."""
+        return max(0, self.blocks_needed(num_tokens) - len(self._owned_table(owner)))
+
+    def can_grow(self, owner: str, num_tokens: int) -> bool:
+        """Whether `grow(owner, num_tokens)` would succeed now. Changes nothing."""
+        return self.num_blocks_to_grow(owner, num_tokens) <= self.num_free_blocks
+
+    def grow(self, owner: str, num_tokens: int) -> int:
+        """Appends fresh blocks to `owner`'s table until it covers `num_tokens` slots and
+        returns how many it added (0 when it already did). The table is the list `allocate`
+        returned, extended in place, so whoever holds it sees the new blocks.
+
+        Called by a decode replica between steps, when no pass reads or writes the table.
+        Raises ResourceExhausted when too few blocks are free (nothing is allocated then),
+        ValueError when `owner` holds no blocks."""
+        num_fresh = self.num_blocks_to_grow(owner, num_tokens)
+        if num_fresh > self.num_free_blocks:
+            raise ResourceExhausted(
+                f"KV cache full: {owner} needs {num_fresh} more blocks for {num_tokens} tokens, "
+                f"{self.num_free_blocks} of {self.num_total_blocks} free"
+            )
+        self._block_tables[owner].extend(self._take_fresh() for _ in range(num_fresh))
+        return num_fresh
+
     def cache_blocks(self, owner: str, block_hashes: Sequence[bytes]) -> int:
         """Indexes `owner`'s leading blocks under `block_hashes` (one hash per full block whose
         KV a pass has now written, in table order). Call only after that pass succeeded: a
@@ -135,6 +165,12 @@ class BlockManager:
 
     def owns(self, owner: str) -> bool:
         return owner in self._block_tables
+
+    def _owned_table(self, owner: str) -> list[int]:
+        block_table = self._block_tables.get(owner)
+        if block_table is None:
+            raise ValueError(f"{owner} holds no blocks")
+        return block_table
 
     def _num_allocatable(self, cached_blocks: Sequence[int]) -> int:
         """Blocks left for fresh allocation once `cached_blocks` are referenced."""

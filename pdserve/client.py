@@ -42,13 +42,16 @@ def make_request(
     logprobs: bool = False,
     top_logprobs: int = 0,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    priority: int = 0,
 ) -> pdserve_pb2.GenerateRequest:
     """Builds a GenerateRequest: a str prompt is sent as text, a sequence of ints (or an empty
     one) as token ids, a sequence of mappings as chat messages.
 
-    `chat_template_kwargs` (JSON-like values) go with a conversation only. The server validates
-    the values (`top_logprobs` counts only with `logprobs`). Raises ValueError for a malformed
-    conversation or `chat_template_kwargs` without one, TypeError for a value of a wrong type.
+    `chat_template_kwargs` (JSON-like values) go with a conversation only. `priority` orders
+    the request in the router's queue (lower first; ties by arrival) and, reversed, which
+    sequences a full decode replica preempts. The server validates the values (`top_logprobs`
+    counts only with `logprobs`). Raises ValueError for a malformed conversation or
+    `chat_template_kwargs` without one, TypeError for a value of a wrong type.
     """
     sampling = pdserve_pb2.SamplingParams(
         max_tokens=max_tokens,
@@ -64,7 +67,7 @@ def make_request(
     )
     if seed is not None:
         sampling.seed = seed
-    request = pdserve_pb2.GenerateRequest(sampling=sampling)
+    request = pdserve_pb2.GenerateRequest(sampling=sampling, priority=priority)
     if isinstance(prompt, str):
         request.text = prompt
     elif _is_token_ids(prompt):
@@ -142,6 +145,7 @@ class GenerationClient:
         logprobs: bool = False,
         top_logprobs: int = 0,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        priority: int = 0,
     ) -> Generator[pdserve_pb2.GenerateResponse, None, None]:
         """Streams the responses of one Generate call (arguments as in `make_request`, which
         raises before any call is made).
@@ -163,6 +167,7 @@ class GenerationClient:
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             chat_template_kwargs=chat_template_kwargs,
+            priority=priority,
         )
         return self._stream(request)
 

@@ -17,24 +17,27 @@ from pydantic import BaseModel, ValidationError, model_validator
 
 from pdserve.config_sections import (  # noqa: F401 - re-exported: the config's public face
     EMBEDDED_MODEL,
-    ColocatedPoolConfig,
     ConfigSection,
-    DecodePoolConfig,
     FaultsConfig,
-    KVCacheConfig,
     KVTransferConfig,
     LimitsConfig,
     MetricsConfig,
     ModelConfig,
-    PrefillPoolConfig,
     RayConfig,
     ReliabilityConfig,
-    ResourcesConfig,
     RouterConfig,
     SecurityConfig,
     TimeoutsConfig,
 )
 from pdserve.errors import ConfigError
+from pdserve.pool_config import (  # noqa: F401 - re-exported: the config's public face
+    ColocatedPoolConfig,
+    DecodeKVCacheConfig,
+    DecodePoolConfig,
+    KVCacheConfig,
+    PrefillPoolConfig,
+    ResourcesConfig,
+)
 
 
 class PdserveConfig(ConfigSection):

@@ -124,6 +124,11 @@ class ReserveRequest:
     max_tokens: int
     # The request's wall-clock deadline: an unclaimed reservation is freed after it.
     deadline: float = 0.0
+    # Scheduling order of the request: lower `priority` first, then earlier `admitted_at`
+    # (the router's wall-clock admission time, kept across re-prefills). Preemption picks its
+    # victims in the reverse order.
+    priority: int = 0
+    admitted_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,9 @@ class DecodeRequest:
     num_previous_tokens: int = 0
     # The prompt's first token id; used only to aim injected faults (config `faults`).
     prompt_first_token_id: int = -1
+    # See ReserveRequest.priority and admitted_at.
+    priority: int = 0
+    admitted_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,9 @@ class DecodeEvent:
     error: ErrorInfo | None = None
     # One entry per token id when the request asked for logprobs, else empty.
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # The last event of a sequence the replica preempted (its KV blocks are freed): the router
+    # re-prefills prompt + every token received so far and continues the stream.
+    preempted: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,6 +185,9 @@ class ColocatedRequest:
     # Absolute wall-clock deadline (time.time()).
     deadline: float
     num_previous_tokens: int = 0
+    # See ReserveRequest.priority and admitted_at.
+    priority: int = 0
+    admitted_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -192,6 +206,8 @@ class ColocatedEvent:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     # On the event with the first token: prompt tokens whose KV came from the prefix cache.
     num_cached_tokens: int = 0
+    # See DecodeEvent.preempted.
+    preempted: bool = False
 
 
 @dataclass(frozen=True)
@@ -232,6 +248,8 @@ class LoadReport:
     num_cached_blocks: int = 0
     total_prompt_tokens: int = 0
     total_cached_prompt_tokens: int = 0
+    # Decode and colocated: sequences preempted (blocks freed, handed back to the router).
+    total_preemptions: int = 0
 
 
 @dataclass(frozen=True)

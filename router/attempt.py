@@ -1,10 +1,21 @@
 """One placement of a request: reserve decode blocks, prefill, hand off, decode.
 
-An `Attempt` yields the request's new tokens as they come. It raises a PdserveError when it
-fails; `ReplicaLost` when a replica it used died or stalled (the flow may then retry or
-migrate). `close()` always runs: it cancels the replica streams and, unless the attempt
-finished by itself, aborts the transfer id on both replicas, which frees the prefill lease and
-the decode blocks at once.
+Life of an attempt:
+1. **Reserve.** Ask the ready decode replicas, most free blocks first, to reserve blocks for
+   prompt + tokens already sent (plus the replica's growth margin). When every one that
+   answered has no room now, wait in the router queue (`router.wait_queue`, ordered by the
+   request's priority and admission time) and try again when capacity frees; INVALID_ARGUMENT
+   only when every replica says the request can never fit (`router.refusals`).
+2. **Prefill** on the least-loaded prefill replica; its first token is yielded at once.
+3. **Hand off + decode.** The KV moves to the reserved blocks; decode streams the rest.
+
+`tokens()` yields the request's new tokens as they come. It raises a PdserveError when the
+attempt fails; `ReplicaLost` when a replica it used died or stalled (the flow may then retry or
+migrate); `Preempted` when the decode replica preempted it (its blocks are gone; the flow
+re-prefills). `close()` always runs: it cancels the replica streams and, unless the attempt
+finished by itself, aborts the transfer id on the replicas that may hold something for it,
+which frees the prefill lease and the decode blocks at once; then it signals the router queue
+(decode blocks were released).
 """
 
 from __future__ import annotations
@@ -15,14 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.config import PdserveConfig
-from pdserve.errors import (
-    FailedPrecondition,
-    PdserveError,
-    ResourceExhausted,
-    StatusCode,
-    Unavailable,
-    error_from_info,
-)
+from pdserve.errors import FailedPrecondition, PdserveError, Unavailable, error_from_info
 from pdserve.messages import (
     DecodeEvent,
     DecodeRequest,
@@ -35,11 +39,14 @@ from pdserve.messages import (
     encode,
 )
 from pdserve.metrics import RouterMetrics
+from router.preemption import Preempted
 from router.ray_calls import EventStream, call_message
+from router.refusals import Refusals
 from router.replica_pool import DEAD, Replica, ReplicaPool
 from router.stream_watch import ReplicaLost as ReplicaLost  # the flow catches it from here
 from router.stream_watch import next_event, seconds_left
 from router.validation import ValidatedRequest
+from router.wait_queue import DECODE_BLOCKS, QueueOrder, WaitQueue
 
 CONTROL_CALL_TIMEOUT_S = 10.0
 
@@ -64,6 +71,9 @@ class AttemptReport:
     kv_bytes: int = 0
     # Prompt tokens the prefill replica took from its prefix cache.
     num_cached_tokens: int = 0
+    # Seconds this attempt waited in the router queue (for decode blocks or a colocated
+    # replica's room); the flow adds them to the request's `queue_s`.
+    queued_s: float = 0.0
 
 
 class Attempt:
@@ -77,7 +87,12 @@ class Attempt:
         request_id: str,
         deadline: float,
         metrics: RouterMetrics,
+        *,
+        admitted_at: float,
+        wait_queue: WaitQueue,
     ) -> None:
+        """`admitted_at` is the request's admission time (`router.admission`), the same for
+        every attempt of the request; `wait_queue` is the router's one queue."""
         self._config = config
         self._metrics = metrics
         self._prefill_pool, self._decode_pool = pools
@@ -86,6 +101,8 @@ class Attempt:
         self._previous = list(previous_tokens)
         self._request_id = request_id
         self._deadline = deadline
+        self._admitted_at = admitted_at
+        self._wait_queue = wait_queue
         # Minted here, per attempt: a retried or migrated request never reuses KV state.
         self.transfer_id = uuid.uuid4().hex
         self.report = AttemptReport()
@@ -95,6 +112,9 @@ class Attempt:
         # Epoch of each replica when this attempt used it: a restart loses the attempt.
         self._placed_epochs: dict[str, str] = {}
         self._finished = False
+        # Decode replicas asked to reserve that never answered (timeout, cancel): they may
+        # hold blocks under the transfer id, so close() aborts it there too.
+        self._unanswered: dict[str, Replica] = {}
 
     async def tokens(self) -> AsyncGenerator[TokenEvent, None]:
         """Yields new tokens; the last event carries a finish reason."""
@@ -122,18 +142,27 @@ class Attempt:
             if event.finish_reason:
                 self.report.timings["decode_s"] = event.decode_s
                 self._finished = True
-            yield TokenEvent(event.token_ids, event.finish_reason, event.logprobs)
+            if event.token_ids or event.finish_reason:
+                yield TokenEvent(event.token_ids, event.finish_reason, event.logprobs)
             if event.finish_reason:
                 return
+            if event.preempted:
+                raise Preempted(self._decode.replica_id)
 
     def close(self) -> None:
-        """Cancels the streams; aborts the transfer on both replicas unless it finished."""
+        """Cancels the streams; unless the attempt finished, aborts the transfer on every
+        replica that may hold something for it; signals the router queue when decode blocks
+        were (or may have been) reserved. Never blocks."""
         for stream in self._streams:
             stream.close()
+        decode_asked = [self._decode] if self._decode else []
+        decode_asked += self._unanswered.values()
         if not self._finished:
-            for replica in (self._prefill, self._decode):
+            for replica in (self._prefill, *decode_asked):
                 if replica is not None and replica.state != DEAD:
                     replica.handle.abort.remote(self.transfer_id)
+        if decode_asked:
+            self._wait_queue.notify()
         self.report.prefill_replica = self._prefill.replica_id if self._prefill else ""
         self.report.decode_replica = self._decode.replica_id if self._decode else ""
 
@@ -172,16 +201,21 @@ class Attempt:
         return stream
 
     async def _reserve(self) -> Replica:
-        message = encode(
-            ReserveRequest(
-                request_id=self._request_id, transfer_id=self.transfer_id,
-                num_prompt_tokens=self._request.num_prompt_tokens + len(self._previous),
-                max_tokens=self._request.sampling.max_tokens - len(self._previous),
-                deadline=self._deadline,
-            )
+        """Reserves decode blocks, waiting in the router queue while no replica has room."""
+        order = QueueOrder(self._request.priority, self._admitted_at)
+        # The request holds an in-flight slot already: a full queue does not refuse it.
+        replica, self.report.queued_s = await self._wait_queue.take(
+            self._try_reserve, order, self._deadline, DECODE_BLOCKS, bounded=False
         )
-        last_error: PdserveError = Unavailable("no live decode replica")
+        return replica
+
+    async def _try_reserve(self) -> Replica:
+        """One round over the ready decode replicas, most free blocks first; see
+        `router.refusals` for what it raises when none reserved."""
+        message = encode(self._reserve_request())
+        refusals = Refusals("decode")
         for replica in self._decode_pool.by_most_free_blocks():
+            self._unanswered[replica.replica_id] = replica
             try:
                 reply = await call_message(
                     replica.handle.reserve, ReserveReply, message,
@@ -189,21 +223,28 @@ class Attempt:
                     what=f"{replica.replica_id}.reserve",
                 )
             except Unavailable as exc:
-                last_error = exc
+                refusals.add(exc)
                 continue
+            del self._unanswered[replica.replica_id]
             if reply.ok:
                 replica.num_placed_since_report += 1
                 return replica
             assert reply.error is not None, "a refused reservation carries its error"
-            last_error = error_from_info(reply.error)
-            if last_error.code is not StatusCode.RESOURCE_EXHAUSTED:
-                raise last_error
-        if isinstance(last_error, ResourceExhausted):
-            raise ResourceExhausted(
-                f"no decode replica has room for {self._request.num_prompt_tokens} prompt + "
-                f"{self._request.sampling.max_tokens} new tokens"
-            )
-        raise last_error
+            refusals.add(error_from_info(reply.error))
+        num_new_tokens = self._request.sampling.max_tokens - len(self._previous)
+        raise refusals.verdict(
+            f"room for {self._request.num_prompt_tokens + len(self._previous)} prompt + "
+            f"{num_new_tokens} new tokens"
+        )
+
+    def _reserve_request(self) -> ReserveRequest:
+        return ReserveRequest(
+            request_id=self._request_id, transfer_id=self.transfer_id,
+            num_prompt_tokens=self._request.num_prompt_tokens + len(self._previous),
+            max_tokens=self._request.sampling.max_tokens - len(self._previous),
+            deadline=self._deadline, priority=self._request.priority,
+            admitted_at=self._admitted_at,
+        )
 
     def _prefill_request(self) -> PrefillRequest:
         assert self._prefill is not None and self._decode is not None, "placed first"
@@ -228,6 +269,7 @@ class Attempt:
             sampling=self._request.sampling, eos_token_ids=self._eos_token_ids,
             deadline=self._deadline, num_previous_tokens=len(self._previous),
             prompt_first_token_id=self._request.prompt_token_ids[0],
+            priority=self._request.priority, admitted_at=self._admitted_at,
         )
 
 

@@ -9,7 +9,11 @@ decision through the same scale path as `pdserve scale`. Rules, in order:
    the signal yet.
 3. The signal (prefill: waiting prompts per ready replica; decode: fraction of KV blocks in
    use) above `scale_up_*` grows the pool to enough replicas to bring it back under (at least
-   one more), once `cooldown_s` has passed since the pool's last action.
+   one more), once `cooldown_s` has passed since the pool's last action. Requests waiting in
+   the router queue for this pool (`PoolSnapshot.num_queued`, attributed by
+   `router.autoscale_loop.queued_for`) count in the signal: for prefill each is one more
+   waiting prompt; for decode each wants as many blocks as a running request holds on
+   average (at least one), on top of the blocks in use, since no replica had room for it.
 4. The signal below `scale_down_*` shrinks the pool by one, once it has stayed low for
    `cooldown_s` and the cooldown has passed, and only if one replica fewer would not push the
    signal over `scale_up_*` (which would flap).
@@ -34,6 +38,8 @@ class PoolSnapshot:
     num_starting: int
     # Last report of each ready replica (draining, dead and unresponsive ones are left out).
     ready_loads: tuple[LoadReport, ...]
+    # Requests in the router queue waiting for room this pool would give.
+    num_queued: int = 0
 
 
 @dataclass(frozen=True)
@@ -60,17 +66,23 @@ class SignalMeter(ABC):
     name: str
 
     @abstractmethod
-    def measure(self, loads: Sequence[LoadReport], scale_up_at: float) -> Signal:
-        """`loads` is not empty."""
+    def measure(
+        self, loads: Sequence[LoadReport], scale_up_at: float, num_queued: int = 0
+    ) -> Signal:
+        """`loads` is not empty; `num_queued` requests wait in the router queue for this
+        pool's room."""
 
 
 class WaitingPerReplica(SignalMeter):
-    """Prefill: prompts waiting for a forward pass, per ready replica."""
+    """Prefill: prompts waiting for a forward pass (on the replicas or in the router queue),
+    per ready replica."""
 
     name = "waiting prompts per replica"
 
-    def measure(self, loads: Sequence[LoadReport], scale_up_at: float) -> Signal:
-        num_waiting = sum(load.num_waiting_requests for load in loads)
+    def measure(
+        self, loads: Sequence[LoadReport], scale_up_at: float, num_queued: int = 0
+    ) -> Signal:
+        num_waiting = sum(load.num_waiting_requests for load in loads) + num_queued
         num_replicas = len(loads)
         return Signal(
             value=num_waiting / num_replicas,
@@ -80,20 +92,27 @@ class WaitingPerReplica(SignalMeter):
 
 
 class KVUsage(SignalMeter):
-    """Decode: the fraction of the ready replicas' KV blocks reserved or in use."""
+    """Decode: the fraction of the ready replicas' KV blocks reserved or in use, plus what the
+    requests queued for decode room would take (each: a running request's average, at least
+    one block). Above 1 when the queue wants more than the pool has."""
 
     name = "KV usage"
 
-    def measure(self, loads: Sequence[LoadReport], scale_up_at: float) -> Signal:
+    def measure(
+        self, loads: Sequence[LoadReport], scale_up_at: float, num_queued: int = 0
+    ) -> Signal:
         num_total = sum(load.num_total_blocks for load in loads)
         num_used = sum(load.num_total_blocks - load.num_free_blocks for load in loads)
         if num_total <= 0:
             return Signal(0.0, 0.0, 0)
+        num_active = sum(load.num_active_requests for load in loads)
+        blocks_per_request = max(1.0, num_used / num_active) if num_active else 1.0
+        num_wanted = num_used + num_queued * blocks_per_request
         blocks_per_replica = num_total / len(loads)
         return Signal(
-            value=num_used / num_total,
-            value_without_one=_per(num_used, num_total - blocks_per_replica),
-            num_replicas_needed=math.ceil(num_used / (blocks_per_replica * scale_up_at)),
+            value=num_wanted / num_total,
+            value_without_one=_per(num_wanted, num_total - blocks_per_replica),
+            num_replicas_needed=math.ceil(num_wanted / (blocks_per_replica * scale_up_at)),
         )
 
 
@@ -125,8 +144,12 @@ class Autoscaler:
         if snapshot.num_starting or not snapshot.ready_loads:
             self._low_since = None
             return None
-        signal = self._meter.measure(snapshot.ready_loads, self._scale_up_at)
+        signal = self._meter.measure(
+            snapshot.ready_loads, self._scale_up_at, snapshot.num_queued
+        )
         described = f"{self._meter.name} {signal.value:.2f}"
+        if snapshot.num_queued:
+            described += f" ({snapshot.num_queued} queued in the router)"
         if signal.value > self._scale_up_at:
             self._low_since = None
             if target >= config.max_replicas or self._cooling(now):

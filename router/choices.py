@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
+from router.admission import Admission
 from router.request_flow import RequestFlow, StreamChunk
 from router.validation import SEED_MODULUS, ValidatedRequest
 
@@ -43,17 +44,24 @@ def choice_request(request: ValidatedRequest, index: int) -> ValidatedRequest:
 
 
 async def stream_choices(
-    flow: RequestFlow, request: ValidatedRequest, deadline: float, request_id: str
+    flow: RequestFlow,
+    request: ValidatedRequest,
+    deadline: float,
+    request_id: str,
+    admission: Admission | None = None,
 ) -> AsyncGenerator[ChoiceChunk, None]:
     """Runs the request's choices (choice 0 first, the others from its first token) and
     yields their chunks as they come.
 
-    Choice i's flow carries request id `<request_id>-<i>` (just `request_id` for one choice).
+    Choice i's flow carries request id `<request_id>-<i>` (just `request_id` for one choice);
+    every choice shares the front door's `admission` (one made now when None), so they queue
+    and are preempted as one request.
     The first choice to fail fails the whole stream: the others are cancelled (which aborts
     their work on the replicas) before its error is raised. Closing the generator early
     cancels every choice the same way."""
+    admission = admission or Admission.now()
     if request.num_choices == 1:
-        async for chunk in flow.run(request, deadline, request_id):
+        async for chunk in flow.run(request, deadline, request_id, admission):
             yield ChoiceChunk(0, chunk)
         return
     queue: asyncio.Queue[ChoiceChunk | _ChoiceEnded] = asyncio.Queue()
@@ -61,7 +69,7 @@ async def stream_choices(
     def start(index: int) -> asyncio.Task[None]:
         choice = choice_request(request, index)
         return asyncio.create_task(
-            _pump(flow, choice, deadline, f"{request_id}-{index}", index, queue)
+            _pump(flow, choice, deadline, f"{request_id}-{index}", admission, index, queue)
         )
 
     tasks = [start(0)]
@@ -90,11 +98,12 @@ async def _pump(
     request: ValidatedRequest,
     deadline: float,
     request_id: str,
+    admission: Admission,
     index: int,
     queue: asyncio.Queue[ChoiceChunk | _ChoiceEnded],
 ) -> None:
     try:
-        async for chunk in flow.run(request, deadline, request_id):
+        async for chunk in flow.run(request, deadline, request_id, admission):
             queue.put_nowait(ChoiceChunk(index, chunk))
     except asyncio.CancelledError:
         raise

@@ -3,7 +3,13 @@
 Each API is a thin adapter: it turns its wire format into a `GenerateInput`, then calls
 `validate`, `deadline` and `generate` here, and maps the `PdserveError`s they raise to its own
 statuses. What is decided here is decided once for both: validation (chat rendering and
-tokenizing included), the deadline policy, admission (drain, in-flight cap) and the flow.
+tokenizing included), the deadline policy, admission and the flow.
+
+Admission: a request (all its choices at once) takes in-flight slots, at most
+`router.max_inflight_requests` in all. When they are not free, it waits in the router queue
+(`router.wait_queue`: priority, then arrival) until a finishing request frees them, its
+deadline passes (DEADLINE_EXCEEDED) or its client goes (cancelled); RESOURCE_EXHAUSTED only
+when that queue is full. Its `Admission` (arrival time, time queued) goes with it into the flow.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from collections.abc import AsyncGenerator
 from pdserve.config import PdserveConfig
 from pdserve.errors import ResourceExhausted, Unavailable
 from pdserve.metrics import RouterMetrics
+from router.admission import Admission, AdmissionClock
 from router.choices import ChoiceChunk, stream_choices
 from router.generate_input import GenerateInput
 from router.request_flow import RequestFlow
 from router.tokenizer import RouterTokenizer
 from router.validation import ValidatedRequest, validate_request
+from router.wait_queue import IN_FLIGHT_SLOT, QueueOrder
 
 
 def new_request_id() -> str:
@@ -31,9 +39,10 @@ def new_request_id() -> str:
 class FrontDoor:
     """Validates, admits and runs requests for the public APIs.
 
-    Owns the in-flight count and the draining flag; lives on the router's event loop (every
-    method is called from it). `generate` raises `ResourceExhausted` when admitting the request
-    would pass `router.max_inflight_requests` and `Unavailable` while draining."""
+    Owns the in-flight count, the admission clock and the draining flag; lives on the router's
+    event loop (every method is called from it). `generate` raises `ResourceExhausted` when the
+    router queue is full (or the request has more choices than in-flight slots exist),
+    `DeadlineExceeded` when its deadline passes while queued and `Unavailable` while draining."""
 
     def __init__(
         self,
@@ -42,15 +51,21 @@ class FrontDoor:
         flow: RequestFlow,
         metrics: RouterMetrics | None = None,
     ) -> None:
+        """Slots are waited for in `flow.wait_queue`, the queue the flow's attempts wait in
+        for decode room: one queue, one order."""
         self._config = config
         self._tokenizer = tokenizer
         self._flow = flow
         self.max_context_tokens = min(
             config.model.max_context_tokens, tokenizer.max_context_tokens
         )
+        self._queue = flow.wait_queue
+        self._clock = AdmissionClock()
         # Sequences admitted and not yet finished (a request with n choices counts n).
         self.num_inflight = 0
-        (metrics or RouterMetrics()).watch_inflight(lambda: self.num_inflight)
+        metrics = metrics or RouterMetrics()
+        metrics.watch_inflight(lambda: self.num_inflight)
+        metrics.watch_queue(lambda: self._queue.num_queued)
         self._draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -62,6 +77,11 @@ class FrontDoor:
     @property
     def draining(self) -> bool:
         return self._draining
+
+    @property
+    def num_queued(self) -> int:
+        """Requests waiting in the router queue now (for a slot or for decode room)."""
+        return self._queue.num_queued
 
     def validate(self, request: GenerateInput) -> ValidatedRequest:
         """See `router.validation.validate_request`; raises `InvalidArgument`."""
@@ -78,34 +98,65 @@ class FrontDoor:
     async def generate(
         self, request: ValidatedRequest, deadline: float, request_id: str
     ) -> AsyncGenerator[ChoiceChunk, None]:
-        """Admits the request (all its choices or none) and streams its choices' chunks; each
-        choice ends with a chunk carrying its `Completion`. Raises a `PdserveError` when it
-        fails. Close the generator (`aclose`) to cancel: every choice's work on the replicas is
-        aborted before `aclose` returns."""
-        self._admit(request.num_choices)
+        """Admits the request (all its choices or none, waiting in the router queue while the
+        in-flight slots are taken) and streams its choices' chunks; each choice ends with a
+        chunk carrying its `Completion`. Raises a `PdserveError` when it fails. Close the
+        generator (`aclose`) or cancel its consumer to cancel: a queued request leaves the
+        queue, and every choice's work on the replicas is aborted before `aclose` returns."""
+        admission = await self._admit(request, deadline)
         try:
-            async for chunk in stream_choices(self._flow, request, deadline, request_id):
+            async for chunk in stream_choices(
+                self._flow, request, deadline, request_id, admission
+            ):
                 yield chunk
         finally:
-            self.num_inflight -= request.num_choices
-            if not self.num_inflight:
-                self._idle.set()
+            self._release(request.num_choices)
 
     async def drain(self, grace_s: float) -> bool:
-        """Refuses new requests and waits up to `grace_s` for in-flight ones to finish.
-        Returns whether they all did."""
+        """Refuses new requests (and those queued for a slot) and waits up to `grace_s` for
+        in-flight ones to finish. Returns whether they all did."""
         self._draining = True
+        self._queue.refuse(IN_FLIGHT_SLOT, _shutting_down())
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
         except asyncio.TimeoutError:
             return False
         return True
 
-    def _admit(self, num_sequences: int) -> None:
+    async def _admit(self, request: ValidatedRequest, deadline: float) -> Admission:
+        """Takes the request's in-flight slots, queueing while they are not free."""
         if self._draining:
-            raise Unavailable("the server is shutting down")
+            raise _shutting_down()
+        num_sequences = request.num_choices
         limit = self._config.router.max_inflight_requests
-        if self.num_inflight + num_sequences > limit:
+        if num_sequences > limit:
+            raise ResourceExhausted(
+                f"{num_sequences} choices exceed router.max_inflight_requests ({limit})"
+            )
+        admitted_at, started = self._clock.next(), time.monotonic()
+
+        async def take_slots() -> None:
+            self._take_slots(num_sequences)
+
+        _, queued_s = await self._queue.take(
+            take_slots, QueueOrder(request.priority, admitted_at), deadline, IN_FLIGHT_SLOT
+        )
+        return Admission(admitted_at, started, queued_s)
+
+    def _take_slots(self, num_sequences: int) -> None:
+        if self._draining:
+            raise _shutting_down()
+        if self.num_inflight + num_sequences > self._config.router.max_inflight_requests:
             raise ResourceExhausted(f"router at capacity ({self.num_inflight} requests in flight)")
         self.num_inflight += num_sequences
         self._idle.clear()
+
+    def _release(self, num_sequences: int) -> None:
+        self.num_inflight -= num_sequences
+        if not self.num_inflight:
+            self._idle.set()
+        self._queue.notify()  # a slot is free: the head may take it
+
+
+def _shutting_down() -> Unavailable:
+    return Unavailable("the server is shutting down")

@@ -52,6 +52,9 @@ class GenerateInput:
     top_logprobs: int = 0
     # Independent sequences sampled for the same prompt (OpenAI's `n`).
     num_choices: int = 1
+    # Scheduling priority, lower served first (gRPC `priority`; the OpenAI API's `priority`
+    # extension, as in vLLM).
+    priority: int = 0
 
     @property
     def prompt_form(self) -> str | None:

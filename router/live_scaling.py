@@ -45,7 +45,9 @@ class LiveScaling:
         factory: ReplicaFactory | None,
         model: ModelInfo,
         metrics: RouterMetrics,
+        queue_depth: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
+        """`queue_depth` (the router queue's `WaitQueue.depth`) feeds the autoscalers."""
         self._config = config
         self._pools = dict(pools)
         self._model = model
@@ -64,7 +66,8 @@ class LiveScaling:
                 for role, limits in self.limits.items() if limits.autoscale_enabled
             }
             self._autoscale = AutoscaleLoop(
-                self.controller, self._pools, autoscalers, config.timeouts.load_poll_interval_s
+                self.controller, self._pools, autoscalers, config.timeouts.load_poll_interval_s,
+                queue_depth,
             )
 
     def start(self) -> None:

@@ -1,7 +1,8 @@
 """`pdserve.v1.GenerateRequest` -> `GenerateInput`, with the gRPC API's own defaults.
 
 gRPC defaults are proto3's zeros: temperature 0 (greedy), top_p 0 meaning 1, no seed unless
-set. `max_tokens` is required on this API (an unset `sampling` is an error naming it).
+set, priority 0. `max_tokens` 0 (or no `sampling` at all) means unset: as many as fit the
+context, at most `limits.max_tokens` (validation resolves it); a negative one is refused there.
 """
 
 from __future__ import annotations
@@ -10,20 +11,17 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from pdserve.errors import InvalidArgument
 from pdserve.v1 import pdserve_pb2
 from router.generate_input import ChatTurn, GenerateInput
 
 
 def input_from_proto(request: pdserve_pb2.GenerateRequest) -> GenerateInput:
-    """The request in pdserve's terms; raises `InvalidArgument` for what only the proto form
-    can get wrong (no sampling). Every other check is `router.validation`'s."""
-    if not request.HasField("sampling"):
-        raise InvalidArgument("sampling.max_tokens", "required (sampling is not set)")
+    """The request in pdserve's terms; raises nothing (every check is `router.validation`'s).
+    An unset `sampling` reads as all zeros, like any unset proto3 message."""
     sampling = request.sampling
     return GenerateInput(
         **_prompt_fields(request),
-        max_tokens=sampling.max_tokens,
+        max_tokens=sampling.max_tokens if sampling.max_tokens != 0 else None,
         temperature=sampling.temperature,
         top_p=sampling.top_p if sampling.top_p != 0 else 1.0,
         top_k=sampling.top_k,
@@ -34,6 +32,7 @@ def input_from_proto(request: pdserve_pb2.GenerateRequest) -> GenerateInput:
         min_tokens=sampling.min_tokens,
         logprobs=sampling.logprobs,
         top_logprobs=sampling.top_logprobs,
+        priority=request.priority,
     )
 
 

@@ -5,6 +5,9 @@ Owns the replica table of one role. A poll loop asks every replica for its `Load
 one whose actor is gone is DEAD. Placement reads the last reports plus the router's own count of
 requests it placed since (reports lag by up to one poll interval). Event loop only.
 
+A poll that finds a replica newly READY or with more free KV blocks than its last report
+calls the pool's `on_more_room` callbacks: the router queue's capacity signal.
+
 Live scaling (`router.pool_scaler`) adds replicas that have not joined yet (STARTING, not
 polled, never placed on) and marks replicas it removes as draining: they answer polls but show
 DRAINING instead of READY, so placement skips them while their requests finish.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +70,8 @@ class ReplicaPool:
         self._replicas: dict[str, Replica] = {}
         self._task: asyncio.Task[None] | None = None
         self.on_change: list[Any] = []
+        # Called (event loop, must not block) when a poll finds more room: see the docstring.
+        self.on_more_room: list[Callable[[], None]] = []
         # Size the pool is moving to; `router.pool_scaler` owns it once the router started.
         self.target_replicas = 0
 
@@ -150,6 +156,7 @@ class ReplicaPool:
     async def _poll(self, replica: Replica) -> None:
         previous = replica.state
         previous_epoch = replica.epoch
+        previous_free = replica.load.num_free_blocks if replica.load else 0
         try:
             replica.load = await call_message(
                 replica.handle.load, LoadReport, timeout_s=self._poll_timeout_s,
@@ -169,6 +176,11 @@ class ReplicaPool:
         if replica.state != previous:
             logger.info("%s %s: %s -> %s", self.role, replica.replica_id, previous, replica.state)
             self._changed()
+        if replica.state == READY and replica.load is not None and (
+            previous != READY or replica.load.num_free_blocks > previous_free
+        ):
+            for callback in self.on_more_room:
+                callback()
 
     def _changed(self) -> None:
         for callback in self.on_change:

@@ -96,6 +96,7 @@ class Router:
             self._config, tokenizer, self.prefill_pool, self.decode_pool, self.metrics,
             colocated_pool=self.colocated_pool,
         )
+        # The front door waits for slots in the flow's queue: one queue for all capacity.
         self.front_door = FrontDoor(self._config, tokenizer, flow, self.metrics)
         self.servicer = GenerationServicer(
             self._config, self.front_door, self.prefill_pool, self.decode_pool,
@@ -104,7 +105,7 @@ class Router:
         )
         self.scaling = LiveScaling(
             self._config, {pool.role: pool for pool in self._active_pools()},
-            self._replica_factory, model_info, self.metrics,
+            self._replica_factory, model_info, self.metrics, flow.wait_queue.depth,
         )
         self._serve_metrics()
         security = load_public_security(self._config.security)

@@ -123,6 +123,7 @@ class GenerationServicer:
             max_context_tokens=self._front_door.max_context_tokens,
             # The router refuses to start with a tokens file that holds no token.
             auth_required=self._config.security.api_tokens_file is not None,
+            num_queued_requests=self._front_door.num_queued,
             **self._pools_info(),
         )
 
@@ -174,6 +175,7 @@ def _final_info(completion: Completion) -> pdserve_pb2.FinalInfo:
             decode_replica=completion.decode_replica,
             kv_bytes=completion.kv_bytes,
             num_migrations=completion.num_migrations,
+            num_preemptions=completion.num_preemptions,
         ),
     )
 

@@ -21,6 +21,8 @@ from router.tokenizer import RouterTokenizer
 SEED_MODULUS = 2**63
 # The most alternatives a token's logprobs may list (OpenAI's bound).
 MAX_TOP_LOGPROBS = 20
+# Priorities are the proto's int32 on every API.
+PRIORITY_BOUNDS = (-(2**31), 2**31 - 1)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class ValidatedRequest:
     prompt_text: str | None
     # Independent sequences to sample for this prompt.
     num_choices: int = 1
+    # Scheduling priority: lower first (the router queue; reversed, decode preemption).
+    priority: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -54,6 +58,7 @@ def validate_request(
     """
     form = _check_prompt_form(request)
     _check_choices(request.num_choices, limits)
+    _check_priority(request.priority)
     stop = _check_stop_strings(request.stop, limits)
     _check_max_tokens(request.max_tokens, limits, max_context_tokens)
     _check_sampling_values(request, tokenizer.vocab_size, limits)
@@ -67,7 +72,7 @@ def validate_request(
         )
     return ValidatedRequest(
         prompt_token_ids, _sampling_params(request, max_tokens), stop, prompt_text,
-        num_choices=request.num_choices,
+        num_choices=request.num_choices, priority=request.priority,
     )
 
 
@@ -219,6 +224,12 @@ def _check_logprobs(request: GenerateInput) -> None:
 def _check_choices(num_choices: int, limits: LimitsConfig) -> None:
     if not 1 <= num_choices <= limits.max_n:
         raise InvalidArgument("n", f"must be in [1, {limits.max_n}], got {num_choices}")
+
+
+def _check_priority(priority: int) -> None:
+    low, high = PRIORITY_BOUNDS
+    if not low <= priority <= high:
+        raise InvalidArgument("priority", f"must be in [{low}, {high}], got {priority}")
 
 
 def _check_stop_strings(stop: list[str], limits: LimitsConfig) -> list[str]:

@@ -111,13 +111,19 @@ class ReplicaMetrics(MetricsEndpoint):
             "pdserve_prefix_cache_blocks",
             "KV blocks a prefill replica keeps in its prefix cache, referenced or not.",
         )
+        self.preemptions = Counter(
+            "pdserve_replica_preemptions_total",
+            "Sequences a decode or colocated replica preempted by recompute: their KV blocks "
+            "were freed for older sequences to grow and the router re-prefills them.",
+            _REPLICA, registry=registry,
+        )
         self.pinned_cpus = gauge(
             "pdserve_replica_pinned_cpus",
             "Cores the replica process is pinned to (resources.pin_cpus); 0 = unpinned.",
         )
         # Exported at 0 (decode replicas included) so dashboards find them.
         for metric in (self.prefix_cache_hits, self.prefix_cache_prompt_tokens,
-                       self.prefix_cache_blocks, self.pinned_cpus):
+                       self.prefix_cache_blocks, self.pinned_cpus, self.preemptions):
             metric.labels(*self._labels)
         self._shm_staging = ShmStagingCollector(replica_id, role)
         registry.register(self._shm_staging)
@@ -164,6 +170,10 @@ class ReplicaMetrics(MetricsEndpoint):
     def observe_decode_step(self, num_seqs: int, seconds: float) -> None:
         self.decode_batch_size.labels(*self._labels).observe(num_seqs)
         self.decode_step_duration.labels(*self._labels).observe(seconds)
+
+    def count_preemption(self) -> None:
+        """One sequence preempted (its blocks freed, its stream handed back to the router)."""
+        self.preemptions.labels(*self._labels).inc()
 
     def count_kv_sent(self, transport: str, num_bytes: int) -> None:
         self.kv_sent_bytes.labels(*self._labels, transport).inc(num_bytes)

@@ -1,5 +1,5 @@
-"""What the router measures: latency as the client sees it, outcomes, KV hand-offs and pool
-sizes.
+"""What the router measures: latency as the client sees it, outcomes, KV hand-offs, the
+router queue, preemptions and pool sizes.
 
 Created by `router.server.Router`, handed to the request flow, its attempts and the servicer.
 Labels are bounded: gRPC status names, stage names, KV transport names, pool roles and replica
@@ -71,6 +71,17 @@ class RouterMetrics(MetricsEndpoint):
             "Requests started over on other replicas before any token was sent.",
             registry=registry,
         )
+        self.preemptions = Counter(
+            "pdserve_router_preemptions_total",
+            "Times a replica preempted a request (freed its KV to let older sequences grow) "
+            "and the router re-prefilled it (or failed it past reliability.max_preemptions).",
+            registry=registry,
+        )
+        self.requests_queued = Gauge(
+            "pdserve_router_queued_requests",
+            "Requests waiting in the router queue for an in-flight slot or decode room.",
+            registry=registry,
+        )
         self.migrations = Counter(
             "pdserve_router_migrations_total",
             "Requests moved to another replica pair after tokens were sent.",
@@ -109,6 +120,11 @@ class RouterMetrics(MetricsEndpoint):
         block)."""
         self.requests_in_flight.set_function(count)
 
+    def watch_queue(self, count: Callable[[], int]) -> None:
+        """Reads the router queue's depth from `count` at each scrape (scrape thread; must not
+        block)."""
+        self.requests_queued.set_function(count)
+
     def watch_pool(
         self,
         role: str,
@@ -137,6 +153,9 @@ class RouterMetrics(MetricsEndpoint):
 
     def count_migration(self) -> None:
         self.migrations.inc()
+
+    def count_preemption(self) -> None:
+        self.preemptions.inc()
 
     def observe_completion(self, timings: dict[str, float], num_attempt_tokens: int) -> None:
         """A request finished. `timings` are its final timings; `num_attempt_tokens` the

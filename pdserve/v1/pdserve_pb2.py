@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/pdserve.proto\x12\npdserve.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xe9\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\nmin_tokens\x18\t \x01(\x05\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\x05\x42\x07\n\x05_seed\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"p\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\x12\x35\n\x14\x63hat_template_kwargs\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xb2\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x04 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParamsB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x86\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12$\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x15.pdserve.v1.FinalInfo\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\"W\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\x86\x01\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x04 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x05 \x01(\x01\x12\x0f\n\x07total_s\x18\x06 \x01(\x01\"\x89\x01\n\x08ServedBy\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x14\n\x0ckv_transport\x18\x02 \x01(\t\x12\x17\n\x0fprefill_replica\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_replica\x18\x04 \x01(\t\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x04\x12\x16\n\x0enum_migrations\x18\x06 \x01(\r\"\xc1\x01\n\tFinalInfo\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x03 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\'\n\tserved_by\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.ServedBy\"\r\n\x0bInfoRequest\"\xab\x01\n\x0bReplicaInfo\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.pdserve.v1.ReplicaState\x12\x1b\n\x13num_active_requests\x18\x03 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x05 \x01(\x05\x12\x0f\n\x07node_id\x18\x06 \x01(\t\"\xaa\x01\n\x08PoolInfo\x12\x1b\n\x13\x63onfigured_replicas\x18\x01 \x01(\x05\x12)\n\x08replicas\x18\x02 \x03(\x0b\x32\x17.pdserve.v1.ReplicaInfo\x12\x17\n\x0ftarget_replicas\x18\x03 \x01(\x05\x12\x14\n\x0cmin_replicas\x18\x04 \x01(\x05\x12\x14\n\x0cmax_replicas\x18\x05 \x01(\x05\x12\x11\n\tautoscale\x18\x06 \x01(\x08\"\xa1\x02\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x14\n\x0ckv_transport\x18\x04 \x01(\t\x12%\n\x07prefill\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.PoolInfo\x12$\n\x06\x64\x65\x63ode\x18\x06 \x01(\x0b\x32\x14.pdserve.v1.PoolInfo\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x15\n\rkv_block_size\x18\x08 \x01(\x05\x12\x1a\n\x12max_context_tokens\x18\t \x01(\x05\x12\x15\n\rauth_required\x18\n \x01(\x08\x12\'\n\tcolocated\x18\x0b \x01(\x0b\x32\x14.pdserve.v1.PoolInfo\"\x8c\x01\n\x0cScaleRequest\x12\x45\n\x0ftarget_replicas\x18\x01 \x03(\x0b\x32,.pdserve.v1.ScaleRequest.TargetReplicasEntry\x1a\x35\n\x13TargetReplicasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xa6\x02\n\rScaleResponse\x12W\n\x18previous_target_replicas\x18\x01 \x03(\x0b\x32\x35.pdserve.v1.ScaleResponse.PreviousTargetReplicasEntry\x12\x46\n\x0ftarget_replicas\x18\x02 \x03(\x0b\x32-.pdserve.v1.ScaleResponse.TargetReplicasEntry\x1a=\n\x1bPreviousTargetReplicasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x1a\x35\n\x13TargetReplicasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*\xb6\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REPLICA_STATE_STARTING\x10\x01\x12\x17\n\x13REPLICA_STATE_READY\x10\x02\x12\x1e\n\x1aREPLICA_STATE_UNRESPONSIVE\x10\x03\x12\x16\n\x12REPLICA_STATE_DEAD\x10\x04\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x05\x32\x90\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12\x39\n\x04Info\x12\x17.pdserve.v1.InfoRequest\x1a\x18.pdserve.v1.InfoResponse2E\n\x05\x41\x64min\x12<\n\x05Scale\x12\x18.pdserve.v1.ScaleRequest\x1a\x19.pdserve.v1.ScaleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/pdserve.proto\x12\npdserve.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xe9\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\nmin_tokens\x18\t \x01(\x05\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\x05\x42\x07\n\x05_seed\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"p\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\x12\x35\n\x14\x63hat_template_kwargs\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xc4\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x04 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x42\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x86\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12$\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x15.pdserve.v1.FinalInfo\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\"W\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\x86\x01\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x04 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x05 \x01(\x01\x12\x0f\n\x07total_s\x18\x06 \x01(\x01\"\xa2\x01\n\x08ServedBy\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x14\n\x0ckv_transport\x18\x02 \x01(\t\x12\x17\n\x0fprefill_replica\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_replica\x18\x04 \x01(\t\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x04\x12\x16\n\x0enum_migrations\x18\x06 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\r\"\xc1\x01\n\tFinalInfo\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x03 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\'\n\tserved_by\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.ServedBy\"\r\n\x0bInfoRequest\"\xab\x01\n\x0bReplicaInfo\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.pdserve.v1.ReplicaState\x12\x1b\n\x13num_active_requests\x18\x03 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x05 \x01(\x05\x12\x0f\n\x07node_id\x18\x06 \x01(\t\"\xaa\x01\n\x08PoolInfo\x12\x1b\n\x13\x63onfigured_replicas\x18\x01 \x01(\x05\x12)\n\x08replicas\x18\x02 \x03(\x0b\x32\x17.pdserve.v1.ReplicaInfo\x12\x17\n\x0ftarget_replicas\x18\x03 \x01(\x05\x12\x14\n\x0cmin_replicas\x18\x04 \x01(\x05\x12\x14\n\x0cmax_replicas\x18\x05 \x01(\x05\x12\x11\n\tautoscale\x18\x06 \x01(\x08\"\xbe\x02\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x14\n\x0ckv_transport\x18\x04 \x01(\t\x12%\n\x07prefill\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.PoolInfo\x12$\n\x06\x64\x65\x63ode\x18\x06 \x01(\x0b\x32\x14.pdserve.v1.PoolInfo\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x15\n\rkv_block_size\x18\x08 \x01(\x05\x12\x1a\n\x12max_context_tokens\x18\t \x01(\x05\x12\x15\n\rauth_required\x18\n \x01(\x08\x12\'\n\tcolocated\x18\x0b \x01(\x0b\x32\x14.pdserve.v1.PoolInfo\x12\x1b\n\x13num_queued_requests\x18\x0c \x01(\x05\"\x8c\x01\n\x0cScaleRequest\x12\x45\n\x0ftarget_replicas\x18\x01 \x03(\x0b\x32,.pdserve.v1.ScaleRequest.TargetReplicasEntry\x1a\x35\n\x13TargetReplicasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xa6\x02\n\rScaleResponse\x12W\n\x18previous_target_replicas\x18\x01 \x03(\x0b\x32\x35.pdserve.v1.ScaleResponse.PreviousTargetReplicasEntry\x12\x46\n\x0ftarget_replicas\x18\x02 \x03(\x0b\x32-.pdserve.v1.ScaleResponse.TargetReplicasEntry\x1a=\n\x1bPreviousTargetReplicasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x1a\x35\n\x13TargetReplicasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*\xb6\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REPLICA_STATE_STARTING\x10\x01\x12\x17\n\x13REPLICA_STATE_READY\x10\x02\x12\x1e\n\x1aREPLICA_STATE_UNRESPONSIVE\x10\x03\x12\x16\n\x12REPLICA_STATE_DEAD\x10\x04\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x05\x32\x90\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12\x39\n\x04Info\x12\x17.pdserve.v1.InfoRequest\x1a\x18.pdserve.v1.InfoResponse2E\n\x05\x41\x64min\x12<\n\x05Scale\x12\x18.pdserve.v1.ScaleRequest\x1a\x19.pdserve.v1.ScaleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,10 +38,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCALERESPONSE_PREVIOUSTARGETREPLICASENTRY']._serialized_options = b'8\001'
   _globals['_SCALERESPONSE_TARGETREPLICASENTRY']._loaded_options = None
   _globals['_SCALERESPONSE_TARGETREPLICASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2617
-  _globals['_FINISHREASON']._serialized_end=2741
-  _globals['_REPLICASTATE']._serialized_start=2744
-  _globals['_REPLICASTATE']._serialized_end=2926
+  _globals['_FINISHREASON']._serialized_start=2689
+  _globals['_FINISHREASON']._serialized_end=2813
+  _globals['_REPLICASTATE']._serialized_start=2816
+  _globals['_REPLICASTATE']._serialized_end=2998
   _globals['_SAMPLINGPARAMS']._serialized_start=71
   _globals['_SAMPLINGPARAMS']._serialized_end=304
   _globals['_CHATMESSAGE']._serialized_start=306
@@ -49,43 +49,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGES']._serialized_start=366
   _globals['_CHATMESSAGES']._serialized_end=478
   _globals['_GENERATEREQUEST']._serialized_start=481
-  _globals['_GENERATEREQUEST']._serialized_end=659
-  _globals['_TOKENIDS']._serialized_start=661
-  _globals['_TOKENIDS']._serialized_end=684
-  _globals['_GENERATERESPONSE']._serialized_start=687
-  _globals['_GENERATERESPONSE']._serialized_end=821
-  _globals['_TOKENLOGPROBS']._serialized_start=823
-  _globals['_TOKENLOGPROBS']._serialized_end=910
-  _globals['_TOPLOGPROB']._serialized_start=912
-  _globals['_TOPLOGPROB']._serialized_end=959
-  _globals['_USAGE']._serialized_start=961
-  _globals['_USAGE']._serialized_end=1048
-  _globals['_TIMINGS']._serialized_start=1051
-  _globals['_TIMINGS']._serialized_end=1185
-  _globals['_SERVEDBY']._serialized_start=1188
-  _globals['_SERVEDBY']._serialized_end=1325
-  _globals['_FINALINFO']._serialized_start=1328
-  _globals['_FINALINFO']._serialized_end=1521
-  _globals['_INFOREQUEST']._serialized_start=1523
-  _globals['_INFOREQUEST']._serialized_end=1536
-  _globals['_REPLICAINFO']._serialized_start=1539
-  _globals['_REPLICAINFO']._serialized_end=1710
-  _globals['_POOLINFO']._serialized_start=1713
-  _globals['_POOLINFO']._serialized_end=1883
-  _globals['_INFORESPONSE']._serialized_start=1886
-  _globals['_INFORESPONSE']._serialized_end=2175
-  _globals['_SCALEREQUEST']._serialized_start=2178
-  _globals['_SCALEREQUEST']._serialized_end=2318
-  _globals['_SCALEREQUEST_TARGETREPLICASENTRY']._serialized_start=2265
-  _globals['_SCALEREQUEST_TARGETREPLICASENTRY']._serialized_end=2318
-  _globals['_SCALERESPONSE']._serialized_start=2321
-  _globals['_SCALERESPONSE']._serialized_end=2615
-  _globals['_SCALERESPONSE_PREVIOUSTARGETREPLICASENTRY']._serialized_start=2499
-  _globals['_SCALERESPONSE_PREVIOUSTARGETREPLICASENTRY']._serialized_end=2560
-  _globals['_SCALERESPONSE_TARGETREPLICASENTRY']._serialized_start=2265
-  _globals['_SCALERESPONSE_TARGETREPLICASENTRY']._serialized_end=2318
-  _globals['_GENERATION']._serialized_start=2929
-  _globals['_GENERATION']._serialized_end=3073
-  _globals['_ADMIN']._serialized_start=3075
-  _globals['_ADMIN']._serialized_end=3144
+  _globals['_GENERATEREQUEST']._serialized_end=677
+  _globals['_TOKENIDS']._serialized_start=679
+  _globals['_TOKENIDS']._serialized_end=702
+  _globals['_GENERATERESPONSE']._serialized_start=705
+  _globals['_GENERATERESPONSE']._serialized_end=839
+  _globals['_TOKENLOGPROBS']._serialized_start=841
+  _globals['_TOKENLOGPROBS']._serialized_end=928
+  _globals['_TOPLOGPROB']._serialized_start=930
+  _globals['_TOPLOGPROB']._serialized_end=977
+  _globals['_USAGE']._serialized_start=979
+  _globals['_USAGE']._serialized_end=1066
+  _globals['_TIMINGS']._serialized_start=1069
+  _globals['_TIMINGS']._serialized_end=1203
+  _globals['_SERVEDBY']._serialized_start=1206
+  _globals['_SERVEDBY']._serialized_end=1368
+  _globals['_FINALINFO']._serialized_start=1371
+  _globals['_FINALINFO']._serialized_end=1564
+  _globals['_INFOREQUEST']._serialized_start=1566
+  _globals['_INFOREQUEST']._serialized_end=1579
+  _globals['_REPLICAINFO']._serialized_start=1582
+  _globals['_REPLICAINFO']._serialized_end=1753
+  _globals['_POOLINFO']._serialized_start=1756
+  _globals['_POOLINFO']._serialized_end=1926
+  _globals['_INFORESPONSE']._serialized_start=1929
+  _globals['_INFORESPONSE']._serialized_end=2247
+  _globals['_SCALEREQUEST']._serialized_start=2250
+  _globals['_SCALEREQUEST']._serialized_end=2390
+  _globals['_SCALEREQUEST_TARGETREPLICASENTRY']._serialized_start=2337
+  _globals['_SCALEREQUEST_TARGETREPLICASENTRY']._serialized_end=2390
+  _globals['_SCALERESPONSE']._serialized_start=2393
+  _globals['_SCALERESPONSE']._serialized_end=2687
+  _globals['_SCALERESPONSE_PREVIOUSTARGETREPLICASENTRY']._serialized_start=2571
+  _globals['_SCALERESPONSE_PREVIOUSTARGETREPLICASENTRY']._serialized_end=2632
+  _globals['_SCALERESPONSE_TARGETREPLICASENTRY']._serialized_start=2337
+  _globals['_SCALERESPONSE_TARGETREPLICASENTRY']._serialized_end=2390
+  _globals['_GENERATION']._serialized_start=3001
+  _globals['_GENERATION']._serialized_end=3145
+  _globals['_ADMIN']._serialized_start=3147
+  _globals['_ADMIN']._serialized_end=3216
 # @@protoc_insertion_point(module_scope)

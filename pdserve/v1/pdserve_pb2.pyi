@@ -79,16 +79,18 @@ class ChatMessages(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., chat_template_kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "token_ids", "messages", "sampling")
+    __slots__ = ("text", "token_ids", "messages", "sampling", "priority")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: TokenIds
     messages: ChatMessages
     sampling: SamplingParams
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    priority: int
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -153,20 +155,22 @@ class Timings(_message.Message):
     def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class ServedBy(_message.Message):
-    __slots__ = ("mode", "kv_transport", "prefill_replica", "decode_replica", "kv_bytes", "num_migrations")
+    __slots__ = ("mode", "kv_transport", "prefill_replica", "decode_replica", "kv_bytes", "num_migrations", "num_preemptions")
     MODE_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     PREFILL_REPLICA_FIELD_NUMBER: _ClassVar[int]
     DECODE_REPLICA_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     mode: str
     kv_transport: str
     prefill_replica: str
     decode_replica: str
     kv_bytes: int
     num_migrations: int
-    def __init__(self, mode: _Optional[str] = ..., kv_transport: _Optional[str] = ..., prefill_replica: _Optional[str] = ..., decode_replica: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., num_migrations: _Optional[int] = ...) -> None: ...
+    num_preemptions: int
+    def __init__(self, mode: _Optional[str] = ..., kv_transport: _Optional[str] = ..., prefill_replica: _Optional[str] = ..., decode_replica: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., num_migrations: _Optional[int] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
 
 class FinalInfo(_message.Message):
     __slots__ = ("finish_reason", "usage", "timings", "request_id", "served_by")
@@ -219,7 +223,7 @@ class PoolInfo(_message.Message):
     def __init__(self, configured_replicas: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., target_replicas: _Optional[int] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., autoscale: _Optional[bool] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "dtype", "mode", "kv_transport", "prefill", "decode", "version", "kv_block_size", "max_context_tokens", "auth_required", "colocated")
+    __slots__ = ("model", "dtype", "mode", "kv_transport", "prefill", "decode", "version", "kv_block_size", "max_context_tokens", "auth_required", "colocated", "num_queued_requests")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +235,7 @@ class InfoResponse(_message.Message):
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     AUTH_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     COLOCATED_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     dtype: str
     mode: str
@@ -242,7 +247,8 @@ class InfoResponse(_message.Message):
     max_context_tokens: int
     auth_required: bool
     colocated: PoolInfo
-    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., mode: _Optional[str] = ..., kv_transport: _Optional[str] = ..., prefill: _Optional[_Union[PoolInfo, _Mapping]] = ..., decode: _Optional[_Union[PoolInfo, _Mapping]] = ..., version: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., auth_required: _Optional[bool] = ..., colocated: _Optional[_Union[PoolInfo, _Mapping]] = ...) -> None: ...
+    num_queued_requests: int
+    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., mode: _Optional[str] = ..., kv_transport: _Optional[str] = ..., prefill: _Optional[_Union[PoolInfo, _Mapping]] = ..., decode: _Optional[_Union[PoolInfo, _Mapping]] = ..., version: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., auth_required: _Optional[bool] = ..., colocated: _Optional[_Union[PoolInfo, _Mapping]] = ..., num_queued_requests: _Optional[int] = ...) -> None: ...
 
 class ScaleRequest(_message.Message):
     __slots__ = ("target_replicas",)

@@ -49,6 +49,7 @@ COMMON_PARAMS: dict[str, str] = {
     "sampling.stop_token_ids": "stop_token_ids",
     "sampling.seed": "seed",
     "n": "n",
+    "priority": "priority",
 }
 
 

@@ -196,6 +196,7 @@ def served_info(completion: Completion) -> dict[str, Any]:
             "decode_replica": completion.decode_replica,
             "kv_bytes": completion.kv_bytes,
             "num_migrations": completion.num_migrations,
+            "num_preemptions": completion.num_preemptions,
         },
     }
 

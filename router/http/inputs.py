@@ -68,6 +68,7 @@ def completion_input(request: CompletionRequest) -> GenerateInput:
 
 
 def _sampling(request: SamplingFields, max_tokens: int | None) -> dict[str, Any]:
+    """The `GenerateInput` fields both endpoints share (sampling, n and priority)."""
     top_k = request.top_k if request.top_k is not None else 0
     return {
         "max_tokens": max_tokens,
@@ -80,6 +81,7 @@ def _sampling(request: SamplingFields, max_tokens: int | None) -> dict[str, Any]
         "ignore_eos": request.ignore_eos,
         "min_tokens": request.min_tokens,
         "num_choices": request.n,
+        "priority": request.priority,
     }
 
 

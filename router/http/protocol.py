@@ -53,6 +53,8 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
+    # Scheduling priority, lower served first (vLLM's extension; the gRPC API's `priority`).
+    priority: int = 0
     # OpenAI parameters not implemented: only neutral values pass (`unsupported_values`).
     frequency_penalty: float | None = None
     presence_penalty: float | None = None

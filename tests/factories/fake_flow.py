@@ -2,7 +2,8 @@
 
 Every request is answered with the tokens of `reply_text` (up to max_tokens), run through the
 real `TextOutput` (detokenizer and stop strings), with made-up logprobs when asked. It records
-what it was asked and how each run ended, and can fail or hold a run at chosen points.
+what it was asked (admission included) and how each run ended, and can fail or hold a run at
+chosen points. Like the real flow it owns the router queue the front door waits in.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from dataclasses import dataclass, field
 
 from pdserve.errors import PdserveError
 from pdserve.messages import ModelInfo, NamedToken, TokenLogprobs
+from router.admission import Admission
 from router.request_flow import Completion, StreamChunk
 from router.text_output import TextOutput
 from router.tokenizer import RouterTokenizer
 from router.validation import ValidatedRequest
+from router.wait_queue import WaitQueue
 from tests.factories.tokenizer import train_byte_level_tokenizer
 
 CHATML_TEMPLATE = (
@@ -44,6 +47,7 @@ class RunRecord:
     request_id: str
     # "finished", "failed", "closed" (cancelled or closed by the consumer) or "running".
     outcome: str = "running"
+    admission: Admission | None = None
 
 
 @dataclass
@@ -60,15 +64,23 @@ class ScriptedFlow:
     runs: list[RunRecord] = field(default_factory=list)
     # Set once a run has sent its first token.
     first_token_sent: asyncio.Event = field(default_factory=asyncio.Event)
+    # The router queue (the front door waits for in-flight slots in it).
+    wait_queue: WaitQueue = field(default_factory=lambda: WaitQueue(1024, 0.05))
+    # What every completion reports as the request's preemptions.
+    num_preemptions: int = 0
 
     @property
     def num_running(self) -> int:
         return sum(1 for run in self.runs if run.outcome == "running")
 
     async def run(
-        self, request: ValidatedRequest, deadline: float, request_id: str | None = None
+        self,
+        request: ValidatedRequest,
+        deadline: float,
+        request_id: str | None = None,
+        admission: Admission | None = None,
     ) -> AsyncIterator[StreamChunk]:
-        record = RunRecord(request, request_id or "")
+        record = RunRecord(request, request_id or "", admission=admission)
         self.runs.append(record)
         try:
             async for chunk in self._chunks(request, record.request_id):
@@ -108,8 +120,9 @@ class ScriptedFlow:
             if text.stopped:
                 break
         finish_reason = "stop" if text.stopped or len(tokens) == len(reply) else "length"
-        yield StreamChunk([], text.finish(), _completion(request, request_id, finish_reason,
-                                                          text.num_tokens))
+        completion = _completion(request, request_id, finish_reason, text.num_tokens)
+        completion.num_preemptions = self.num_preemptions
+        yield StreamChunk([], text.finish(), completion)
 
 
 def _logprobs(token: int, request: ValidatedRequest) -> TokenLogprobs:

@@ -13,6 +13,7 @@ from pdserve.metrics import RouterMetrics
 from router.auth import load_public_security
 from router.front_door import FrontDoor
 from router.http import HttpServer
+from router.wait_queue import router_queue
 from tests.factories.fake_flow import ScriptedFlow, router_tokenizer
 
 MODEL = "tiny-chat"
@@ -33,6 +34,7 @@ class Api:
 
 async def start_api(config: PdserveConfig, serving: bool = True, **flow_options: Any) -> Api:
     tokenizer = router_tokenizer()
+    flow_options.setdefault("wait_queue", router_queue(config))
     flow = ScriptedFlow(tokenizer, **flow_options)
     metrics = RouterMetrics()
     door = FrontDoor(config, tokenizer, flow, metrics)  # type: ignore[arg-type]

@@ -1,5 +1,6 @@
-"""Admission and abandoned clients: over capacity is RESOURCE_EXHAUSTED at once, and a client
-process killed without cancelling leaves nothing behind on any worker."""
+"""Admission and abandoned clients: over capacity with the router's queue full (here: no queue)
+is RESOURCE_EXHAUSTED at once, and a client process killed without cancelling leaves nothing
+behind on any worker. (Waiting in the queue: tests/integration/test_router_queue.py.)"""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ SLOW_PROMPT = [TARGET, 1, 2, 3]
 def slow_service(ray_cluster: None, tiny_model_dir: Path) -> Iterator[Service]:
     config = make_config(
         str(tiny_model_dir),
-        router={"max_inflight_requests": 2},
+        router={"max_inflight_requests": 2, "max_queued_requests": 0},
         faults={"target_token_id": TARGET, "decode_step_delay_s": 0.2},
     )
     with Service(config) as running:
@@ -50,7 +51,7 @@ def test_over_router_capacity_is_resource_exhausted_quickly(slow_service: Servic
         for call in running:
             call.cancel()
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "capacity" in caught.value.details()
+    assert "queue" in caught.value.details()
     assert refused_in < 5.0, "a refusal must not wait for capacity"
     assert_quiet(slow_service)
     with GenerationClient(slow_service.address, timeout_s=60) as client:

@@ -30,7 +30,6 @@ CASES = [
         ),
         "prompt",
     ),
-    ("max_tokens 0", make_request([1, 2], max_tokens=0), "sampling.max_tokens"),
     ("max_tokens negative", make_request([1, 2], max_tokens=-3), "sampling.max_tokens"),
     ("max_tokens above limit", make_request([1, 2], max_tokens=129), "sampling.max_tokens"),
     ("negative temperature", make_request([1, 2], max_tokens=4, temperature=-0.5),

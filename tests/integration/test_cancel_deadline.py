@@ -1,8 +1,10 @@
-"""Cancel, deadline and KV exhaustion: the client gets the right status and afterwards no KV
-block, lease or transfer is left on any worker."""
+"""Cancel, deadline and KV exhaustion: the client gets the right status (a request that finds
+the decode cache full waits in the router's queue), and afterwards no KV block, lease or
+transfer is left on any worker."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from pdserve.client import GenerationClient, collect
 from pdserve.serve import Service
 from pdserve.v1 import pdserve_pb2
 from tests.factories.config import make_config
-from tests.integration.conftest import assert_quiet
+from tests.integration.conftest import assert_quiet, wait_for
 
 LONG = dict(max_tokens=128, ignore_eos=True)
 
@@ -62,26 +64,31 @@ def client_request(prompt: list[int]) -> pdserve_pb2.GenerateRequest:
 
 @pytest.fixture(scope="module")
 def small_cache_service(ray_cluster: None, tiny_model_dir: Path) -> Iterator[Service]:
-    # 1 MiB of decode KV = 85 blocks of 16 tokens for the tiny model (768 bytes per token).
+    # 1 MiB of decode KV = 85 blocks of 16 tokens for the tiny model (768 bytes per token);
+    # `full` reservation takes prompt + max_tokens up front, so the cache fills predictably.
     config = make_config(
-        str(tiny_model_dir), decode={"kv_cache": {"memory_mb": 1, "block_size": 16}}
+        str(tiny_model_dir),
+        decode={"kv_cache": {"memory_mb": 1, "block_size": 16, "reservation": "full"}},
     )
     with Service(config) as running:
         yield running
 
 
-def test_decode_kv_exhaustion_is_resource_exhausted(small_cache_service: Service) -> None:
+def test_decode_kv_exhaustion_waits_in_the_queue_then_runs(small_cache_service: Service) -> None:
     prompt = list(range(20, 380))  # 360 + 128 tokens = 31 blocks; two fit in 85, three do not
-    with GenerationClient(small_cache_service.address) as client:
+    with GenerationClient(small_cache_service.address, timeout_s=120) as client:
         running = [client._stub.Generate(client_request(prompt), timeout=60) for _ in range(2)]
         for call in running:
             next(call)  # both hold their blocks now
-        with pytest.raises(grpc.RpcError) as caught:
-            collect(client._stub.Generate(client_request(prompt), timeout=60))
-        for call in running:
-            call.cancel()
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "decode" in caught.value.details()
+        waiting = client._stub.Generate(client_request(prompt), timeout=60)
+        waiting_tokens: list[int] = []
+        reader = threading.Thread(
+            target=lambda: waiting_tokens.extend(t for r in waiting for t in r.token_ids)
+        )
+        reader.start()
+        wait_for(lambda: client.info().num_queued_requests == 1, "the third request queued")
+        running[0].cancel()  # its blocks free up: the queued request is placed
+        reader.join(timeout=120)
+        running[1].cancel()
+    assert len(waiting_tokens) == LONG["max_tokens"]
     assert_quiet(small_cache_service)
-    with GenerationClient(small_cache_service.address, timeout_s=60) as client:
-        assert len(collect(client.generate(prompt, max_tokens=4, ignore_eos=True)).token_ids) == 4

@@ -11,6 +11,7 @@ from pdserve.config import parse_config
 from pdserve.errors import ConfigError
 from pdserve.messages import LoadReport
 from pdserve.scale_config import DecodeAutoscaleConfig, PrefillAutoscaleConfig
+from router.autoscale_loop import queued_for
 from router.autoscaler import (
     KVUsage,
     PoolSnapshot,
@@ -18,6 +19,7 @@ from router.autoscaler import (
     decode_autoscaler,
     prefill_autoscaler,
 )
+from router.wait_queue import COLOCATED_ROOM, DECODE_BLOCKS, IN_FLIGHT_SLOT
 
 COOLDOWN_S = 10.0
 
@@ -30,15 +32,17 @@ def prefill_load(num_waiting: int) -> LoadReport:
     )
 
 
-def decode_load(num_used: int, num_total: int = 100) -> LoadReport:
+def decode_load(num_used: int, num_total: int = 100, num_active: int = 0) -> LoadReport:
     return LoadReport(
-        replica_id="decode-x", role="decode", pid=1, node_id="n", num_active_requests=0,
+        replica_id="decode-x", role="decode", pid=1, node_id="n", num_active_requests=num_active,
         num_waiting_requests=0, num_free_blocks=num_total - num_used, num_total_blocks=num_total,
     )
 
 
-def snapshot(target: int, loads: list[LoadReport], num_starting: int = 0) -> PoolSnapshot:
-    return PoolSnapshot(target, num_starting, tuple(loads))
+def snapshot(
+    target: int, loads: list[LoadReport], num_starting: int = 0, num_queued: int = 0
+) -> PoolSnapshot:
+    return PoolSnapshot(target, num_starting, tuple(loads), num_queued)
 
 
 def prefill_config(**overrides: object) -> PrefillAutoscaleConfig:
@@ -166,6 +170,44 @@ def test_signals() -> None:
     assert usage.value == pytest.approx(0.2)
     assert usage.value_without_one == pytest.approx(0.4)
     assert usage.num_replicas_needed == 1
+
+
+def test_router_queue_waiters_are_waiting_prompts_for_prefill() -> None:
+    autoscaler = prefill_autoscaler(prefill_config())
+    # 2 waiting on the replica + 6 in the router queue = 8 > 4 per replica: 2 replicas.
+    decision = autoscaler.decide(snapshot(1, [prefill_load(2)], num_queued=6), now=0.0)
+    assert decision is not None and decision.target_replicas == 2
+    assert "waiting prompts per replica 8.00 (6 queued in the router) > 4.0" in decision.reason
+
+
+def test_router_queue_waiters_want_a_running_requests_blocks_on_decode() -> None:
+    autoscaler = decode_autoscaler(decode_config())
+    # 60 blocks over 6 running requests (10 each) + 3 queued -> 90 / 100 = 0.9 > 0.8.
+    loads = [decode_load(60, num_active=6)]
+    assert autoscaler.decide(snapshot(1, loads), now=0.0) is None
+    decision = autoscaler.decide(snapshot(1, loads, num_queued=3), now=0.0)
+    assert decision is not None and decision.target_replicas == 2
+    assert "KV usage 0.90 (3 queued in the router)" in decision.reason
+
+
+def test_queued_requests_block_a_decode_scale_down() -> None:
+    autoscaler = decode_autoscaler(decode_config(cooldown_s=0.0))
+    # 20 of 200 blocks used (0.1 < 0.3), but 20 queued requests want 5 blocks each (as the
+    # 4 running ones hold): (20 + 100) / 200 = 0.6, between the thresholds.
+    loads = [decode_load(10, num_active=2), decode_load(10, num_active=2)]
+    assert autoscaler.decide(snapshot(2, loads, num_queued=20), now=0.0) is None
+    assert autoscaler.decide(snapshot(2, loads, num_queued=20), now=100.0) is None
+    decision = autoscaler.decide(snapshot(2, loads), now=200.0)
+    assert decision is not None and decision.target_replicas == 1
+
+
+def test_queue_waiters_count_for_the_pool_that_is_short() -> None:
+    slots_only = {IN_FLIGHT_SLOT: 5}
+    assert queued_for("prefill", slots_only) == 5 and queued_for("decode", slots_only) == 0
+    decode_short = {IN_FLIGHT_SLOT: 5, DECODE_BLOCKS: 2}
+    assert queued_for("decode", decode_short) == 7 and queued_for("prefill", decode_short) == 0
+    assert queued_for("colocated", {IN_FLIGHT_SLOT: 1, COLOCATED_ROOM: 2}) == 3
+    assert queued_for("prefill", {}) == 0
 
 
 @pytest.mark.parametrize(

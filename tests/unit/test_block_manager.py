@@ -1,4 +1,4 @@
-"""BlockManager accounting: allocate/free, refusals that change nothing, and a randomized
+"""BlockManager accounting: allocate/grow/free, refusals that change nothing, and a randomized
 sequence of operations checked against a plain model of who owns what."""
 
 from __future__ import annotations
@@ -111,6 +111,56 @@ def test_duplicate_owner_raises_value_error_and_changes_nothing() -> None:
     assert blocks.block_table("a") == table
 
 
+def test_grow_appends_fresh_blocks_to_the_same_table() -> None:
+    blocks = BlockManager(6, 4)
+    table = blocks.allocate("a", 5)  # 2 blocks
+    other = blocks.allocate("b", 4)
+    assert blocks.num_blocks_to_grow("a", 8) == 0
+    assert blocks.grow("a", 8) == 0, "the table already covers 8 slots"
+    assert blocks.can_grow("a", 9)
+    assert blocks.grow("a", 9) == 1
+    assert blocks.grow("a", 16) == 1
+    assert blocks.block_table("a") is table, "holders of the table must see the new blocks"
+    assert len(table) == 4 and len(set(table + other)) == 5
+    assert blocks.num_free_blocks == 1
+
+
+def test_grow_beyond_capacity_raises_and_changes_nothing() -> None:
+    blocks = BlockManager(5, 4)
+    table = blocks.allocate("a", 4)
+    blocks.allocate("b", 12)
+    before = snapshot(blocks)
+    assert blocks.num_blocks_to_grow("a", 13) == 3
+    assert not blocks.can_grow("a", 13)  # 3 more blocks, 1 free
+    with pytest.raises(ResourceExhausted) as info:
+        blocks.grow("a", 13)
+    assert info.value.code is StatusCode.RESOURCE_EXHAUSTED
+    assert "3 more blocks" in str(info.value)
+    assert snapshot(blocks) == before and len(table) == 1
+    assert blocks.grow("a", 8) == 1, "exactly the free capacity still fits"
+    assert blocks.num_free_blocks == 0
+
+
+def test_grow_of_an_owner_without_blocks_raises_value_error() -> None:
+    blocks = BlockManager(4, 4)
+    with pytest.raises(ValueError, match="holds no blocks"):
+        blocks.grow("nobody", 4)
+    with pytest.raises(ValueError):
+        blocks.can_grow("nobody", 4)
+    assert blocks.num_free_blocks == 4 and blocks.num_owners == 0
+
+
+def test_free_returns_the_grown_table() -> None:
+    blocks = BlockManager(8, 2)
+    blocks.allocate("a", 2)
+    for num_tokens in range(3, 13):
+        blocks.grow("a", num_tokens)
+    assert len(blocks.block_table("a")) == 6
+    assert blocks.free("a") == 6
+    assert blocks.num_free_blocks == 8 and blocks.num_owners == 0
+    assert sorted(blocks.allocate("b", 16)) == list(range(8)), "every grown block came back"
+
+
 def test_randomized_operations_match_a_simple_model() -> None:
     num_blocks, block_size = 48, 4
     blocks = BlockManager(num_blocks, block_size)
@@ -118,7 +168,18 @@ def test_randomized_operations_match_a_simple_model() -> None:
     rng = random.Random(1234)
     for step in range(3000):
         owner = f"o{rng.randrange(64)}"
-        if rng.random() < 0.55:
+        roll = rng.random()
+        if roll < 0.2 and owner in model:
+            num_tokens = rng.randrange(0, 4 * block_size * 8)
+            missing = max(0, -(-num_tokens // block_size) - len(model[owner]))
+            num_free = num_blocks - sum(len(t) for t in model.values())
+            if missing > num_free:
+                with pytest.raises(ResourceExhausted):
+                    blocks.grow(owner, num_tokens)
+            else:
+                assert blocks.grow(owner, num_tokens) == missing, f"step {step}"
+                model[owner] = list(blocks.block_table(owner))
+        elif roll < 0.6:
             num_tokens = rng.randrange(0, 4 * block_size * 6)
             needed = -(-num_tokens // block_size)
             num_free = num_blocks - sum(len(t) for t in model.values())

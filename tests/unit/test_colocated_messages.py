@@ -23,18 +23,20 @@ from pdserve.messages import (
 REQUEST = ColocatedRequest(
     request_id="r1", transfer_id="t1", prompt_token_ids=[5, 6, 2**40],
     sampling=SamplingParams(max_tokens=9, temperature=0.5, seed=3, stop_token_ids=[4]),
-    eos_token_ids=[0, 2], deadline=1.7e9 + 0.5, num_previous_tokens=1,
+    eos_token_ids=[0, 2], deadline=1.7e9 + 0.5, num_previous_tokens=1, priority=-2,
+    admitted_at=1.7e9 + 0.25,
 )
 EVENT = ColocatedEvent(
     token_ids=[7, 8], finish_reason="length", queue_s=0.25, prefill_s=0.5, decode_s=1.5,
     error=ErrorInfo(code=StatusCode.RESOURCE_EXHAUSTED, message="KV cache full"),
     logprobs=[TokenLogprobs(7, -0.25, [7, 3], [-0.25, -1.5]), TokenLogprobs(8, -3.0)],
-    num_cached_tokens=32,
+    num_cached_tokens=32, preempted=True,
 )
 REPORT = LoadReport(
     replica_id="colocated-0", role="colocated", pid=7, node_id="n", num_active_requests=3,
     num_waiting_requests=1, num_free_blocks=4, num_total_blocks=9, total_requests=11,
     total_decode_steps=20, total_decode_tokens=30, total_prefill_chunks=12, total_mixed_steps=5,
+    total_preemptions=4,
 )
 
 

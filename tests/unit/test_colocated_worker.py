@@ -1,6 +1,7 @@
-"""ColocatedWorker alone: admission (blocks for prompt + max_tokens, refusals holding nothing),
-every end path freeing the blocks (finish, abort, the caller closing the stream, deadline,
-failed step), and the real tiny model's chunked, mixed batches matching transformers."""
+"""ColocatedWorker alone: admission (blocks for the prompt + a margin, or + max_tokens in full
+mode; refusals holding nothing), every end path freeing the blocks (finish, abort, the caller
+closing the stream, deadline, failed step), and the real tiny model's chunked, mixed batches
+matching transformers."""
 
 from __future__ import annotations
 
@@ -37,10 +38,13 @@ class FakeEngine:
 
 
 def make_worker(
-    runner: FakeRunner, budget: int = 4, num_blocks: int = NUM_BLOCKS
+    runner: FakeRunner, budget: int = 4, num_blocks: int = NUM_BLOCKS,
+    reservation: str = "on_demand", reserve_new_tokens: int = 16,
 ) -> tuple[ColocatedWorker, BlockManager]:
+    kv_cache = {"reservation": reservation, "reserve_new_tokens": reserve_new_tokens}
     config = make_config(
-        "unused", mode="colocated", colocated={"max_prefill_tokens_per_step": budget}
+        "unused", mode="colocated",
+        colocated={"max_prefill_tokens_per_step": budget, "kv_cache": kv_cache},
     )
     blocks = BlockManager(num_blocks, BLOCK_SIZE)
     engine: Any = FakeEngine(runner, blocks)
@@ -120,13 +124,50 @@ async def test_every_event_keeps_its_logprobs_the_last_one_included() -> None:
     assert is_quiet(worker, blocks)
 
 
-async def test_no_room_is_resource_exhausted_and_holds_nothing() -> None:
-    worker, blocks = make_worker(FakeRunner(), num_blocks=4)
-    events = await collect(worker.generate(request("big", list(range(1, 15)), max_tokens=4)))
+async def test_no_room_now_is_resource_exhausted_and_holds_nothing() -> None:
+    runner = FakeRunner(hold=True)
+    worker, blocks = make_worker(runner, num_blocks=4)
+    busy = worker.generate(request("busy", list(range(1, 10)), max_tokens=4))  # 13 slots
+    busy_first = asyncio.ensure_future(busy.__anext__())
+    await until(lambda: len(runner.calls) == 1, "busy's first chunk")
+    events = await collect(worker.generate(request("more", [1, 2, 3], max_tokens=2)))
     assert error_code(events) is StatusCode.RESOURCE_EXHAUSTED
-    assert len(events) == 1 and is_quiet(worker, blocks)
+    assert len(events) == 1 and blocks.num_owners == 1
+    runner.release(100)
+    assert (await asyncio.wait_for(busy_first, WAIT_S)).token_ids == [10]
+    assert tokens(await collect(busy)) == [11, 12, 13]
     fits = await collect(worker.generate(request("fits", [1, 2, 3], max_tokens=2)))
     assert tokens(fits) == [4, 5]
+    assert is_quiet(worker, blocks)
+
+
+@pytest.mark.parametrize(
+    ("reservation", "prompt_len", "max_tokens", "ok"),
+    [
+        ("on_demand", 12, 100, True),  # 12 + 4 margin slots: the whole cache; it grows later
+        ("on_demand", 13, 100, False),
+        ("on_demand", 16, 1, False),
+        ("full", 12, 4, True),
+        ("full", 12, 5, False),
+    ],
+)
+async def test_a_request_beyond_the_whole_cache_is_invalid_argument(
+    reservation: str, prompt_len: int, max_tokens: int, ok: bool
+) -> None:
+    worker, blocks = make_worker(
+        FakeRunner(), num_blocks=4, reservation=reservation, reserve_new_tokens=4
+    )
+    events = await collect(
+        worker.generate(request("r", list(range(1, prompt_len + 1)), max_tokens=max_tokens))
+    )
+    if ok:
+        assert events[0].token_ids == [prompt_len + 1]
+    else:
+        assert error_code(events) is StatusCode.INVALID_ARGUMENT and len(events) == 1
+        assert events[0].error is not None
+        assert f"{prompt_len} prompt tokens" in events[0].error.message
+        assert "whole KV cache has 4 blocks" in events[0].error.message
+    assert is_quiet(worker, blocks)
 
 
 @pytest.mark.parametrize(

@@ -104,11 +104,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_decode(model_dir: Path) -> Any:
     receivers: list[KVReceiver] = []
 
-    def make(receiver: str = "inproc", timeout_s: float = 30.0, memory_mb: int = 1) -> Decode:
+    def make(
+        receiver: str = "inproc", timeout_s: float = 30.0, memory_mb: int = 1,
+        reservation: str = "on_demand",
+    ) -> Decode:
+        kv_cache = {"memory_mb": memory_mb, "block_size": BLOCK_SIZE, "reservation": reservation}
         config = make_config(
-            str(model_dir),
-            decode={"kv_cache": {"memory_mb": memory_mb, "block_size": BLOCK_SIZE}},
-            kv_transfer={"timeout_s": timeout_s},
+            str(model_dir), decode={"kv_cache": kv_cache}, kv_transfer={"timeout_s": timeout_s}
         )
         engine = build_replica_engine(config.model, config.decode.kv_cache, 1)
         if receiver == "fake":
@@ -197,7 +199,7 @@ async def test_an_unclaimed_reservation_expires_after_the_kv_timeout(make_decode
 
 
 async def test_reserve_beyond_capacity_is_refused_and_changes_nothing(make_decode: Any) -> None:
-    decode = make_decode(memory_mb=1)
+    decode = make_decode(memory_mb=1, reservation="full")
     capacity = decode.engine.block_manager.num_total_blocks * BLOCK_SIZE
     assert decode.worker.reserve(reserve_request("big", capacity - 200, 100)).ok
     free, pending = decode.num_free_blocks, decode.receiver.num_pending
@@ -211,8 +213,48 @@ async def test_reserve_beyond_capacity_is_refused_and_changes_nothing(make_decod
     assert not decode.worker.abort("more")
     assert decode.worker.abort("big")
     assert decode.is_quiet()
+    # More than the whole cache: never, not "not now".
     refused = decode.worker.reserve(reserve_request("huge", capacity, 1))
-    assert refused.error is not None and refused.error.code is StatusCode.RESOURCE_EXHAUSTED
+    assert refused.error is not None and refused.error.code is StatusCode.INVALID_ARGUMENT
+    assert decode.is_quiet()
+
+
+async def test_on_demand_reserves_the_prompt_plus_the_margin(make_decode: Any) -> None:
+    decode = make_decode()  # reserve_new_tokens: 16, one block
+    total = decode.num_free_blocks
+    assert decode.worker.reserve(reserve_request("long", 20, max_tokens=500)).ok
+    assert decode.num_free_blocks == total - 3  # 20 + 16 slots in blocks of 16
+    assert decode.worker.reserve(reserve_request("short", 20, max_tokens=4)).ok
+    assert decode.num_free_blocks == total - 3 - 2  # 20 + 4 slots: max_tokens caps the margin
+    assert decode.worker.abort("long") and decode.worker.abort("short")
+    assert decode.is_quiet()
+
+
+@pytest.mark.parametrize(
+    ("reservation", "slots_left", "max_tokens", "ok"),
+    [
+        ("on_demand", 16, 10_000, True),  # the prompt and its margin fit: it grows later
+        ("on_demand", 15, 15, True),  # exactly the whole cache
+        ("on_demand", 15, 16, False),
+        ("on_demand", 0, 1, False),
+        ("full", 20, 20, True),
+        ("full", 20, 21, False),
+    ],
+)
+async def test_a_reservation_beyond_the_whole_cache_is_invalid_argument(
+    make_decode: Any, reservation: str, slots_left: int, max_tokens: int, ok: bool
+) -> None:
+    """The prompt leaves `slots_left` of the whole cache's slots."""
+    decode = make_decode(reservation=reservation)
+    num_blocks = decode.engine.block_manager.num_total_blocks
+    prompt = num_blocks * BLOCK_SIZE - slots_left
+    reply = decode.worker.reserve(reserve_request("t", prompt, max_tokens))
+    assert reply.ok is ok
+    if not ok:
+        assert reply.error is not None and reply.error.code is StatusCode.INVALID_ARGUMENT
+        assert f"{prompt} prompt tokens" in reply.error.message
+        assert f"has {num_blocks} blocks" in reply.error.message
+    decode.worker.abort("t")
     assert decode.is_quiet()
 
 

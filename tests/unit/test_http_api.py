@@ -29,6 +29,26 @@ async def api() -> AsyncIterator[Api]:
     await running.server.stop()
 
 
+async def test_priority_extension_reaches_the_flow_on_both_endpoints(api: Api) -> None:
+    client = api.client()
+    await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+        extra_body={"priority": -3},
+    )
+    await client.completions.create(
+        model=MODEL, prompt="Hi", max_tokens=4, extra_body={"priority": 7}
+    )
+    await client.completions.create(model=MODEL, prompt="Hi", max_tokens=4)
+    assert [run.request.priority for run in api.flow.runs] == [-3, 7, 0]
+    for bad in (2**40, "high", True):
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.completions.create(
+                model=MODEL, prompt="Hi", max_tokens=4, extra_body={"priority": bad}
+            )
+        assert info.value.param == "priority", bad
+    assert len(api.flow.runs) == 3
+
+
 async def test_chat_completion_whole_response(api: Api) -> None:
     reply = await api.client().chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=64,
@@ -60,6 +80,7 @@ async def test_chat_completion_whole_response(api: Api) -> None:
     extra = choice.model_extra["pdserve"]
     assert extra["request_id"] == run.request_id
     assert extra["served_by"]["kv_transport"] == "grpc"
+    assert extra["served_by"]["num_preemptions"] == 0
 
 
 async def test_openai_defaults_and_max_tokens_unset(api: Api) -> None:

@@ -78,7 +78,8 @@ MESSAGES: list[Any] = [
         num_cached_tokens=16,
     ),
     ReserveRequest(
-        request_id="r2", transfer_id="t2", num_prompt_tokens=9, max_tokens=33, deadline=12.5
+        request_id="r2", transfer_id="t2", num_prompt_tokens=9, max_tokens=33, deadline=12.5,
+        priority=-2, admitted_at=1234.25,
     ),
     ReserveReply(ok=True, kv_address="inproc://3", error=ERROR),
     DecodeRequest(
@@ -89,12 +90,15 @@ MESSAGES: list[Any] = [
         deadline=12345.5,
         num_previous_tokens=2,
         prompt_first_token_id=11,
+        priority=3,
+        admitted_at=99.5,
     ),
     DecodeEvent(
         token_ids=[8, 9, 10], finish_reason="length", kv_wait_s=0.25, decode_s=2.5, error=ERROR,
         logprobs=[
             TokenLogprobs(8, -0.5), TokenLogprobs(9, -1.0), TokenLogprobs(10, -0.0, [10], [-0.0])
         ],
+        preempted=True,
     ),
     LoadReport(
         replica_id="p0",
@@ -119,6 +123,7 @@ MESSAGES: list[Any] = [
         num_cached_blocks=4,
         total_prompt_tokens=1000,
         total_cached_prompt_tokens=640,
+        total_preemptions=3,
     ),
     LOGPROBS,
     NamedToken(name="eos_token", text="<|im_end|>"),

@@ -28,6 +28,7 @@ from router.autoscaler import decode_autoscaler
 from router.live_scaling import placement_check
 from router.replica_pool import DRAINING, READY
 from router.scaling import ScaleController, pool_limits
+from router.wait_queue import DECODE_BLOCKS
 from tests.unit.test_pool_scaler import FakeFactory, make_pool, make_scaler, states
 
 ROLE = "pdserve/role"
@@ -311,4 +312,27 @@ async def test_the_autoscaler_warns_and_keeps_the_size_when_a_grow_cannot_be_pla
     assert record.levelno == logging.WARNING
     assert "not scaling decode to 2 replicas" in record.getMessage()
     assert "no node has a label pdserve/role matching 'decode'" in record.getMessage()
+    await controller.stop()
+
+
+async def test_the_autoscaler_grows_decode_for_requests_queued_for_decode_blocks() -> None:
+    pool, actors = await make_pool("decode-0")
+    actors["decode-0"].num_used_blocks = 50  # KV usage 0.5: below scale_up_kv_usage 0.8
+    actors["decode-0"].num_active_requests = 5
+    await pool.poll_once()
+    factory = FakeFactory()
+    controller = ScaleController(
+        {"decode": make_scaler(pool, factory)}, {"decode": pool_limits(SCALED, "decode")}
+    )
+    depth = {DECODE_BLOCKS: 0}
+    loop = AutoscaleLoop(
+        controller, {"decode": pool}, {"decode": decode_autoscaler(SCALED.decode.autoscale)},
+        1.0, queue_depth=lambda: depth,
+    )
+    assert loop.step(now=100.0) == {}
+    # 5 requests wait for decode blocks, 10 blocks each as the running ones: (50 + 50) / 100.
+    depth[DECODE_BLOCKS] = 5
+    decision = loop.step(now=200.0)["decode"]
+    assert decision.target_replicas == 2 and "5 queued in the router" in decision.reason
+    assert pool.target_replicas == 2
     await controller.stop()

@@ -164,14 +164,32 @@ def test_max_tokens_alone_beyond_the_context() -> None:
     assert "12" in message and "10" in message
 
 
-def test_missing_sampling() -> None:
-    request = pdserve_pb2.GenerateRequest(text="Hello")
-    expect_error(request, "sampling.max_tokens")
+def test_missing_sampling_is_greedy_with_max_tokens_unset() -> None:
+    validated = validate(pdserve_pb2.GenerateRequest(text="Hello"))
+    prompt = validated.num_prompt_tokens
+    assert validated.sampling.max_tokens == min(LIMITS.max_tokens, MAX_CONTEXT_TOKENS - prompt)
+    assert validated.sampling.temperature == 0.0
+    assert validated.sampling.top_p == 1.0
 
 
-@pytest.mark.parametrize("max_tokens", [0, -1, LIMITS.max_tokens + 1])
+def test_max_tokens_zero_means_as_many_as_fit() -> None:
+    assert validate(make_request(max_tokens=0)).sampling.max_tokens == LIMITS.max_tokens
+    near_full = validate(make_request(token_ids=[2] * 60, max_tokens=0))
+    assert near_full.sampling.max_tokens == MAX_CONTEXT_TOKENS - 60
+
+
+@pytest.mark.parametrize("max_tokens", [-1, LIMITS.max_tokens + 1])
 def test_max_tokens_bounds(max_tokens: int) -> None:
     expect_error(make_request(max_tokens=max_tokens), "sampling.max_tokens")
+
+
+def test_priority_passes_through_and_defaults_to_zero() -> None:
+    assert validate(make_request()).priority == 0
+    request = make_request()
+    request.priority = -5
+    assert validate(request).priority == -5
+    request.priority = 2**31 - 1
+    assert validate(request).priority == 2**31 - 1
 
 
 @pytest.mark.parametrize("temperature", [math.nan, math.inf, -math.inf, -0.5])

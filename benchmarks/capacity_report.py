@@ -1,0 +1,102 @@
+"""Summaries of the capacity benchmark's runs, the targets, and its chart."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from benchmarks.capacity_driver import ChatRecord
+
+REFUSED = "RESOURCE_EXHAUSTED"
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None, "max": None}
+    ordered = sorted(values)
+    return {
+        "p50": statistics.median(ordered),
+        "p99": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))],
+        "max": ordered[-1],
+    }
+
+
+def summarize(records: list[ChatRecord], elapsed_s: float) -> dict[str, Any]:
+    ok = [r for r in records if r.status == "OK"]
+    failures: dict[str, int] = {}
+    for record in records:
+        if record.status not in ("OK", REFUSED):
+            failures[record.status] = failures.get(record.status, 0) + 1
+    output_tokens = sum(r.num_completion_tokens for r in ok)
+    return {
+        "num_requests": len(records),
+        "num_ok": len(ok),
+        "num_refused": sum(1 for r in records if r.status == REFUSED),
+        "num_failed": sum(failures.values()),
+        "failures": failures,
+        "elapsed_s": elapsed_s,
+        "output_tokens": output_tokens,
+        "output_tokens_per_s": output_tokens / elapsed_s if elapsed_s > 0 else 0.0,
+        "mean_completion_tokens": output_tokens / len(ok) if ok else 0.0,
+        "ttft_s": percentiles([r.ttft_s for r in ok if r.ttft_s is not None]),
+        "itl_s": percentiles([gap for r in ok for gap in r.itl_s]),
+        "queue_s": percentiles([r.queue_s for r in ok]),
+        "num_preemptions": sum(r.num_preemptions for r in ok),
+        "num_preempted_requests": sum(1 for r in ok if r.num_preemptions),
+    }
+
+
+def targets(policies: dict[str, dict[str, Any]], concurrency: str) -> dict[str, Any]:
+    """The issue's targets at `concurrency`: 0 refused with on_demand, and on_demand's output
+    tokens/s at least 2x full's."""
+    on_demand = policies.get("on_demand", {}).get(concurrency)
+    full = policies.get("full", {}).get(concurrency)
+    refused = on_demand["num_refused"] if on_demand else None
+    ratio = None
+    if on_demand and full and full["output_tokens_per_s"]:
+        ratio = on_demand["output_tokens_per_s"] / full["output_tokens_per_s"]
+    return {
+        "concurrency": int(concurrency),
+        "on_demand_refused": refused,
+        "zero_refused_met": None if refused is None else refused == 0,
+        "tokens_per_s_ratio": ratio,
+        "tokens_per_s_2x_met": None if ratio is None else ratio >= 2.0,
+    }
+
+
+def write_chart(results: dict[str, Any], path: Path) -> None:
+    """Four panels over concurrency, one line per policy: tokens/s, TTFT p50, ITL p99, queue
+    p50."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    panels = (
+        ("output tokens/s", ("output_tokens_per_s",)),
+        ("TTFT p50 (s)", ("ttft_s", "p50")),
+        ("ITL p99 (s)", ("itl_s", "p99")),
+        ("router + prefill queue p50 (s)", ("queue_s", "p50")),
+    )
+    fig, axes = pyplot.subplots(1, len(panels), figsize=(15, 3.6))
+    for axis, (title, keys) in zip(axes, panels):
+        for policy, runs in results["policies"].items():
+            concurrencies = sorted(runs, key=int)
+            values = [_get(runs[c], keys) for c in concurrencies]
+            axis.plot([int(c) for c in concurrencies], values, marker="o", label=policy)
+        axis.set_title(title)
+        axis.set_xlabel("concurrent chats")
+    axes[0].legend(fontsize=8)
+    cpu = results["machine"].get("cpu_model", "")
+    fig.suptitle(f"Decode KV reservation: on demand vs worst case, real chats ({cpu})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot.close(fig)
+
+
+def _get(summary: dict[str, Any], keys: tuple[str, ...]) -> float:
+    value: Any = summary
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, (int, float)) else 0.0
