@@ -57,11 +57,11 @@ def run_policy(policy: str, questions: list[str], args: argparse.Namespace) -> d
     with Service(service_config(policy, args)) as service:
         asyncio.run(closed_loop(service.address, questions[:2], 1, 2, args.max_tokens))  # warm
         for concurrency in args.concurrency:
-            records, elapsed_s = asyncio.run(closed_loop(
+            run = asyncio.run(closed_loop(
                 service.address, questions, concurrency,
                 args.requests_per_stream * concurrency, args.max_tokens,
             ))
-            results[str(concurrency)] = summarize(records, elapsed_s)
+            results[str(concurrency)] = summarize(run)
             print(f"{policy:9s} C={concurrency:<3d} {_line(results[str(concurrency)])}",
                   flush=True)
     return results
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 def _line(summary: dict[str, Any]) -> str:
     return (
         f"ok {summary['num_ok']} refused {summary['num_refused']} "
-        f"failed {summary['num_failed']}  {summary['output_tokens_per_s']:.1f} tok/s  "
+        f"failed {summary['num_failed']}  {summary['output_tokens_per_s']:.1f} tok/s "
+        f"(steady {summary['steady_output_tokens_per_s']:.1f})  "
         f"TTFT p50 {summary['ttft_s']['p50']:.2f}s  ITL p99 {summary['itl_s']['p99']:.3f}s  "
         f"preemptions {summary['num_preemptions']}"
     )

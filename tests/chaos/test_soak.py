@@ -1,8 +1,9 @@
 """The random-fault soak (`make chaos`): a bounded stream of requests against 2 prefill + 2
 decode replicas while replicas are killed (Ray restarts them), paused with SIGSTOP, requests are
-cancelled, time out, or carry injected KV corruption. At the end: every request ended exactly
-once with an expected outcome, every completed output equals the reference, and nothing leaked.
-Writes its figures to bench-results/soak.json."""
+cancelled, time out, or carry injected KV corruption, and long requests outgrow the small decode
+caches (preemption by recompute races with all of the above). At the end: every request ended
+exactly once with an expected outcome, every completed output equals the reference, and nothing
+leaked. Writes its figures to bench-results/soak.json."""
 
 from __future__ import annotations
 
@@ -28,10 +29,14 @@ from tests.integration.test_replica_failures import reference
 SOAK_SECONDS = 300.0
 MAX_REQUESTS = 10_000
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(SOAK_SECONDS + 600)]
-NUM_CLIENTS = 4
+NUM_CLIENTS = 10
 TARGET = 333  # prompts starting with it get a corrupted KV chunk
 PROMPTS = [[5, 6, 7], [11, 12, 13, 14], [40, 41, 42, 43, 44, 45], list(range(60, 90))]
 MAX_TOKENS = 12
+# Long requests: 27 blocks of 16 tokens each at the end, while a decode cache holds 85, so a
+# few at once on one replica preempt each other.
+LONG_PROMPTS = [list(range(100, 130)), list(range(200, 225))]
+LONG_MAX_TOKENS = 400
 # Outcomes a request may have under these faults; anything else (INTERNAL, UNKNOWN) fails.
 ALLOWED = {
     "OK", "CANCELLED", "DEADLINE_EXCEEDED", "DATA_LOSS", "UNAVAILABLE", "RESOURCE_EXHAUSTED",
@@ -46,6 +51,7 @@ class Soak:
         self.faults: collections.Counter[str] = collections.Counter()
         self.wrong_outputs: list[tuple[list[int], list[int]]] = []
         self.num_requests = 0
+        self.num_preemptions = 0
         self.lock = threading.Lock()
         self.stop_at = time.monotonic() + SOAK_SECONDS
 
@@ -64,7 +70,10 @@ class Soak:
     def one_request(self, client: GenerationClient, rng: random.Random) -> str:
         roll = rng.random()
         prompt = [TARGET, 1, 2] if roll < 0.1 else rng.choice(PROMPTS)
-        request = make_request(prompt, max_tokens=MAX_TOKENS, ignore_eos=True)
+        max_tokens = MAX_TOKENS
+        if roll >= 0.4:
+            prompt, max_tokens = rng.choice(LONG_PROMPTS), LONG_MAX_TOKENS
+        request = make_request(prompt, max_tokens=max_tokens, ignore_eos=True)
         timeout = 0.05 if 0.1 <= roll < 0.15 else 60.0
         try:
             call = client._stub.Generate(request, timeout=timeout)
@@ -72,7 +81,12 @@ class Soak:
                 next(call)
                 call.cancel()
                 list(call)
-            tokens = [t for response in call for t in response.token_ids]
+            tokens = []
+            for response in call:
+                tokens.extend(response.token_ids)
+                if response.HasField("final"):
+                    with self.lock:
+                        self.num_preemptions += response.final.served_by.num_preemptions
         except grpc.RpcError as err:
             return err.code().name
         if tokens != self.expected[tuple(prompt)]:
@@ -105,12 +119,20 @@ class Soak:
 def test_random_fault_soak(ray_cluster: None, tiny_model_dir: Path) -> None:
     config = make_config(
         str(tiny_model_dir),
-        prefill={"replicas": 2}, decode={"replicas": 2},
+        prefill={"replicas": 2},
+        decode={"replicas": 2, "kv_cache": {"memory_mb": 1, "block_size": 16}},
+        limits={"max_tokens": LONG_MAX_TOKENS},
         faults={"target_token_id": TARGET, "kv_chunk_fault": "corrupt"},
         timeouts={"load_poll_interval_s": 0.25, "load_poll_timeout_s": 2.0},
-        reliability={"max_replica_restarts": 1000, "max_migrations": 3, "prefill_retries": 3},
+        reliability={
+            "max_replica_restarts": 1000, "max_migrations": 3, "prefill_retries": 3,
+            "max_preemptions": 100,
+        },
     )
     expected = {tuple(p): reference(tiny_model_dir, p, MAX_TOKENS) for p in PROMPTS}
+    expected.update(
+        {tuple(p): reference(tiny_model_dir, p, LONG_MAX_TOKENS) for p in LONG_PROMPTS}
+    )
     with Service(config) as service:
         soak = Soak(service, expected)
         threads = [threading.Thread(target=soak.client_loop, args=(i,)) for i in range(NUM_CLIENTS)]
@@ -134,6 +156,7 @@ def test_random_fault_soak(ray_cluster: None, tiny_model_dir: Path) -> None:
         "requests": soak.num_requests,
         "outcomes": dict(soak.outcomes),
         "faults_injected": dict(soak.faults),
+        "preemptions_of_completed_requests": soak.num_preemptions,
         "wrong_outputs": len(soak.wrong_outputs),
         "leaked_blocks": sum(r.num_total_blocks - r.num_free_blocks for r in reports),
         "leaked_leases": sum(r.num_leases for r in reports),
