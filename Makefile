@@ -35,8 +35,10 @@ serve: install
 test: install
 	$(PY) -m pytest -q -m "not slow and not gpu and not chaos" tests
 
+# How long the soak sends requests, in seconds (e.g. `make chaos SOAK_SECONDS=3600`).
+SOAK_SECONDS ?= 300
 chaos: install
-	$(PY) -m pytest -q -s -m chaos tests/chaos
+	$(PY) -m pytest -q -s -m chaos tests/chaos --soak-seconds $(SOAK_SECONDS)
 
 test-all: install
 	$(PY) -m pytest -q tests

@@ -88,34 +88,53 @@ def targets(policies: dict[str, dict[str, Any]], concurrency: str) -> dict[str, 
 
 
 def write_chart(results: dict[str, Any], path: Path) -> None:
-    """Four panels over concurrency, one line per policy: tokens/s, TTFT p50, ITL p99, queue
-    p50."""
+    """One panel per figure (tokens/s, TTFT p50, ITL p99, queue p50), a group of bars per
+    concurrency, one bar per policy; a figure a run did not record is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    panels = (
-        ("output tokens/s (steady part)", ("steady_output_tokens_per_s",)),
-        ("output tokens/s (whole run)", ("output_tokens_per_s",)),
-        ("TTFT p50 (s)", ("ttft_s", "p50")),
-        ("ITL p99 (s)", ("itl_s", "p99")),
-        ("router + prefill queue p50 (s)", ("queue_s", "p50")),
-    )
-    fig, axes = pyplot.subplots(1, len(panels), figsize=(18, 3.6))
-    for axis, (title, keys) in zip(axes, panels):
-        for policy, runs in results["policies"].items():
-            concurrencies = sorted(runs, key=int)
-            values = [_get(runs[c], keys) for c in concurrencies]
-            axis.plot([int(c) for c in concurrencies], values, marker="o", label=policy)
-        axis.set_title(title)
+    policies = results["policies"]
+    concurrencies = sorted({c for runs in policies.values() for c in runs}, key=int)
+    panels = [
+        (title, keys) for title, keys in _PANELS
+        if any(_has(runs[c], keys) for runs in policies.values() for c in runs)
+    ]
+    fig, axes = pyplot.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    width = 0.8 / max(1, len(policies))
+    for axis, (title, keys) in zip(axes[0], panels):
+        for offset, (policy, runs) in enumerate(policies.items()):
+            positions = [i + offset * width for i in range(len(concurrencies))]
+            values = [_get(runs[c], keys) if c in runs else 0.0 for c in concurrencies]
+            bars = axis.bar(positions, values, width, label=policy)
+            axis.bar_label(bars, fmt="%.3g", fontsize=7)
+        axis.set_xticks([i + width * (len(policies) - 1) / 2 for i in range(len(concurrencies))])
+        axis.set_xticklabels(concurrencies)
+        axis.set_title(title, fontsize=10)
         axis.set_xlabel("concurrent chats")
-    axes[0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
     cpu = results["machine"].get("cpu_model", "")
     fig.suptitle(f"Decode KV reservation: on demand vs worst case, real chats ({cpu})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot.close(fig)
+
+
+_PANELS = (
+    ("output tokens/s (steady part)", ("steady_output_tokens_per_s",)),
+    ("output tokens/s (whole run)", ("output_tokens_per_s",)),
+    ("TTFT p50 (s)", ("ttft_s", "p50")),
+    ("ITL p99 (s)", ("itl_s", "p99")),
+    ("router + prefill queue p50 (s)", ("queue_s", "p50")),
+)
+
+
+def _has(summary: dict[str, Any], keys: tuple[str, ...]) -> bool:
+    value: Any = summary
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return isinstance(value, (int, float))
 
 
 def _get(summary: dict[str, Any], keys: tuple[str, ...]) -> float:

@@ -108,6 +108,13 @@ class RouterConfig(ConfigSection):
     # Requests waiting in the router's queue for capacity (an in-flight slot, decode blocks);
     # more are rejected with RESOURCE_EXHAUSTED.
     max_queued_requests: int = Field(default=1024, ge=0, le=1_000_000)
+    # Messages (token updates) the router holds for one stream whose client reads slower than
+    # the replicas produce; when full, the router reads no more of that request's stream from
+    # its replicas until the client takes one.
+    max_buffered_messages: int = Field(default=64, ge=1, le=65536)
+    # Threads that render and tokenize long prompts off the router's event loop: at most this
+    # many prompts are tokenized at once, more wait their turn.
+    tokenizer_threads: int = Field(default=2, ge=1, le=64)
 
 
 class LimitsConfig(ConfigSection):
@@ -170,10 +177,19 @@ class TimeoutsConfig(ConfigSection):
     # On shutdown (SIGTERM, Ctrl-C) and on a scale-down: how long in-flight streams may run on
     # a draining router or replica before they are cut.
     drain_grace_s: float = Field(default=30.0, ge=0)
+    # A stream whose client has accepted no data for this long while a message waits to be
+    # sent (no HTTP/2 flow-control window, an unread socket) is cancelled: its work on the
+    # replicas is aborted and its KV freed.
+    client_stall_s: float = Field(default=30.0, gt=0)
     # How often the router polls replica load and liveness.
     load_poll_interval_s: float = Field(default=0.5, gt=0)
     # A replica that does not answer a poll within this is marked unresponsive.
     load_poll_timeout_s: float = Field(default=5.0, gt=0)
+    # Longest wait for a replica's answer to a control call on a request's path (a decode
+    # reservation): no answer in time counts the replica lost for that attempt and suspect
+    # (no new placements) until it answers a poll again. A request never waits on one replica
+    # for more than its share of the time left (split between the replicas it may try).
+    control_call_s: float = Field(default=5.0, gt=0)
 
     @model_validator(mode="after")
     def _default_within_max(self) -> TimeoutsConfig:

@@ -39,6 +39,15 @@ class PdserveError(Exception):
     def to_info(self) -> ErrorInfo:
         return ErrorInfo(code=self.code, message=self.message)
 
+    def with_message(self, message: str) -> PdserveError:
+        """A copy of this error (same type, code and attributes) saying `message`; the error
+        itself is left as it is (one error object may end several requests)."""
+        copy = type(self).__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        copy.message = message
+        copy.args = (message,)
+        return copy
+
 
 class InvalidArgument(PdserveError):
     """A request field is out of bounds; the message starts with the field's name."""

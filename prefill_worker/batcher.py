@@ -21,7 +21,7 @@ from collections import deque
 
 from engine.block_manager import BlockManager
 from engine.prefix_cache import hash_blocks
-from pdserve.errors import ResourceExhausted
+from pdserve.errors import InvalidArgument, ResourceExhausted
 from prefill_worker.job import PrefillJob
 
 
@@ -43,14 +43,14 @@ class PrefillBatcher:
         return len(self._waiting)
 
     def submit(self, job: PrefillJob) -> None:
-        """Queues a job; raises ResourceExhausted when the queue is full or the prompt can
-        never fit the cache."""
+        """Queues a job; raises ResourceExhausted when the queue is full (the router waits
+        and tries again) and InvalidArgument when the prompt can never fit the cache."""
         if len(self._waiting) >= self._max_waiting:
             raise ResourceExhausted(f"prefill queue full ({self._max_waiting} waiting)")
         needed = self._block_manager.blocks_needed(job.num_prompt_tokens)
         if needed > self._block_manager.num_total_blocks:
-            raise ResourceExhausted(
-                f"prompt of {job.num_prompt_tokens} tokens exceeds this replica's KV cache"
+            raise InvalidArgument(
+                "prompt", f"{job.num_prompt_tokens} tokens exceed this replica's KV cache"
             )
         if self._prefix_caching:
             job.block_hashes = _hashes_or_none(job, self._block_manager.block_size)

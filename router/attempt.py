@@ -1,21 +1,20 @@
 """One placement of a request: reserve decode blocks, prefill, hand off, decode.
 
 Life of an attempt:
-1. **Reserve.** Ask the ready decode replicas, most free blocks first, to reserve blocks for
-   prompt + tokens already sent (plus the replica's growth margin). When every one that
-   answered has no room now, wait in the router queue (`router.wait_queue`, ordered by the
-   request's priority and admission time) and try again when capacity frees; INVALID_ARGUMENT
-   only when every replica says the request can never fit (`router.refusals`).
-2. **Prefill** on the least-loaded prefill replica; its first token is yielded at once.
+1. **Reserve** decode blocks for prompt + tokens already sent (`router.decode_reservation`:
+   waits in the router queue while no decode replica has room; skips a silent replica).
+2. **Prefill** on the least-loaded prefill replica whose queue takes the request (while every
+   prefill queue is full, wait in the router queue, holding the reservation); its first token
+   is yielded at once.
 3. **Hand off + decode.** The KV moves to the reserved blocks; decode streams the rest.
 
 `tokens()` yields the request's new tokens as they come. It raises a PdserveError when the
 attempt fails; `ReplicaLost` when a replica it used died or stalled (the flow may then retry or
 migrate); `Preempted` when the decode replica preempted it (its blocks are gone; the flow
 re-prefills). `close()` always runs: it cancels the replica streams and, unless the attempt
-finished by itself, aborts the transfer id on the replicas that may hold something for it,
-which frees the prefill lease and the decode blocks at once; then it signals the router queue
-(decode blocks were released).
+finished by itself, aborts the transfer id on the replicas that may hold something for it
+(always on a decode replica whose reservation went unanswered), which frees the prefill lease
+and the decode blocks at once; then it signals the router queue (decode blocks were released).
 """
 
 from __future__ import annotations
@@ -26,29 +25,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.config import PdserveConfig
-from pdserve.errors import FailedPrecondition, PdserveError, Unavailable, error_from_info
+from pdserve.errors import (
+    InvalidArgument,
+    PdserveError,
+    ResourceExhausted,
+)
 from pdserve.messages import (
     DecodeEvent,
     DecodeRequest,
     KVTarget,
     PrefillEvent,
     PrefillRequest,
-    ReserveReply,
-    ReserveRequest,
     TokenLogprobs,
     encode,
 )
 from pdserve.metrics import RouterMetrics
+from router.decode_reservation import DecodeReservation
+from router.kv_transport_choice import kv_transport_for
 from router.preemption import Preempted
-from router.ray_calls import EventStream, call_message
+from router.ray_calls import EventStream
 from router.refusals import Refusals
 from router.replica_pool import DEAD, Replica, ReplicaPool
 from router.stream_watch import ReplicaLost as ReplicaLost  # the flow catches it from here
-from router.stream_watch import next_event, seconds_left
+from router.stream_watch import next_event
 from router.validation import ValidatedRequest
-from router.wait_queue import DECODE_BLOCKS, QueueOrder, WaitQueue
-
-CONTROL_CALL_TIMEOUT_S = 10.0
+from router.wait_queue import PREFILL_ROOM, QueueOrder, WaitQueue
 
 
 @dataclass
@@ -112,18 +113,17 @@ class Attempt:
         # Epoch of each replica when this attempt used it: a restart loses the attempt.
         self._placed_epochs: dict[str, str] = {}
         self._finished = False
-        # Decode replicas asked to reserve that never answered (timeout, cancel): they may
-        # hold blocks under the transfer id, so close() aborts it there too.
-        self._unanswered: dict[str, Replica] = {}
+        self._reservation = DecodeReservation(
+            config, self._decode_pool, request, len(self._previous),
+            (request_id, self.transfer_id), deadline,
+            QueueOrder(request.priority, admitted_at), wait_queue,
+        )
 
     async def tokens(self) -> AsyncGenerator[TokenEvent, None]:
         """Yields new tokens; the last event carries a finish reason."""
-        self._decode = await self._reserve()
-        self._prefill = self._prefill_pool.by_least_loaded()[0]
-        self._prefill.num_placed_since_report += 1
-        prefill_request = self._prefill_request()
-        prefill = self._open(self._prefill, "prefill", PrefillEvent, prefill_request)
-        first: PrefillEvent = await self._next(prefill, self._prefill)
+        self._decode, self.report.queued_s = await self._reservation.reserve()
+        prefill, first, prefill_request = await self._start_prefill()
+        self._wait_queue.notify()  # a place in a prefill queue is free again
         self.report.timings.update(queue_s=first.queue_s, prefill_s=first.prefill_s)
         self.report.num_cached_tokens = first.num_cached_tokens
         first_logprobs = [first.logprobs] if first.logprobs is not None else []
@@ -150,17 +150,21 @@ class Attempt:
                 raise Preempted(self._decode.replica_id)
 
     def close(self) -> None:
-        """Cancels the streams; unless the attempt finished, aborts the transfer on every
-        replica that may hold something for it; signals the router queue when decode blocks
-        were (or may have been) reserved. Never blocks."""
+        """Cancels the streams; aborts the transfer on every replica that may hold something
+        for it (once the attempt finished: only where a reservation went unanswered); signals
+        the router queue when decode blocks were (or may have been) reserved. Never blocks."""
         for stream in self._streams:
             stream.close()
         decode_asked = [self._decode] if self._decode else []
-        decode_asked += self._unanswered.values()
+        decode_asked += self._reservation.unanswered
+        # A reservation that never answered may land later, even after the attempt finished
+        # on another replica: its transfer id is aborted there whatever the outcome.
+        to_abort = self._reservation.unanswered
         if not self._finished:
-            for replica in (self._prefill, *decode_asked):
-                if replica is not None and replica.state != DEAD:
-                    replica.handle.abort.remote(self.transfer_id)
+            to_abort += [replica for replica in (self._prefill, self._decode) if replica]
+        for replica in to_abort:
+            if replica.state != DEAD:
+                replica.handle.abort.remote(self.transfer_id)
         if decode_asked:
             self._wait_queue.notify()
         self.report.prefill_replica = self._prefill.replica_id if self._prefill else ""
@@ -200,50 +204,38 @@ class Attempt:
         self._streams.append(stream)
         return stream
 
-    async def _reserve(self) -> Replica:
-        """Reserves decode blocks, waiting in the router queue while no replica has room."""
+    async def _start_prefill(self) -> tuple[EventStream, PrefillEvent, PrefillRequest]:
+        """Opens prefill on the least-loaded prefill replica whose queue takes the request,
+        waiting in the router queue (holding the decode reservation) while every queue is
+        full; returns the stream, its first event and the request sent."""
         order = QueueOrder(self._request.priority, self._admitted_at)
-        # The request holds an in-flight slot already: a full queue does not refuse it.
-        replica, self.report.queued_s = await self._wait_queue.take(
-            self._try_reserve, order, self._deadline, DECODE_BLOCKS, bounded=False
+        started, queued_s = await self._wait_queue.take(
+            self._try_prefill, order, self._deadline, PREFILL_ROOM, bounded=False
         )
-        return replica
+        self.report.queued_s += queued_s
+        return started
 
-    async def _try_reserve(self) -> Replica:
-        """One round over the ready decode replicas, most free blocks first; see
-        `router.refusals` for what it raises when none reserved."""
-        message = encode(self._reserve_request())
-        refusals = Refusals("decode")
-        for replica in self._decode_pool.by_most_free_blocks():
-            self._unanswered[replica.replica_id] = replica
+    async def _try_prefill(self) -> tuple[EventStream, PrefillEvent, PrefillRequest]:
+        """One round over the ready prefill replicas, fewest pending requests first. A replica
+        whose queue is full (RESOURCE_EXHAUSTED, its only event) holds nothing: the next one
+        is tried; see `router.refusals` for what the round raises when none took it."""
+        refusals = Refusals("prefill")
+        for replica in self._prefill_pool.by_least_loaded():
+            self._prefill = replica
+            replica.num_placed_since_report += 1
+            request = self._prefill_request()
+            stream = self._open(replica, "prefill", PrefillEvent, request)
             try:
-                reply = await call_message(
-                    replica.handle.reserve, ReserveReply, message,
-                    timeout_s=min(CONTROL_CALL_TIMEOUT_S, seconds_left(self._deadline)),
-                    what=f"{replica.replica_id}.reserve",
-                )
-            except Unavailable as exc:
+                return stream, await self._next(stream, replica), request
+            except (ResourceExhausted, InvalidArgument) as exc:
                 refusals.add(exc)
-                continue
-            del self._unanswered[replica.replica_id]
-            if reply.ok:
-                replica.num_placed_since_report += 1
-                return replica
-            assert reply.error is not None, "a refused reservation carries its error"
-            refusals.add(error_from_info(reply.error))
-        num_new_tokens = self._request.sampling.max_tokens - len(self._previous)
+                replica.num_placed_since_report -= 1
+                stream.close()
+                self._streams.remove(stream)
+                self._prefill = None
         raise refusals.verdict(
-            f"room for {self._request.num_prompt_tokens + len(self._previous)} prompt + "
-            f"{num_new_tokens} new tokens"
-        )
-
-    def _reserve_request(self) -> ReserveRequest:
-        return ReserveRequest(
-            request_id=self._request_id, transfer_id=self.transfer_id,
-            num_prompt_tokens=self._request.num_prompt_tokens + len(self._previous),
-            max_tokens=self._request.sampling.max_tokens - len(self._previous),
-            deadline=self._deadline, priority=self._request.priority,
-            admitted_at=self._admitted_at,
+            f"room in its queue for {self._request.num_prompt_tokens + len(self._previous)} "
+            "prompt tokens"
         )
 
     def _prefill_request(self) -> PrefillRequest:
@@ -272,16 +264,3 @@ class Attempt:
             priority=self._request.priority, admitted_at=self._admitted_at,
         )
 
-
-def kv_transport_for(configured: str, prefill_node: str, decode_node: str) -> str:
-    """The transport for one hand-off: `auto` takes shared memory within a node and gRPC
-    across nodes; an explicit `shm` across nodes is refused, never silently replaced."""
-    same_node = bool(prefill_node) and prefill_node == decode_node
-    if configured == "auto":
-        return "shm" if same_node else "grpc"
-    if configured == "shm" and not same_node:
-        raise FailedPrecondition(
-            "kv_transfer.transport is shm but the chosen prefill and decode replicas are on "
-            "different nodes"
-        )
-    return configured

@@ -8,7 +8,8 @@ The router queue's waiters count for the pool that is short (`queued_for`): requ
 for decode blocks for decode; requests waiting for an in-flight slot for decode too while any
 request waits for decode blocks (the slots are then held by requests stuck on decode room, and
 each newcomer will need decode room as well), else for prefill (each is a prompt to prefill,
-queued in front of the prefill replicas' own queues). Colocated replicas do both halves: every
+queued in front of the prefill replicas' own queues); requests waiting for room in a full
+prefill replica queue for prefill. Colocated replicas do both halves: every
 waiter counts for them (no colocated autoscaler exists yet).
 """
 
@@ -23,7 +24,7 @@ from pdserve.errors import FailedPrecondition, PdserveError
 from router.autoscaler import Autoscaler, Decision, PoolSnapshot
 from router.replica_pool import ReplicaPool
 from router.scaling import ScaleController
-from router.wait_queue import COLOCATED_ROOM, DECODE_BLOCKS, IN_FLIGHT_SLOT
+from router.wait_queue import COLOCATED_ROOM, DECODE_BLOCKS, IN_FLIGHT_SLOT, PREFILL_ROOM
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def queued_for(role: str, depth: Mapping[str, int]) -> int:
     if role == "decode":
         return num_decode + (num_slot if num_decode else 0)
     if role == "prefill":
-        return 0 if num_decode else num_slot
+        return depth.get(PREFILL_ROOM, 0) + (0 if num_decode else num_slot)
     if role == "colocated":
         return num_slot + depth.get(COLOCATED_ROOM, 0)
     return 0

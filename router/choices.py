@@ -43,12 +43,19 @@ def choice_request(request: ValidatedRequest, index: int) -> ValidatedRequest:
     return dataclasses.replace(request, sampling=sampling)
 
 
+def choice_request_id(request_id: str, index: int, num_choices: int) -> str:
+    """The request id choice `index`'s flow carries: `<request_id>-<index>`, or just
+    `request_id` for a request with one choice."""
+    return request_id if num_choices == 1 else f"{request_id}-{index}"
+
+
 async def stream_choices(
     flow: RequestFlow,
     request: ValidatedRequest,
     deadline: float,
     request_id: str,
     admission: Admission | None = None,
+    max_buffered: int = 0,
 ) -> AsyncGenerator[ChoiceChunk, None]:
     """Runs the request's choices (choice 0 first, the others from its first token) and
     yields their chunks as they come.
@@ -58,18 +65,22 @@ async def stream_choices(
     and are preempted as one request.
     The first choice to fail fails the whole stream: the others are cancelled (which aborts
     their work on the replicas) before its error is raised. Closing the generator early
-    cancels every choice the same way."""
+    cancels every choice the same way. At most `max_buffered` chunks (0: no bound) wait for
+    the consumer; beyond that the choices stop reading from their replicas."""
     admission = admission or Admission.now()
     if request.num_choices == 1:
         async for chunk in flow.run(request, deadline, request_id, admission):
             yield ChoiceChunk(0, chunk)
         return
-    queue: asyncio.Queue[ChoiceChunk | _ChoiceEnded] = asyncio.Queue()
+    queue: asyncio.Queue[ChoiceChunk | _ChoiceEnded] = asyncio.Queue(maxsize=max_buffered)
 
     def start(index: int) -> asyncio.Task[None]:
         choice = choice_request(request, index)
         return asyncio.create_task(
-            _pump(flow, choice, deadline, f"{request_id}-{index}", admission, index, queue)
+            _pump(
+                flow, choice, deadline, choice_request_id(request_id, index, request.num_choices),
+                admission, index, queue,
+            )
         )
 
     tasks = [start(0)]
@@ -104,10 +115,10 @@ async def _pump(
 ) -> None:
     try:
         async for chunk in flow.run(request, deadline, request_id, admission):
-            queue.put_nowait(ChoiceChunk(index, chunk))
+            await queue.put(ChoiceChunk(index, chunk))
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # handed to the consumer, which raises it
-        queue.put_nowait(_ChoiceEnded(index, exc))
+        await queue.put(_ChoiceEnded(index, exc))
         return
-    queue.put_nowait(_ChoiceEnded(index))
+    await queue.put(_ChoiceEnded(index))

@@ -5,6 +5,12 @@ Each API is a thin adapter: it turns its wire format into a `GenerateInput`, the
 statuses. What is decided here is decided once for both: validation (chat rendering and
 tokenizing included), the deadline policy, admission and the flow.
 
+Validation: the checks that need no tokens run on the event loop, among them a character bound
+that refuses a prompt too long to fit the context before any tokenizing. Rendering and
+tokenizing a prompt longer than `INLINE_PROMPT_CHARS` then runs in the front door's thread pool
+(`router.tokenizer_threads` threads; the tokenizer releases the GIL), so a flood of huge prompts
+queues there while health, `Info` and every stream keep the loop.
+
 Admission: a request (all its choices at once) takes in-flight slots, at most
 `router.max_inflight_requests` in all. When they are not free, it waits in the router queue
 (`router.wait_queue`: priority, then arrival) until a finishing request frees them, its
@@ -18,17 +24,24 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from concurrent.futures import ThreadPoolExecutor
 
 from pdserve.config import PdserveConfig
 from pdserve.errors import ResourceExhausted, Unavailable
 from pdserve.metrics import RouterMetrics
 from router.admission import Admission, AdmissionClock
 from router.choices import ChoiceChunk, stream_choices
+from router.client_stream import CUT_WAIT_S, ClientStream, OpenStreams
 from router.generate_input import GenerateInput
 from router.request_flow import RequestFlow
 from router.tokenizer import RouterTokenizer
-from router.validation import ValidatedRequest, validate_request
+from router.validation import ValidatedRequest, check_request, tokenize_request
 from router.wait_queue import IN_FLIGHT_SLOT, QueueOrder
+
+# Prompts up to this many characters (token ids: always) are rendered and tokenized on the event
+# loop: a millisecond or two at most, less than the hop to a thread, and they never wait
+# behind huge prompts queued in the pool.
+INLINE_PROMPT_CHARS = 1024
 
 
 def new_request_id() -> str:
@@ -39,8 +52,9 @@ def new_request_id() -> str:
 class FrontDoor:
     """Validates, admits and runs requests for the public APIs.
 
-    Owns the in-flight count, the admission clock and the draining flag; lives on the router's
-    event loop (every method is called from it). `generate` raises `ResourceExhausted` when the
+    Owns the in-flight count, the admission clock, the draining flag and the tokenizing threads
+    (`close` stops them); lives on the router's event loop (every method is called from it).
+    `validate` raises `InvalidArgument`; `generate` raises `ResourceExhausted` when the
     router queue is full (or the request has more choices than in-flight slots exist),
     `DeadlineExceeded` when its deadline passes while queued and `Unavailable` while draining."""
 
@@ -66,9 +80,15 @@ class FrontDoor:
         metrics = metrics or RouterMetrics()
         metrics.watch_inflight(lambda: self.num_inflight)
         metrics.watch_queue(lambda: self._queue.num_queued)
+        self._metrics = metrics
+        # The streams being sent to clients: the end of a drain cuts them.
+        self._streams = OpenStreams()
         self._draining = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self._tokenizing = ThreadPoolExecutor(
+            config.router.tokenizer_threads, thread_name_prefix="router-tokenize"
+        )
 
     @property
     def tokenizer(self) -> RouterTokenizer:
@@ -83,10 +103,15 @@ class FrontDoor:
         """Requests waiting in the router queue now (for a slot or for decode room)."""
         return self._queue.num_queued
 
-    def validate(self, request: GenerateInput) -> ValidatedRequest:
-        """See `router.validation.validate_request`; raises `InvalidArgument`."""
-        return validate_request(
-            request, self._tokenizer, self._config.limits, self.max_context_tokens
+    async def validate(self, request: GenerateInput) -> ValidatedRequest:
+        """See `router.validation`: the cheap checks here, rendering and tokenizing a long
+        prompt in the thread pool (cancelling the caller drops it if it has not started)."""
+        args = (request, self._tokenizer, self._config.limits, self.max_context_tokens)
+        check_request(*args)
+        if request.num_prompt_chars <= INLINE_PROMPT_CHARS:
+            return tokenize_request(*args)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenizing, tokenize_request, *args
         )
 
     def deadline(self, client_timeout_s: float | None) -> float:
@@ -106,7 +131,8 @@ class FrontDoor:
         admission = await self._admit(request, deadline)
         try:
             async for chunk in stream_choices(
-                self._flow, request, deadline, request_id, admission
+                self._flow, request, deadline, request_id, admission,
+                max_buffered=self._config.router.max_buffered_messages,
             ):
                 yield chunk
         finally:
@@ -114,14 +140,41 @@ class FrontDoor:
 
     async def drain(self, grace_s: float) -> bool:
         """Refuses new requests (and those queued for a slot) and waits up to `grace_s` for
-        in-flight ones to finish. Returns whether they all did."""
+        in-flight ones to finish and their streams to be sent; then cuts the rest (`cut`).
+        Returns whether they all finished."""
         self._draining = True
         self._queue.refuse(IN_FLIGHT_SLOT, _shutting_down())
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+            await asyncio.wait_for(self._quiet(), timeout=grace_s)
         except asyncio.TimeoutError:
+            await self.cut()
             return False
         return True
+
+    def client_stream(self, request: ValidatedRequest, request_id: str, api: str) -> ClientStream:
+        """What an API sends `generate`'s chunks to its client through: bounded buffering,
+        stalled clients and drain cuts (`router.client_stream`). `api` names the API in logs
+        and metrics."""
+        return ClientStream(
+            request, request_id, api, self._config, self._metrics, self._streams
+        )
+
+    async def cut(self, timeout_s: float = CUT_WAIT_S) -> bool:
+        """Ends every open stream now (and any opened later): its work on the replicas is
+        aborted, and each of its choices that had not finished gets a final chunk with finish
+        reason `cancelled`, its request id and usage. Waits up to `timeout_s` for the streams
+        to end; returns whether they all did."""
+        return await self._streams.cut(timeout_s)
+
+    async def _quiet(self) -> None:
+        """Returns once no request is in flight and no stream is open."""
+        await self._idle.wait()
+        await self._streams.wait_none_open()
+
+    def close(self) -> None:
+        """Stops the tokenizing threads (call once the APIs stopped serving); a tokenization
+        in progress finishes in the background, queued ones are dropped."""
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
 
     async def _admit(self, request: ValidatedRequest, deadline: float) -> Admission:
         """Takes the request's in-flight slots, queueing while they are not free."""

@@ -29,7 +29,8 @@ class ChatTurn:
 
 @dataclass(frozen=True)
 class GenerateInput:
-    """Exactly one of `text`, `token_ids` and `messages` is set (checked by validation)."""
+    """Exactly one of `text`, `token_ids` and `messages` must be set (checked by validation).
+    A gRPC request never sets two: its `prompt` oneof keeps the last of them on the wire."""
 
     text: str | None = None
     token_ids: list[int] | None = None
@@ -55,6 +56,14 @@ class GenerateInput:
     # Scheduling priority, lower served first (gRPC `priority`; the OpenAI API's `priority`
     # extension, as in vLLM).
     priority: int = 0
+
+    @property
+    def num_prompt_chars(self) -> int:
+        """Characters of the prompt as sent: the text, or the messages' contents and names (0
+        for token ids). Rendering and tokenizing it costs CPU time in proportion."""
+        if self.messages is not None:
+            return sum(len(turn.content) + len(turn.name or "") for turn in self.messages)
+        return len(self.text or "")
 
     @property
     def prompt_form(self) -> str | None:

@@ -5,6 +5,11 @@ Owns the replica table of one role. A poll loop asks every replica for its `Load
 one whose actor is gone is DEAD. Placement reads the last reports plus the router's own count of
 requests it placed since (reports lag by up to one poll interval). Event loop only.
 
+Polls run per replica: a replica whose poll is still waiting (stalled) is skipped by the next
+rounds, so it never delays the polls of the others. A request that got no answer to a control
+call marks the replica suspect (`mark_suspect`): UNRESPONSIVE at once, so placement skips it,
+until a poll answers again.
+
 A poll that finds a replica newly READY or with more free KV blocks than its last report
 calls the pool's `on_more_room` callbacks: the router queue's capacity signal.
 
@@ -16,6 +21,7 @@ DRAINING instead of READY, so placement skips them while their requests finish.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +75,8 @@ class ReplicaPool:
         self._poll_timeout_s = poll_timeout_s
         self._replicas: dict[str, Replica] = {}
         self._task: asyncio.Task[None] | None = None
+        # The poll of each replica still waiting for its answer (by replica id).
+        self._polls_in_flight: dict[str, asyncio.Task[None]] = {}
         self.on_change: list[Any] = []
         # Called (event loop, must not block) when a poll finds more room: see the docstring.
         self.on_more_room: list[Callable[[], None]] = []
@@ -106,6 +114,19 @@ class ReplicaPool:
             logger.info("%s %s: %s -> %s", self.role, replica.replica_id, previous, replica.state)
             self._changed()
 
+    def mark_suspect(self, replica: Replica, why: str) -> None:
+        """A request got no answer from `replica` in time: UNRESPONSIVE now (placement skips
+        it) instead of after its next poll times out; the next poll it answers makes it READY
+        (or DRAINING) again. A DEAD or STARTING replica stays as it is."""
+        if replica.state not in (READY, DRAINING):
+            return
+        logger.warning(
+            "%s %s: %s -> %s (%s)", self.role, replica.replica_id, replica.state, UNRESPONSIVE,
+            why,
+        )
+        replica.state = UNRESPONSIVE
+        self._changed()
+
     def count_by_state(self) -> dict[str, int]:
         """Replicas per state, every state present (for Info and metrics)."""
         counts = dict.fromkeys(STATES, 0)
@@ -121,9 +142,10 @@ class ReplicaPool:
         self._task = asyncio.get_running_loop().create_task(self._poll_forever())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [*self._polls_in_flight.values(), *([self._task] if self._task else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def by_least_loaded(self) -> list[Replica]:
         """Ready replicas, fewest pending requests first. Raises UNAVAILABLE if none."""
@@ -144,14 +166,33 @@ class ReplicaPool:
             *(self._poll(r) for r in list(self._replicas.values()) if r.joined)
         )
 
+    async def poll_ready(self) -> None:
+        """Polls the replicas that look READY or DRAINING now (after a request lost one: the
+        next placement must not trust a dead one). Replicas already known to be unresponsive
+        are left to the background polls, so a stalled one never delays the caller."""
+        await asyncio.gather(
+            *(self._poll(r) for r in list(self._replicas.values()) if r.state in (READY, DRAINING))
+        )
+
     async def poll(self, replica: Replica) -> None:
         """Polls one replica now (a report requested after any earlier state change)."""
         await self._poll(replica)
 
     async def _poll_forever(self) -> None:
         while True:
-            await self.poll_once()
+            self._start_polls()
             await asyncio.sleep(self._poll_interval_s)  # the poll period, not synchronisation
+
+    def _start_polls(self) -> None:
+        """Starts a poll of every joined replica whose previous poll has ended."""
+        for replica in list(self._replicas.values()):
+            if replica.joined and replica.replica_id not in self._polls_in_flight:
+                task = asyncio.get_running_loop().create_task(self._poll(replica))
+                self._polls_in_flight[replica.replica_id] = task
+                task.add_done_callback(functools.partial(self._poll_ended, replica.replica_id))
+
+    def _poll_ended(self, replica_id: str, _: asyncio.Task[None]) -> None:
+        self._polls_in_flight.pop(replica_id, None)
 
     async def _poll(self, replica: Replica) -> None:
         previous = replica.state

@@ -1,16 +1,24 @@
-"""A `GenerateRequest` deserializer for the aio server that never raises.
+"""Request deserializers for the aio server that never raise, for every public RPC.
 
-gRPC answers a deserializer exception with INTERNAL "Exception deserializing request", but the
-usual cause is the client's fault: protobuf rejects invalid UTF-8 in `string` fields. So the
-servicer gets either a parsed request or an `InvalidRequestBytes` marker naming the field, and
-answers INVALID_ARGUMENT. The field is found by walking the wire format with the message
-descriptors (string fields checked as bytes), so new string fields are covered without edits.
+gRPC answers a deserializer exception with INTERNAL or UNKNOWN and the Python exception text,
+but the cause is the client's: bytes that are not the message, or invalid UTF-8 in `string`
+fields. So a servicer gets either a parsed request or an `InvalidRequestBytes` marker naming
+the field, and answers INVALID_ARGUMENT.
+
+Sizes: our own limit (`limits.max_request_bytes`) is checked first, before any parsing. gRPC's
+receive limit is set well above it (`grpc_receive_limit`), so an oversized request up to that
+gets our INVALID_ARGUMENT naming both sizes; only beyond it does gRPC itself refuse the message
+(RESOURCE_EXHAUSTED) without reading it.
+
+The field with bad UTF-8 is found by walking the wire format with the message descriptors
+(string fields checked as bytes), so new string fields are covered without edits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
@@ -21,6 +29,11 @@ from pdserve.v1 import pdserve_pb2
 # The request messages nest two levels deep; the cap only guards against a malicious wire.
 _MAX_DEPTH = 16
 _VARINT, _I64, _LEN, _START_GROUP, _END_GROUP, _I32 = 0, 1, 2, 3, 4, 5
+# gRPC's own receive limit is this many times ours (at least _MIN_GRPC_RECEIVE_BYTES).
+_GRPC_RECEIVE_FACTOR = 16
+_MIN_GRPC_RECEIVE_BYTES = 16 * 1024 * 1024
+
+M = TypeVar("M")
 
 
 @dataclass(frozen=True)
@@ -35,36 +48,55 @@ class InvalidRequestBytes:
         return InvalidArgument(self.field, self.problem)
 
 
-def parse_generate_request(
-    data: bytes, max_bytes: int
-) -> pdserve_pb2.GenerateRequest | InvalidRequestBytes:
-    """Parses request bytes; returns a marker instead of raising.
+def grpc_receive_limit(max_request_bytes: int) -> int:
+    """The `grpc.max_receive_message_length` for a server whose own limit is
+    `max_request_bytes`: far enough above it that our size check, not gRPC's, answers."""
+    return max(_GRPC_RECEIVE_FACTOR * max_request_bytes, _MIN_GRPC_RECEIVE_BYTES)
 
-    Called by gRPC on the event loop for every Generate call; the size is checked before any
-    parsing, so the work is bounded by `max_bytes`.
+
+def parse_request(message_type: type[M], data: bytes, max_bytes: int) -> M | InvalidRequestBytes:
+    """Parses request bytes into `message_type`; returns a marker instead of raising.
+
+    Called by gRPC on the event loop for every call; the size is checked before any parsing,
+    so the work is bounded by `max_bytes`.
     """
     if len(data) > max_bytes:
         return InvalidRequestBytes(
             "request", f"{len(data)} bytes exceeds the {max_bytes}-byte limit"
         )
+    proto: Any = message_type
     try:
-        return pdserve_pb2.GenerateRequest.FromString(data)
+        return proto.FromString(data)  # type: ignore[no-any-return]
     except DecodeError:
-        field = _find_invalid_utf8(pdserve_pb2.GenerateRequest.DESCRIPTOR, data)
+        field = _find_invalid_utf8(proto.DESCRIPTOR, data)
     if field is None:
-        return InvalidRequestBytes("request", "not a valid GenerateRequest message")
+        return InvalidRequestBytes("request", f"not a valid {proto.DESCRIPTOR.name} message")
     return InvalidRequestBytes(field, "not valid UTF-8")
+
+
+def parse_generate_request(
+    data: bytes, max_bytes: int
+) -> pdserve_pb2.GenerateRequest | InvalidRequestBytes:
+    """`parse_request` for `GenerateRequest`."""
+    return parse_request(pdserve_pb2.GenerateRequest, data, max_bytes)
+
+
+def request_deserializer(
+    message_type: type[M], max_bytes: int
+) -> Callable[[bytes], M | InvalidRequestBytes]:
+    """`parse_request` bound to a message type and a size limit, for `request_deserializer=`."""
+
+    def deserialize(data: bytes) -> M | InvalidRequestBytes:
+        return parse_request(message_type, data, max_bytes)
+
+    return deserialize
 
 
 def generate_request_deserializer(
     max_bytes: int,
 ) -> Callable[[bytes], pdserve_pb2.GenerateRequest | InvalidRequestBytes]:
-    """`parse_generate_request` bound to a size limit, for `request_deserializer=`."""
-
-    def deserialize(data: bytes) -> pdserve_pb2.GenerateRequest | InvalidRequestBytes:
-        return parse_generate_request(data, max_bytes)
-
-    return deserialize
+    """`request_deserializer` for `GenerateRequest`."""
+    return request_deserializer(pdserve_pb2.GenerateRequest, max_bytes)
 
 
 class _WireError(Exception):

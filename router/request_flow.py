@@ -39,11 +39,11 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 from pdserve.config import PdserveConfig
-from pdserve.errors import Unavailable
+from pdserve.errors import PdserveError, Unavailable
 from pdserve.messages import TokenLogprobs
 from pdserve.metrics import RouterMetrics
 from router.admission import Admission
@@ -146,6 +146,25 @@ class RequestFlow:
             request.sampling.min_tokens,
         )
         progress = _Progress(queued_s=admission.queued_s)
+        chunks = self._attempts(request, request_id, deadline, admission, text, progress)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except PdserveError as exc:
+            raise _saying_tokens_sent(exc, len(progress.sent)) from None
+        finally:
+            await chunks.aclose()
+
+    async def _attempts(
+        self,
+        request: ValidatedRequest,
+        request_id: str,
+        deadline: float,
+        admission: Admission,
+        text: TextOutput,
+        progress: _Progress,
+    ) -> AsyncGenerator[StreamChunk, None]:
+        """Runs attempts until one finishes the request (see the module docstring)."""
         timings: dict[str, float] = {}
         timer = self._metrics.stream_timer(admission.started)
         while True:
@@ -250,9 +269,9 @@ class RequestFlow:
         )
 
     async def _refresh(self) -> None:
-        """Re-polls the pools so the next attempt is placed on live replicas only."""
+        """Re-polls the pools' ready replicas so the next attempt is placed on live ones."""
         pools = self._pools if self._colocated_pool is None else (self._colocated_pool,)
-        await asyncio.gather(*(pool.poll_once() for pool in pools))
+        await asyncio.gather(*(pool.poll_ready() for pool in pools))
 
     def _completion(
         self,
@@ -279,3 +298,11 @@ class RequestFlow:
             num_cached_tokens=progress.num_cached_tokens,
             num_preemptions=progress.num_preemptions,
         )
+
+
+def _saying_tokens_sent(error: PdserveError, num_sent: int) -> PdserveError:
+    """`error`, saying how many tokens the client got first (when it got any and the message
+    does not say so yet)."""
+    if not num_sent or "tokens were sent" in error.message:
+        return error
+    return error.with_message(f"{error.message} after {num_sent} tokens were sent")

@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from pdserve.config import PdserveConfig
 from pdserve.errors import FailedPrecondition
@@ -27,11 +27,13 @@ from pdserve.metrics import RouterMetrics
 from router.admin_servicer import AdminServicer
 from router.auth import PublicSecurity, load_public_security
 from router.front_door import FrontDoor
+from router.health_service import health_handler
 from router.http import HttpServer
 from router.live_scaling import LiveScaling
 from router.pool_scaler import ReplicaFactory
 from router.ray_calls import call_message
 from router.replica_pool import ReplicaPool
+from router.request_codec import grpc_receive_limit
 from router.request_flow import RequestFlow
 from router.servicer import SERVICE_NAME, GenerationServicer
 from router.tokenizer import RouterTokenizer
@@ -111,12 +113,16 @@ class Router:
         security = load_public_security(self._config.security)
         server = grpc.aio.server(
             interceptors=security.interceptors,
-            options=[("grpc.max_receive_message_length", self._config.limits.max_request_bytes)],
+            options=[(
+                "grpc.max_receive_message_length",
+                grpc_receive_limit(self._config.limits.max_request_bytes),
+            )],
         )
-        server.add_generic_rpc_handlers(
-            (self.servicer.handler(), AdminServicer(self.scaling.controller).handler())
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        server.add_generic_rpc_handlers((
+            self.servicer.handler(),
+            AdminServicer(self.scaling.controller).handler(),
+            health_handler(self._health),
+        ))
         router_config = self._config.router
         bind_address = f"{router_config.host}:{router_config.port}"
         if security.credentials is None:
@@ -154,6 +160,8 @@ class Router:
             await self.http.stop()
         if self._server is not None:
             await self._server.stop(grace=1.0)
+        if self.front_door is not None:
+            self.front_door.close()
         if self.scaling is not None:
             await self.scaling.stop()
         for pool in self._active_pools():

@@ -2,13 +2,14 @@
 
 Protobuf stays here: requests become `GenerateInput`s (`router.proto_input`) that the
 `FrontDoor` validates, admits and runs (the same path the OpenAI HTTP API takes), its chunks
-become `GenerateResponse`s, and every `PdserveError` ends the call through `abort_with` (the one
-mapping to gRPC statuses).
+become `GenerateResponse`s written through a `ClientStream` (`router.client_stream`: bounded
+buffering, stalled clients, drain cuts), and every `PdserveError` ends the call through
+`abort_with` (the one mapping to gRPC statuses).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
 from typing import Any
 
 import grpc
@@ -18,16 +19,23 @@ from pdserve.errors import PdserveError
 from pdserve.messages import TokenLogprobs
 from pdserve.metrics import RouterMetrics
 from pdserve.v1 import pdserve_pb2
+from router.client_stream import StreamEnd
 from router.colocated_attempt import NO_KV_TRANSPORT
 from router.front_door import FrontDoor, new_request_id
 from router.proto_input import input_from_proto
 from router.replica_pool import ReplicaPool
-from router.request_codec import InvalidRequestBytes, generate_request_deserializer
+from router.request_codec import (
+    InvalidRequestBytes,
+    generate_request_deserializer,
+    request_deserializer,
+)
 from router.request_flow import Completion, StreamChunk
 from router.scaling import pool_limits
 from router.status import abort_with
 
 SERVICE_NAME = "pdserve.v1.Generation"
+# A call cancelled this close to its deadline ended because of it (see `_deadline_passed`).
+DEADLINE_SLACK_S = 0.05
 _FINISH_REASONS = {
     "stop": pdserve_pb2.FINISH_REASON_STOP,
     "length": pdserve_pb2.FINISH_REASON_LENGTH,
@@ -78,7 +86,9 @@ class GenerationServicer:
                 ),
                 "Info": grpc.unary_unary_rpc_method_handler(
                     self.Info,
-                    request_deserializer=pdserve_pb2.InfoRequest.FromString,
+                    request_deserializer=request_deserializer(
+                        pdserve_pb2.InfoRequest, self._config.limits.max_request_bytes
+                    ),
                     response_serializer=pdserve_pb2.InfoResponse.SerializeToString,
                 ),
             },
@@ -88,24 +98,38 @@ class GenerationServicer:
         self,
         request: pdserve_pb2.GenerateRequest | InvalidRequestBytes,
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
+    ) -> None:
+        # Written with `context.write` (not yielded): a write to a client that grants no
+        # flow-control window blocks, and the client stream bounds how long (`client_stall_s`).
         # Unless set below, the call ended because the client went away (grpc cancelled it).
         outcome = "CANCELLED"
         try:
             if isinstance(request, InvalidRequestBytes):
                 raise request.to_error()
-            validated = self._front_door.validate(input_from_proto(request))
+            validated = await self._front_door.validate(input_from_proto(request))
             deadline = self._front_door.deadline(context.time_remaining())
-            chunks = self._front_door.generate(validated, deadline, new_request_id())
-            try:
-                async for choice in chunks:
-                    yield _to_proto(choice.chunk)
-            finally:
-                await chunks.aclose()
-            outcome = "OK"
+            request_id = new_request_id()
+            stream = self._front_door.client_stream(validated, request_id, "grpc")
+            end = await stream.send(
+                self._front_door.generate(validated, deadline, request_id),
+                lambda choice: _write(context, choice.chunk),
+            )
+            outcome = end.outcome
+            if end is StreamEnd.STALLED:
+                # No status can pass the unsent message (it would wait until the client leaves,
+                # and grpc then logs an error): end as cancelled, which sends none; the call
+                # ends at the client's deadline or disconnect.
+                raise asyncio.CancelledError
         except PdserveError as exc:
             outcome = exc.code.value
             await abort_with(context, exc)
+        except _CallEnded:
+            outcome = "DEADLINE_EXCEEDED" if _deadline_passed(context) else "CANCELLED"
+            raise asyncio.CancelledError from None  # the call is over: grpc sends no status
+        except asyncio.CancelledError:
+            if _deadline_passed(context):
+                outcome = "DEADLINE_EXCEEDED"  # grpc ended the call at the client's deadline
+            raise
         except Exception:
             outcome = "UNKNOWN"  # what grpc reports for an unexpected exception
             raise
@@ -113,8 +137,12 @@ class GenerationServicer:
             self._metrics.count_request(outcome)
 
     async def Info(  # noqa: N802 - gRPC method name
-        self, request: pdserve_pb2.InfoRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pdserve_pb2.InfoRequest | InvalidRequestBytes,
+        context: grpc.aio.ServicerContext,
     ) -> pdserve_pb2.InfoResponse:
+        if isinstance(request, InvalidRequestBytes):
+            await abort_with(context, request.to_error())
         return pdserve_pb2.InfoResponse(
             model=self._model_name,
             dtype=self._config.model.dtype,
@@ -142,6 +170,28 @@ class GenerationServicer:
             "kv_transport": config.kv_transfer.transport,
             "kv_block_size": config.decode.kv_cache.block_size,
         }
+
+
+class _CallEnded(Exception):
+    """grpc refused a write: the call had already ended (its deadline passed or its client
+    left) before the handler was cancelled."""
+
+
+async def _write(context: grpc.aio.ServicerContext, chunk: StreamChunk) -> None:
+    message = _to_proto(chunk)
+    try:
+        await context.write(message)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # grpc's own (private) error types
+        raise _CallEnded() from exc
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    """Whether the call's deadline has passed (or is within `DEADLINE_SLACK_S`: a client's
+    cancel at its deadline can reach the server a moment before the server's own timer)."""
+    time_remaining = context.time_remaining()
+    return time_remaining is not None and time_remaining <= DEADLINE_SLACK_S
 
 
 def _to_proto(chunk: StreamChunk) -> pdserve_pb2.GenerateResponse:

@@ -61,6 +61,14 @@ async def next_event(
         return event
 
 
+def control_call_timeout(deadline: float, num_replicas_left: int, cap_s: float) -> float:
+    """How long to wait for one replica's answer to a control call: at most `cap_s`
+    (`timeouts.control_call_s`) and at most an equal share of the time left for each of the
+    `num_replicas_left` replicas the request may still try, this one included. Raises
+    DeadlineExceeded once the deadline has passed."""
+    return min(cap_s, seconds_left(deadline) / max(1, num_replicas_left))
+
+
 def seconds_left(deadline: float) -> float:
     """Seconds until `deadline` (wall clock); raises DeadlineExceeded once it has passed."""
     left = deadline - time.time()

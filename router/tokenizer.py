@@ -24,8 +24,9 @@ class RouterTokenizer:
     """Encodes prompts and creates per-request detokenizers.
 
     Built once at router start-up from the `ModelInfo` a replica reports; read-only afterwards
-    and safe to share between request tasks. `encode` runs the Rust tokenizer synchronously
-    (CPU time grows with the text; callers bound the text size first).
+    and safe to share between request tasks and threads. `encode` runs the Rust tokenizer
+    synchronously, releasing the GIL meanwhile (CPU time grows with the text; callers bound
+    the text size first and run long ones off the event loop).
     """
 
     def __init__(
@@ -39,6 +40,8 @@ class RouterTokenizer:
         self._vocab_size = info.vocab_size
         self._eos_token_ids = list(info.eos_token_ids)
         self._max_context_tokens = info.max_context_tokens
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        self._max_chars_per_token = max((len(token) for token in vocab), default=1)
         self._chat_template = chat_template or ChatTemplate.from_model_info(info)
 
     @classmethod
@@ -65,12 +68,32 @@ class RouterTokenizer:
         return self._max_context_tokens
 
     @property
+    def max_chars_per_token(self) -> int:
+        """Characters of the longest vocabulary entry, added tokens included: a text longer
+        than `n * max_chars_per_token` characters (give or take a normalizer) encodes to more
+        than `n` tokens, so validation can refuse it without tokenizing it.
+
+        Why that holds: a byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM2) spells every entry
+        with one character per byte and drops no byte of the text, so characters <= UTF-8 bytes
+        <= tokens * the longest entry; a byte-fallback SentencePiece model (Llama 2, Mistral)
+        likewise covers every character with entries no longer than the longest. A normalizer
+        may compose characters (NFC turns "e" + U+0301 into one), hence the margin the caller
+        adds (`router.validation.PROMPT_CHARS_MARGIN`). Not covered: a tokenizer that drops
+        text (an `unk` entry for a long unknown word, added tokens that swallow whitespace);
+        there it could refuse a pathological prompt that fits, such as megabytes of spaces.
+        """
+        return self._max_chars_per_token
+
+    @property
     def has_chat_template(self) -> bool:
         return self._chat_template.available
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`, with the tokenizer's special tokens added unless asked not to."""
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`, with the tokenizer's special tokens added unless asked not to.
+        Other threads (the event loop) run while it encodes."""
+        # A batch of one: `Tokenizer.encode` holds the GIL throughout, `encode_batch` releases it.
+        (encoding,) = self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)
+        return encoding.ids
 
     def render_chat(
         self, messages: list[dict[str, str]], template_kwargs: dict[str, Any] | None = None

@@ -2,8 +2,11 @@
 
 One set of rules for both public APIs. Every error names the field by its gRPC path
 (`prompt.text`, `sampling.max_tokens`, ...) and the bound it broke, in a few words; the HTTP
-layer renames the field to its own parameter. Cheap field checks run before the prompt is
-rendered (chat) and tokenized.
+layer renames the field to its own parameter. Two stages: `check_request` runs every check
+that needs no tokens, cheap whatever the prompt's size (it refuses a prompt with more characters
+than the context's tokens could spell, `max_prompt_chars`); `tokenize_request` then renders a
+chat, tokenizes, and checks what needs the tokens (CPU time grows with the prompt, up to that
+bound: the front door runs it in a thread pool). `validate_request` runs both.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ SEED_MODULUS = 2**63
 MAX_TOP_LOGPROBS = 20
 # Priorities are the proto's int32 on every API.
 PRIORITY_BOUNDS = (-(2**31), 2**31 - 1)
+# Allowance for normalizers that compose characters (NFC: "e" + U+0301 -> "é") on top of
+# `RouterTokenizer.max_chars_per_token` in the character bound.
+PROMPT_CHARS_MARGIN = 2
 
 
 @dataclass(frozen=True)
@@ -50,18 +56,44 @@ def validate_request(
     limits: LimitsConfig,
     max_context_tokens: int,
 ) -> ValidatedRequest:
-    """Checks every field, renders a chat and tokenizes a text prompt.
+    """Checks every field, renders a chat and tokenizes a text prompt, synchronously:
+    `check_request`, then `tokenize_request`. Raises `InvalidArgument` naming the first
+    offending field."""
+    check_request(request, tokenizer, limits, max_context_tokens)
+    return tokenize_request(request, tokenizer, limits, max_context_tokens)
 
-    Synchronous (rendering and tokenizing are CPU work that grows with the prompt, which the
-    APIs' request size limits bound); every check that needs no tokens runs first. Raises
-    `InvalidArgument` naming the first offending field.
-    """
+
+def check_request(
+    request: GenerateInput,
+    tokenizer: RouterTokenizer,
+    limits: LimitsConfig,
+    max_context_tokens: int,
+) -> None:
+    """Every check that needs no tokens; cheap whatever the prompt's size (fit for the event
+    loop). Raises `InvalidArgument` naming the first offending field."""
     form = _check_prompt_form(request)
+    _check_prompt_chars(request, form, tokenizer, max_context_tokens)
     _check_choices(request.num_choices, limits)
     _check_priority(request.priority)
-    stop = _check_stop_strings(request.stop, limits)
+    _check_stop_strings(request.stop, limits)
     _check_max_tokens(request.max_tokens, limits, max_context_tokens)
     _check_sampling_values(request, tokenizer.vocab_size, limits)
+
+
+def tokenize_request(
+    request: GenerateInput,
+    tokenizer: RouterTokenizer,
+    limits: LimitsConfig,
+    max_context_tokens: int,
+) -> ValidatedRequest:
+    """Renders a chat and tokenizes a text prompt of a request `check_request` passed, and
+    checks what needs the tokens (vocabulary, room in the context, min_tokens).
+
+    Synchronous and thread-safe; CPU time grows with the prompt (up to `max_prompt_chars`).
+    Raises `InvalidArgument` naming the first offending field.
+    """
+    form = request.prompt_form
+    assert form is not None, "check_request refuses a request without exactly one prompt"
     prompt_token_ids, prompt_text = _prompt_tokens(request, form, tokenizer, max_context_tokens)
     max_tokens = _resolve_max_tokens(
         request.max_tokens, len(prompt_token_ids), limits, max_context_tokens
@@ -71,9 +103,17 @@ def validate_request(
             "sampling.min_tokens", f"{request.min_tokens} exceeds max_tokens {max_tokens}"
         )
     return ValidatedRequest(
-        prompt_token_ids, _sampling_params(request, max_tokens), stop, prompt_text,
-        num_choices=request.num_choices, priority=request.priority,
+        prompt_token_ids, _sampling_params(request, max_tokens), list(request.stop),
+        prompt_text, num_choices=request.num_choices, priority=request.priority,
     )
+
+
+def max_prompt_chars(tokenizer: RouterTokenizer, max_context_tokens: int) -> int:
+    """Most characters a prompt (a text, or a conversation's contents and names) may have: a
+    longer one encodes to more tokens than the context holds (see
+    `RouterTokenizer.max_chars_per_token` for why, and for what the margin allows; a chat
+    template that drops content, such as earlier turns' reasoning, is the exception)."""
+    return max_context_tokens * tokenizer.max_chars_per_token * PROMPT_CHARS_MARGIN
 
 
 def _check_prompt_form(request: GenerateInput) -> str:
@@ -89,6 +129,19 @@ def _check_prompt_form(request: GenerateInput) -> str:
     elif request.chat_template_kwargs:
         raise InvalidArgument("prompt.messages.chat_template_kwargs", "only with messages")
     return form
+
+
+def _check_prompt_chars(
+    request: GenerateInput, form: str, tokenizer: RouterTokenizer, max_context_tokens: int
+) -> None:
+    """Refuses, before any rendering or tokenizing, a prompt too long to fit the context."""
+    num_chars, max_chars = request.num_prompt_chars, max_prompt_chars(tokenizer, max_context_tokens)
+    if num_chars > max_chars:
+        raise InvalidArgument(
+            f"prompt.{form}",
+            f"{num_chars} characters cannot fit {max_context_tokens} context tokens "
+            f"(at most {max_chars})",
+        )
 
 
 def _check_messages(messages: list[ChatTurn]) -> None:
@@ -232,7 +285,7 @@ def _check_priority(priority: int) -> None:
         raise InvalidArgument("priority", f"must be in [{low}, {high}], got {priority}")
 
 
-def _check_stop_strings(stop: list[str], limits: LimitsConfig) -> list[str]:
+def _check_stop_strings(stop: list[str], limits: LimitsConfig) -> None:
     if len(stop) > limits.max_stop_strings:
         raise InvalidArgument(
             "sampling.stop", f"at most {limits.max_stop_strings} strings, got {len(stop)}"
@@ -245,7 +298,6 @@ def _check_stop_strings(stop: list[str], limits: LimitsConfig) -> list[str]:
                 "sampling.stop",
                 f"string {index} has {len(text)} chars, limit {limits.max_stop_string_chars}",
             )
-    return list(stop)
 
 
 def _check_ids_in_vocab(field: str, token_ids: list[int], vocab_size: int) -> None:

@@ -1,9 +1,10 @@
 """The router's one wait queue: requests that cannot take capacity now wait here, in order.
 
 Two places take capacity: the front door (in-flight slots, `router.max_inflight_requests`) and
-an attempt (decode blocks reserved on a decode replica; in colocated mode, a colocated replica
-admitting the request). Each hands `WaitQueue.take` a `try_take` coroutine function that
-returns what it took or raises `ResourceExhausted` holding nothing.
+an attempt (decode blocks reserved on a decode replica, then a place in a prefill replica's
+queue; in colocated mode, a colocated replica admitting the request). Each hands
+`WaitQueue.take` a `try_take` coroutine function that returns what it took or raises
+`ResourceExhausted` holding nothing.
 
 - **Order.** Lower `priority` first, then earlier `admitted_at` (the front door's admission
   time, kept across re-prefills), then entry order. Only the head retries, so a later request
@@ -42,6 +43,7 @@ T = TypeVar("T")
 # What a waiter waits for (the `depth` keys; the autoscaler maps each onto a pool).
 IN_FLIGHT_SLOT = "in-flight slot"
 DECODE_BLOCKS = "decode blocks"
+PREFILL_ROOM = "prefill room"
 COLOCATED_ROOM = "colocated room"
 
 

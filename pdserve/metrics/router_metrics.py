@@ -2,8 +2,8 @@
 router queue, preemptions and pool sizes.
 
 Created by `router.server.Router`, handed to the request flow, its attempts and the servicer.
-Labels are bounded: gRPC status names, stage names, KV transport names, pool roles and replica
-states, never request ids.
+Labels are bounded: gRPC status names, API names, stage names, KV transport names, pool roles
+and replica states, never request ids.
 """
 
 from __future__ import annotations
@@ -59,8 +59,16 @@ class RouterMetrics(MetricsEndpoint):
         )
         self.requests = Counter(
             "pdserve_router_requests_total",
-            "Generate calls by how they ended: OK or the gRPC status code name.",
+            "Generation requests (gRPC and HTTP) by how they ended: OK (finished), or the "
+            "status code name (a client's deadline that passed is DEADLINE_EXCEEDED; a stream "
+            "the router ended early, by a drain cut or a stalled client, is CANCELLED).",
             ["status"], registry=registry,
+        )
+        self.client_stalls = Counter(
+            "pdserve_router_client_stalls_total",
+            "Streams cancelled because their client accepted no data for "
+            "timeouts.client_stall_s, by API (grpc, http).",
+            ["api"], registry=registry,
         )
         self.requests_in_flight = Gauge(
             "pdserve_router_requests_in_flight", "Generate calls admitted and not yet ended.",
@@ -147,6 +155,9 @@ class RouterMetrics(MetricsEndpoint):
 
     def count_request(self, status: str) -> None:
         self.requests.labels(status).inc()
+
+    def count_client_stall(self, api: str) -> None:
+        self.client_stalls.labels(api).inc()
 
     def count_retry(self) -> None:
         self.retries.inc()

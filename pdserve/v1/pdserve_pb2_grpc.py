@@ -58,7 +58,9 @@ class GenerationServicer:
         INVALID_ARGUMENT (the message names the field), RESOURCE_EXHAUSTED (no capacity),
         DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE (no live replica) or INTERNAL; and
         UNAUTHENTICATED when the service requires a bearer token (see InfoResponse.auth_required)
-        and the call's `authorization` metadata is missing or invalid.
+        and the call's `authorization` metadata is missing or invalid. A client that accepts no
+        data (grants no HTTP/2 flow-control window) for `timeouts.client_stall_s` while a message
+        waits has its request cancelled; its call then ends at its deadline or disconnect.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

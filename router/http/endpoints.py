@@ -95,7 +95,7 @@ class OpenAIEndpoints:
             parsed = parse_body(await request.read(), endpoint.body_model)
             if parsed.model is not None and parsed.model != self._model_name:
                 raise HttpErrorResponse(_unknown_model(parsed.model))
-            validated = self._front_door.validate(endpoint.build_input(parsed))
+            validated = await self._front_door.validate(endpoint.build_input(parsed))
             request_id = new_request_id()
             reply = GenerationReply(
                 endpoint.response_format(
@@ -108,8 +108,7 @@ class OpenAIEndpoints:
                 want_logprobs=endpoint.wants_logprobs(parsed),
                 params=endpoint.params,
             )
-            response = await self._answer(request, validated, reply)
-            outcome = "OK"
+            response, outcome = await self._answer(request, validated, reply)
             return response
         except PdserveError as exc:
             outcome = exc.code.value
@@ -125,16 +124,16 @@ class OpenAIEndpoints:
 
     async def _answer(
         self, request: web.Request, validated: ValidatedRequest, reply: GenerationReply
-    ) -> web.StreamResponse:
+    ) -> tuple[web.StreamResponse, str]:
+        """The response and what the request counts as in `pdserve_router_requests_total`."""
         chunks = self._front_door.generate(
             validated, self._front_door.deadline(None), reply.request_id
         )
-        try:
-            if reply.stream:
-                return await reply_stream(request, chunks, reply)
-            return await reply_whole(chunks, validated.num_choices, reply)
-        finally:
-            await chunks.aclose()
+        # The client stream closes `chunks` however it ends.
+        stream = self._front_door.client_stream(validated, reply.request_id, "http")
+        if reply.stream:
+            return await reply_stream(request, chunks, reply, stream)
+        return await reply_whole(chunks, validated.num_choices, reply, stream)
 
     def _model_card(self) -> dict[str, Any]:
         return {

@@ -17,6 +17,9 @@ from router.tokenizer import RouterTokenizer
 
 # JSON has no -inf; OpenAI-compatible servers send a large negative number instead.
 MIN_LOGPROB = -9999.0
+# pdserve's finish reasons that OpenAI's API spells differently: a choice the server ended
+# early (a drain cut) is `abort`, as vLLM reports an aborted request.
+OPENAI_FINISH_REASONS = {"cancelled": "abort"}
 
 
 class ResponseFormat:
@@ -206,7 +209,10 @@ def _choice(
     **content: Any,
 ) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": index, **content, "logprobs": logprobs}
-    choice["finish_reason"] = completion.finish_reason if completion is not None else None
+    choice["finish_reason"] = (
+        None if completion is None
+        else OPENAI_FINISH_REASONS.get(completion.finish_reason, completion.finish_reason)
+    )
     if completion is not None:
         choice["pdserve"] = served_info(completion)
     return choice

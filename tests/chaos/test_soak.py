@@ -1,9 +1,13 @@
-"""The random-fault soak (`make chaos`): a bounded stream of requests against 2 prefill + 2
-decode replicas while replicas are killed (Ray restarts them), paused with SIGSTOP, requests are
-cancelled, time out, or carry injected KV corruption, and long requests outgrow the small decode
-caches (preemption by recompute races with all of the above). At the end: every request ended
-exactly once with an expected outcome, every completed output equals the reference, and nothing
-leaked. Writes its figures to bench-results/soak.json."""
+"""The random-fault soak (`make chaos`, `SOAK_SECONDS` long): clients send a mix of requests
+against 2 prefill + 2 decode replicas while replicas are killed (Ray restarts them) or paused
+with SIGSTOP beside a healthy peer. The mix: plain requests, long ones that outgrow the small
+decode caches (preemption by recompute races with everything else), corrupted KV chunks, 50 ms
+deadlines, cancels after the first token, prompts far over the context (refused by the cheap
+bound before tokenizing), and slow readers that never read their stream (cancelled after
+`timeouts.client_stall_s`). At the end: every request ended exactly once with an outcome its
+kind allows, every completed output equals the reference, nothing leaked, and the service
+still answers. Writes its figures (with router and replica RSS at start and end) to
+bench-results/soak.json."""
 
 from __future__ import annotations
 
@@ -17,19 +21,24 @@ import time
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 import ray
 
 from pdserve.client import GenerationClient, collect, make_request
 from pdserve.serve import Service
+from pdserve.v1 import pdserve_pb2
+from tests.chaos.soak_kinds import KINDS, Kind, pick_kind
 from tests.factories.config import make_config
+from tests.factories.stalled_clients import StalledGrpcCall
 from tests.integration.conftest import assert_quiet, load_reports
 from tests.integration.test_replica_failures import reference
+from tests.unit.test_metrics import value
 
-SOAK_SECONDS = 300.0
-MAX_REQUESTS = 10_000
-pytestmark = [pytest.mark.chaos, pytest.mark.timeout(SOAK_SECONDS + 600)]
+pytestmark = [pytest.mark.chaos]
 NUM_CLIENTS = 10
+# Requests at most, per second of soak (a bound on the figures file, never reached on 2 cores).
+MAX_REQUESTS_PER_S = 40
 TARGET = 333  # prompts starting with it get a corrupted KV chunk
 PROMPTS = [[5, 6, 7], [11, 12, 13, 14], [40, 41, 42, 43, 44, 45], list(range(60, 90))]
 MAX_TOKENS = 12
@@ -37,27 +46,32 @@ MAX_TOKENS = 12
 # few at once on one replica preempt each other.
 LONG_PROMPTS = [list(range(100, 130)), list(range(200, 225))]
 LONG_MAX_TOKENS = 400
-# Outcomes a request may have under these faults; anything else (INTERNAL, UNKNOWN) fails.
-ALLOWED = {
-    "OK", "CANCELLED", "DEADLINE_EXCEEDED", "DATA_LOSS", "UNAVAILABLE", "RESOURCE_EXHAUSTED",
-}
+# Far over any context the tiny model's router accepts, and under the gRPC size limit.
+HUGE_PROMPT = "a" * 1_000_000
+CLIENT_STALL_S = 2.0
+GENERATE = "/pdserve.v1.Generation/Generate"
 
 
 class Soak:
-    def __init__(self, service: Service, expected: dict[tuple[int, ...], list[int]]) -> None:
+    def __init__(
+        self, service: Service, expected: dict[tuple[int, ...], list[int]], seconds: float
+    ) -> None:
         self.service = service
         self.expected = expected
-        self.outcomes: collections.Counter[str] = collections.Counter()
+        self.outcomes: dict[str, collections.Counter[str]] = collections.defaultdict(
+            collections.Counter
+        )
         self.faults: collections.Counter[str] = collections.Counter()
         self.wrong_outputs: list[tuple[list[int], list[int]]] = []
         self.num_requests = 0
         self.num_preemptions = 0
         self.lock = threading.Lock()
-        self.stop_at = time.monotonic() + SOAK_SECONDS
+        self.stop_at = time.monotonic() + seconds
+        self.max_requests = int(seconds * MAX_REQUESTS_PER_S)
 
     def running(self) -> bool:
         with self.lock:
-            return time.monotonic() < self.stop_at and self.num_requests < MAX_REQUESTS
+            return time.monotonic() < self.stop_at and self.num_requests < self.max_requests
 
     def client_loop(self, seed: int) -> None:
         rng = random.Random(seed)
@@ -65,19 +79,26 @@ class Soak:
             while self.running():
                 with self.lock:
                     self.num_requests += 1
-                self.record(self.one_request(client, rng))
+                kind = pick_kind(rng)
+                outcome = self.one_request(client, rng, kind)
+                with self.lock:
+                    self.outcomes[kind.name][outcome] += 1
 
-    def one_request(self, client: GenerationClient, rng: random.Random) -> str:
-        roll = rng.random()
-        prompt = [TARGET, 1, 2] if roll < 0.1 else rng.choice(PROMPTS)
-        max_tokens = MAX_TOKENS
-        if roll >= 0.4:
+    def one_request(self, client: GenerationClient, rng: random.Random, kind: Kind) -> str:
+        if kind.name == "slow_reader":
+            return self.slow_read(rng)
+        prompt, max_tokens = rng.choice(PROMPTS), MAX_TOKENS
+        if kind.name == "long":
             prompt, max_tokens = rng.choice(LONG_PROMPTS), LONG_MAX_TOKENS
+        elif kind.name == "corrupt_kv":
+            prompt = [TARGET, 1, 2]
         request = make_request(prompt, max_tokens=max_tokens, ignore_eos=True)
-        timeout = 0.05 if 0.1 <= roll < 0.15 else 60.0
+        if kind.name == "huge_prompt":
+            request = pdserve_pb2.GenerateRequest(text=HUGE_PROMPT)
+        timeout = 0.05 if kind.name == "short_deadline" else 60.0
         try:
             call = client._stub.Generate(request, timeout=timeout)
-            if 0.15 <= roll < 0.25:
+            if kind.name == "cancel":
                 next(call)
                 call.cancel()
                 list(call)
@@ -94,9 +115,14 @@ class Soak:
                 self.wrong_outputs.append((prompt, tokens))
         return "OK"
 
-    def record(self, outcome: str) -> None:
-        with self.lock:
-            self.outcomes[outcome] += 1
+    def slow_read(self, rng: random.Random) -> str:
+        """A client that grants the server a 64-byte window for a long answer, never reads
+        more, and hangs up after a while (gRPC cannot end such a call from the server side)."""
+        request = make_request(rng.choice(LONG_PROMPTS), max_tokens=LONG_MAX_TOKENS)
+        port = int(self.service.address.rsplit(":", 1)[1])
+        with StalledGrpcCall(port, GENERATE, request.SerializeToString(), window=64):
+            time.sleep(3 * CLIENT_STALL_S)  # how long the injected client stays stuck
+        return "HUNG_UP"
 
     def chaos_loop(self, seed: int) -> None:
         rng = random.Random(seed)
@@ -116,32 +142,45 @@ class Soak:
                     self.faults[f"stall {replica_id.split('-')[0]}"] += 1
 
 
-def test_random_fault_soak(ray_cluster: None, tiny_model_dir: Path) -> None:
+def rss_mb(service: Service) -> dict[str, float]:
+    """Resident memory of the router (this process) and of each live replica, in MB."""
+    sizes = {"router": psutil.Process().memory_info().rss / 1e6}
+    for report in load_reports(service):
+        try:
+            sizes[report.replica_id] = psutil.Process(report.pid).memory_info().rss / 1e6
+        except psutil.NoSuchProcess:
+            continue
+    return {name: round(size, 1) for name, size in sorted(sizes.items())}
+
+
+def test_random_fault_soak(ray_cluster: None, tiny_model_dir: Path, soak_seconds: float) -> None:
     config = make_config(
         str(tiny_model_dir),
         prefill={"replicas": 2},
         decode={"replicas": 2, "kv_cache": {"memory_mb": 1, "block_size": 16}},
         limits={"max_tokens": LONG_MAX_TOKENS},
         faults={"target_token_id": TARGET, "kv_chunk_fault": "corrupt"},
-        timeouts={"load_poll_interval_s": 0.25, "load_poll_timeout_s": 2.0},
+        timeouts={
+            "load_poll_interval_s": 0.25, "load_poll_timeout_s": 2.0, "control_call_s": 2.0,
+            "client_stall_s": CLIENT_STALL_S,
+        },
         reliability={
             "max_replica_restarts": 1000, "max_migrations": 3, "prefill_retries": 3,
             "max_preemptions": 100,
         },
     )
     expected = {tuple(p): reference(tiny_model_dir, p, MAX_TOKENS) for p in PROMPTS}
-    expected.update(
-        {tuple(p): reference(tiny_model_dir, p, LONG_MAX_TOKENS) for p in LONG_PROMPTS}
-    )
+    expected.update({tuple(p): reference(tiny_model_dir, p, LONG_MAX_TOKENS) for p in LONG_PROMPTS})
     with Service(config) as service:
-        soak = Soak(service, expected)
+        rss_at_start = rss_mb(service)
+        soak = Soak(service, expected, soak_seconds)
         threads = [threading.Thread(target=soak.client_loop, args=(i,)) for i in range(NUM_CLIENTS)]
         threads.append(threading.Thread(target=soak.chaos_loop, args=(99,)))
         started = time.monotonic()
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(timeout=SOAK_SECONDS + 300)
+            thread.join(timeout=soak_seconds + 300)
         elapsed = time.monotonic() - started
         # Restarted replicas rejoin; then the system must be quiet and serve again.
         deadline = time.monotonic() + 180
@@ -149,23 +188,37 @@ def test_random_fault_soak(ray_cluster: None, tiny_model_dir: Path) -> None:
             assert time.monotonic() < deadline, "replicas did not come back"
             time.sleep(0.5)  # polling interval of a bounded wait
         reports = assert_quiet(service)
+        rss_at_end = rss_mb(service)
+        assert service.router is not None
+        client_stalls = value(
+            service.router.metrics.registry, "pdserve_router_client_stalls_total", api="grpc"
+        )
         with GenerationClient(service.address, timeout_s=60) as client:
             final = collect(client.generate(PROMPTS[0], max_tokens=MAX_TOKENS, ignore_eos=True))
+    by_status: collections.Counter[str] = collections.Counter()
+    for counts in soak.outcomes.values():
+        by_status.update(counts)
     figures = {
         "seconds": round(elapsed, 1),
         "requests": soak.num_requests,
-        "outcomes": dict(soak.outcomes),
+        "outcomes": dict(by_status),
+        "outcomes_by_kind": {kind: dict(counts) for kind, counts in soak.outcomes.items()},
         "faults_injected": dict(soak.faults),
         "preemptions_of_completed_requests": soak.num_preemptions,
+        # Slow readers the router cancelled (one whose replica failed first is not counted).
+        "client_stalls_cancelled": client_stalls,
         "wrong_outputs": len(soak.wrong_outputs),
         "leaked_blocks": sum(r.num_total_blocks - r.num_free_blocks for r in reports),
         "leaked_leases": sum(r.num_leases for r in reports),
+        "rss_mb_at_start": rss_at_start,
+        "rss_mb_at_end": rss_at_end,
     }
     out = Path("bench-results")
     out.mkdir(exist_ok=True)
     (out / "soak.json").write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures, indent=2))
-    assert sum(soak.outcomes.values()) == soak.num_requests  # each ended exactly once
-    assert set(soak.outcomes) <= ALLOWED, soak.outcomes
+    assert sum(by_status.values()) == soak.num_requests  # each ended exactly once
+    for kind, counts in soak.outcomes.items():
+        assert set(counts) <= KINDS[kind].allowed, (kind, counts)
     assert not soak.wrong_outputs, soak.wrong_outputs[:3]
     assert final.token_ids == expected[tuple(PROMPTS[0])]

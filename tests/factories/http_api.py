@@ -22,11 +22,20 @@ MODEL = "tiny-chat"
 class Api:
     """A running HTTP server over a scripted flow, and clients for it."""
 
-    def __init__(self, server: HttpServer, port: int, flow: ScriptedFlow, door: FrontDoor) -> None:
+    def __init__(
+        self,
+        server: HttpServer,
+        port: int,
+        flow: ScriptedFlow,
+        door: FrontDoor,
+        metrics: RouterMetrics,
+    ) -> None:
         self.server = server
+        self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
         self.flow = flow
         self.door = door
+        self.metrics = metrics
 
     def client(self, api_key: str = "unused") -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=0)
@@ -44,4 +53,4 @@ async def start_api(config: PdserveConfig, serving: bool = True, **flow_options:
         is_serving=lambda: serving, version="9.9.9",
     )
     port = await server.start("127.0.0.1", 0)
-    return Api(server, port, flow, door)
+    return Api(server, port, flow, door, metrics)

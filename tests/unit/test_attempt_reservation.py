@@ -177,4 +177,5 @@ async def test_a_preempted_decode_stream_raises_preempted_after_its_tokens() -> 
     assert reserved.num_prompt_tokens == 5 and reserved.max_tokens == 6
     # Not finished by itself: the transfer is aborted on both sides; the queue is signalled.
     assert decode.aborted == [running.transfer_id] and prefill.aborted == [running.transfer_id]
-    assert woken == ["signal"]
+    # Signalled when prefill left its queue, and when close() released the decode blocks.
+    assert woken == ["signal", "signal"]

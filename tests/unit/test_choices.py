@@ -3,6 +3,7 @@ prompt blocks cached, distinct seeds, and one failure or an early close ends eve
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 
@@ -11,6 +12,7 @@ import pytest
 from pdserve.errors import ResourceExhausted, Unavailable
 from pdserve.messages import SamplingParams
 from router.choices import stream_choices
+from router.request_flow import StreamChunk
 from router.validation import ValidatedRequest
 from tests.factories.fake_flow import ScriptedFlow, router_tokenizer
 
@@ -81,3 +83,28 @@ async def test_closing_early_closes_every_run() -> None:
     await chunks.aclose()
     assert len(flow.runs) == 3
     assert flow.num_running == 0
+
+
+class EndlessFlow:
+    """A flow whose every run streams one-token chunks for as long as they are read."""
+
+    def __init__(self) -> None:
+        self.num_produced = 0
+
+    async def run(self, request, deadline, request_id=None, admission=None):  # noqa: ANN001
+        while True:
+            self.num_produced += 1
+            yield StreamChunk([5], "x")
+
+
+async def test_choices_stop_reading_their_flows_once_the_buffer_is_full() -> None:
+    flow = EndlessFlow()
+    chunks = stream_choices(
+        flow, request(3), time.time() + 60, "req", max_buffered=4  # type: ignore[arg-type]
+    )
+    await anext(chunks)  # choice 0's first chunk starts the other two
+    for _ in range(200):  # let every pump run as far as it can
+        await asyncio.sleep(0)
+    # 4 buffered, plus at most one chunk in hand per choice, plus the one consumed.
+    assert flow.num_produced <= 4 + 3 + 1
+    await chunks.aclose()

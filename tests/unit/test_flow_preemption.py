@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pdserve.errors import ResourceExhausted
+from pdserve.errors import ResourceExhausted, Unavailable
 from pdserve.messages import SamplingParams
 from pdserve.metrics import RouterMetrics
 from router.admission import Admission
@@ -28,6 +28,8 @@ TOKENIZER = router_tokenizer()
 PROMPT = [5, 6, 7]
 REPLY = TOKENIZER.encode("Hello, world! How are you today?", add_special_tokens=False)
 PREEMPT = "preempt"
+# A plan ending like this raises UNAVAILABLE that is not a lost replica (no live pool left).
+NO_LIVE_POOL = "no live pool"
 
 
 class ScriptedAttempt:
@@ -48,10 +50,12 @@ class ScriptedAttempt:
     async def tokens(self) -> AsyncGenerator[TokenEvent, None]:
         for index, token in enumerate(self.share):
             last = index == len(self.share) - 1
-            finish = self.then if last and self.then != PREEMPT else ""
+            finish = self.then if last and self.then not in (PREEMPT, NO_LIVE_POOL) else ""
             yield TokenEvent([token], finish)
         if self.then == PREEMPT:
             raise Preempted("decode-0")
+        if self.then == NO_LIVE_POOL:
+            raise Unavailable("no live decode replica")
 
     def close(self) -> None:
         self.closed = True

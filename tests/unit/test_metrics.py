@@ -21,7 +21,7 @@ from pdserve.messages import LoadReport
 from pdserve.metrics import ReplicaMetrics, RouterMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json"
-ALLOWED_LABELS = {"status", "stage", "transport", "replica", "role", "state"}
+ALLOWED_LABELS = {"status", "stage", "transport", "replica", "role", "state", "api"}
 REPLICA = {"replica": "decode-3", "role": "decode"}
 
 
@@ -251,6 +251,7 @@ def _exercise_router() -> RouterMetrics:
     metrics.stream_timer(0.0).tokens_sent(1)
     metrics.observe_completion({"queue_s": 1.0, "decode_s": 1.0}, 3)
     metrics.count_request("OK")
+    metrics.count_client_stall("grpc")
     metrics.count_retry()
     metrics.count_migration()
     metrics.observe_kv_transfer("grpc", 1, 0.1)

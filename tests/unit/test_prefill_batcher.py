@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from engine.block_manager import BlockManager
-from pdserve.errors import ResourceExhausted
+from pdserve.errors import InvalidArgument, ResourceExhausted
 from pdserve.messages import KVTarget, PrefillRequest, SamplingParams
 from prefill_worker.batcher import PrefillBatcher
 from prefill_worker.job import PrefillJob
@@ -199,7 +199,7 @@ def test_full_queue_raises_and_keeps_the_queue(loop: asyncio.AbstractEventLoop) 
 
 def test_a_prompt_that_can_never_fit_is_refused(loop: asyncio.AbstractEventLoop) -> None:
     batcher, blocks = make_batcher(num_blocks=5)
-    with pytest.raises(ResourceExhausted):
+    with pytest.raises(InvalidArgument, match="exceed this replica's KV cache"):
         batcher.submit(make_job(loop, "huge", 5 * BLOCK_SIZE + 1))
     assert batcher.num_waiting == 0
     batcher.submit(make_job(loop, "exact", 5 * BLOCK_SIZE))  # the whole cache is fine
