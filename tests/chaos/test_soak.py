@@ -142,15 +142,23 @@ class Soak:
                     self.faults[f"stall {replica_id.split('-')[0]}"] += 1
 
 
-def rss_mb(service: Service) -> dict[str, float]:
-    """Resident memory of the router (this process) and of each live replica, in MB."""
-    sizes = {"router": psutil.Process().memory_info().rss / 1e6}
+def rss_mb(service: Service) -> dict[str, dict[str, float]]:
+    """Memory of the router (this process) and of each live replica, in MB: resident (RSS,
+    which counts the shared-memory KV pools a replica touched) and unique to it (USS)."""
+    processes = {"router": psutil.Process()}
     for report in load_reports(service):
         try:
-            sizes[report.replica_id] = psutil.Process(report.pid).memory_info().rss / 1e6
+            processes[report.replica_id] = psutil.Process(report.pid)
         except psutil.NoSuchProcess:
             continue
-    return {name: round(size, 1) for name, size in sorted(sizes.items())}
+    sizes = {}
+    for name, process in sorted(processes.items()):
+        try:
+            memory = process.memory_full_info()
+        except psutil.NoSuchProcess:
+            continue
+        sizes[name] = {"rss": round(memory.rss / 1e6, 1), "uss": round(memory.uss / 1e6, 1)}
+    return sizes
 
 
 def test_random_fault_soak(ray_cluster: None, tiny_model_dir: Path, soak_seconds: float) -> None:
