@@ -43,9 +43,10 @@ chaos: install
 test-all: install
 	$(PY) -m pytest -q tests
 
+# Every package and the benchmarks are type-checked; CI runs this before the tests.
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy pdserve router kvtransfer
+	$(VENV)/bin/mypy pdserve router kvtransfer engine prefill_worker decode_worker benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if started_ray:
             ray.shutdown()
-    results = {
+    results: dict[str, Any] = {
         "schema": SCHEMA,
         "command_line": ["python", "-m", "benchmarks.mixed_load", *(argv or sys.argv[1:])],
         "settings": {key: value for key, value in vars(args).items() if key != "out"},
