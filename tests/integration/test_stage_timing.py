@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from pdserve.client import GenerationClient, make_request
 from pdserve.serve import Service
 from tests.factories.config import make_config
-from tests.integration.conftest import assert_quiet
+from tests.integration.conftest import assert_quiet, load_reports, wait_for
 
 TARGET = 333
 # Prefill takes >= 2 s, the hand-off >= 3 s more (one late chunk), decode 0.2 s a step.
@@ -46,7 +45,14 @@ def test_cancel_at_each_stage_frees_everything(staged_service: Service, stage: s
     with GenerationClient(staged_service.address) as client:
         call = slow_call(client, 60)
         if stage == "prefill":
-            time.sleep(0.5)  # inside the injected 2 s prefill stall
+            # The prefill replica holds the request: inside the injected 2 s prefill stall.
+            wait_for(
+                lambda: any(
+                    report.role == "prefill" and report.num_active_requests
+                    for report in load_reports(staged_service)
+                ),
+                "the prefill replica to hold the request",
+            )
         else:
             next(call)  # the first token: prefill is done, the hand-off is under way
             if stage == "decode":
