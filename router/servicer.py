@@ -110,6 +110,7 @@ class GenerationServicer:
             deadline = self._front_door.deadline(context.time_remaining())
             request_id = new_request_id()
             stream = self._front_door.client_stream(validated, request_id, "grpc")
+            _cancel_when_the_call_ends(context)
             end = await stream.send(
                 self._front_door.generate(validated, deadline, request_id),
                 lambda choice: _write(context, choice.chunk),
@@ -185,6 +186,20 @@ async def _write(context: grpc.aio.ServicerContext, chunk: StreamChunk) -> None:
         raise
     except Exception as exc:  # grpc's own (private) error types
         raise _CallEnded() from exc
+
+
+def _cancel_when_the_call_ends(context: grpc.aio.ServicerContext) -> None:
+    """Cancels the handler's task once the call is over (the client cancelled or left, or its
+    deadline passed) while it still runs: grpc does not always cancel a handler that is
+    waiting on something other than grpc itself (here: the next chunk of a held stream)."""
+    handler = asyncio.current_task()
+    assert handler is not None, "called from the handler's task"
+
+    def on_done(_: object) -> None:
+        if not handler.done():
+            handler.cancel()
+
+    context.add_done_callback(on_done)
 
 
 def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:

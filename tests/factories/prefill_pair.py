@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from pdserve.messages import (
 )
 from prefill_worker.worker import PrefillWorker
 from tests.factories.config import make_config
+from tests.factories.waiting import until
 
 PROMPTS = [[5, 17, 42, 99, 7, 3], [64], list(range(100, 121))]  # 21 tokens: several blocks
 NUM_NEW_TOKENS = 8
@@ -76,7 +77,6 @@ class Pair:
         except AssertionError:
             return False
         return True
-
 
 
 async def build_pair(
@@ -149,14 +149,6 @@ async def collect(stream: AsyncIterator[Any]) -> list[Any]:
     return [event async for event in stream]
 
 
-async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
-
-
 async def serve(
     pair: Pair,
     prompt: list[int],
@@ -198,7 +190,6 @@ def output_tokens(
     prefill_events: list[PrefillEvent], decode_events: list[DecodeEvent]
 ) -> list[int]:
     return [prefill_events[0].token_id] + [t for e in decode_events for t in e.token_ids]
-
 
 
 SYSTEM_PROMPT = [(7 * i) % 250 + 3 for i in range(5 * PREFILL_BLOCK_SIZE + 3)]  # 5 full blocks

@@ -19,6 +19,7 @@ from router.replica_pool import ReplicaPool
 from router.validation import ValidatedRequest
 from router.wait_queue import DECODE_BLOCKS, WaitQueue
 from tests.factories.config import make_config
+from tests.factories.waiting import until
 from tests.unit.fake_replicas import FakeActor, make_pool, use_fake_streams
 
 CONFIG = make_config("unused")
@@ -61,13 +62,6 @@ def attempt(
 
 async def collect(tokens: Attempt) -> list[TokenEvent]:
     return [event async for event in tokens.tokens()]
-
-
-async def until(condition: object, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
 
 
 async def test_no_room_anywhere_waits_in_the_queue_until_a_poll_finds_room() -> None:

@@ -18,6 +18,7 @@ from pdserve.errors import StatusCode
 from pdserve.messages import ColocatedEvent, ColocatedRequest, SamplingParams
 from tests.factories.config import make_config
 from tests.factories.fake_runner import FakeRunner, next_token
+from tests.factories.waiting import until
 from tests.unit.test_colocated_worker import FakeEngine
 
 WAIT_S = 5.0
@@ -68,14 +69,6 @@ async def collect(stream: AsyncGenerator[ColocatedEvent, None]) -> list[Colocate
         return [event async for event in stream]
 
     return await asyncio.wait_for(drain(), WAIT_S)
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 def tokens(events: list[ColocatedEvent]) -> list[int]:

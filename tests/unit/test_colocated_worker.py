@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from pdserve.messages import ColocatedEvent, ColocatedRequest, SamplingParams
 from tests.factories.config import make_config
 from tests.factories.fake_runner import FakeRunner
 from tests.factories.model import EOS_TOKEN_ID, build_tiny_model_dir
+from tests.factories.waiting import until
 
 WAIT_S = 10.0
 BLOCK_SIZE = 4
@@ -68,14 +69,6 @@ async def collect(stream: AsyncIterator[ColocatedEvent]) -> list[ColocatedEvent]
         return [event async for event in stream]
 
     return await asyncio.wait_for(drain(), WAIT_S)
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def tokens(events: list[ColocatedEvent]) -> list[int]:

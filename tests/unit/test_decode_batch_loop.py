@@ -18,6 +18,7 @@ from pdserve.config import FaultsConfig
 from pdserve.errors import StatusCode
 from pdserve.faults import FaultInjector
 from pdserve.messages import DecodeEvent, DecodeRequest, SamplingParams
+from tests.factories.waiting import until
 
 VOCAB = 100
 EOS = 99
@@ -101,14 +102,6 @@ def make_seq(
         request=request,
         token_ids=[first_token],
     )
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 async def next_event(seq: DecodeSequence) -> DecodeEvent:

@@ -25,6 +25,7 @@ from pdserve.messages import DecodeEvent, DecodeRequest, ReserveRequest, Samplin
 from pdserve.metrics import ReplicaMetrics
 from tests.factories.config import make_config
 from tests.factories.fake_runner import FakeRunner, next_token
+from tests.factories.waiting import until
 from tests.unit.test_decode_worker import FakeReceiver
 
 WAIT_S = 5.0
@@ -117,14 +118,6 @@ async def collect(stream: AsyncIterator[DecodeEvent]) -> list[DecodeEvent]:
         return [event async for event in stream]
 
     return await asyncio.wait_for(drain(), WAIT_S)
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 async def step_until(runner: FakeRunner, condition: Callable[[], bool], what: str) -> None:

@@ -19,6 +19,7 @@ from pdserve.errors import ErrorInfo, StatusCode
 from pdserve.messages import DecodeEvent, DecodeRequest, ReserveRequest, SamplingParams
 from tests.factories.config import make_config
 from tests.factories.model import build_tiny_model_dir
+from tests.factories.waiting import until
 
 WAIT_S = 10.0
 BLOCK_SIZE = 16
@@ -147,14 +148,6 @@ async def collect(stream: AsyncIterator[DecodeEvent]) -> list[DecodeEvent]:
 
 async def _collect(stream: AsyncIterator[DecodeEvent]) -> list[DecodeEvent]:
     return [event async for event in stream]
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def error_code(events: list[DecodeEvent]) -> StatusCode | None:

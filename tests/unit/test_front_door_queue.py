@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import openai
 import pytest
@@ -20,6 +19,7 @@ from router.wait_queue import router_queue
 from tests.factories.config import make_config
 from tests.factories.fake_flow import ScriptedFlow, router_tokenizer
 from tests.factories.http_api import MODEL, start_api
+from tests.factories.waiting import until
 
 TOKENIZER = router_tokenizer()
 
@@ -52,13 +52,6 @@ async def run(
         return [chunk async for chunk in chunks]
     finally:
         await chunks.aclose()
-
-
-async def until(condition: Any, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
 
 
 async def test_past_the_inflight_limit_a_request_waits_and_proceeds_when_a_slot_frees() -> None:

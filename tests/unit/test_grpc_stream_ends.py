@@ -7,8 +7,7 @@ mid-stream counts as DEADLINE_EXCEEDED in `pdserve_router_requests_total`."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -23,6 +22,7 @@ from router.wait_queue import router_queue
 from tests.factories.config import make_config
 from tests.factories.fake_flow import ScriptedFlow, router_tokenizer
 from tests.factories.stalled_clients import StalledGrpcCall
+from tests.factories.waiting import until
 from tests.unit.test_metrics import value
 
 CONFIG = make_config(
@@ -75,15 +75,6 @@ async def running() -> AsyncIterator[Running]:
         await server.stop(None)
 
 
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    """Polls `condition` (bounded) while the event loop serves the server."""
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)  # polling interval of a bounded wait
-
-
 async def read_rest(call: grpc.aio.UnaryStreamCall) -> list[pdserve_pb2.GenerateResponse]:
     """The call's remaining messages, read with `read` (a call cannot mix it with iteration)."""
     responses = []
@@ -104,10 +95,10 @@ async def test_a_client_granting_no_window_is_cancelled_and_a_bystander_finishes
     running.hold.set()
     call = StalledGrpcCall(running.port, GENERATE, request().SerializeToString(), window=64)
     try:
-        await wait_until(lambda: len(running.flow.runs) == 1, "the stalled request to start")
+        await until(lambda: len(running.flow.runs) == 1, "the stalled request to start")
         stalled_run = running.flow.runs[0]
         responses = [r async for r in running.stub.Generate(request(), timeout=WAIT_S)]
-        await wait_until(lambda: stalled_run.outcome != "running", "the stalled request's end")
+        await until(lambda: stalled_run.outcome != "running", "the stalled request's end")
     finally:
         call.close()
     # The scripted flow could not finish: the bounded buffer stopped reading it, and the stall
@@ -115,7 +106,7 @@ async def test_a_client_granting_no_window_is_cancelled_and_a_bystander_finishes
     assert stalled_run.outcome == "closed"
     assert call.num_bytes_received <= 64
     assert running.count("pdserve_router_client_stalls_total", api="grpc") == 1
-    await wait_until(
+    await until(
         lambda: running.count("pdserve_router_requests_total", status="CANCELLED") == 1,
         "the stalled request to be counted",
     )
@@ -148,7 +139,7 @@ async def test_a_drain_cut_ends_the_stream_with_a_cancelled_final_message(
     )
     assert final.served_by.mode == "disaggregated"
     assert run.outcome == "closed"  # its work was aborted before the final message
-    await wait_until(
+    await until(
         lambda: running.count("pdserve_router_requests_total", status="CANCELLED") == 1,
         "the cut request to be counted",
     )
@@ -158,12 +149,14 @@ async def test_a_drain_cut_ends_the_stream_with_a_cancelled_final_message(
 async def test_a_client_deadline_passing_mid_stream_counts_as_deadline_exceeded(
     running: Running,
 ) -> None:
-    call = running.stub.Generate(request(), timeout=0.5)
+    # The scripted flow holds the stream open after its first token, so the deadline passes
+    # mid-stream; long enough for the first token on a loaded machine.
+    call = running.stub.Generate(request(), timeout=1.0)
     await call.read()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await read_rest(call)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    await wait_until(
+    await until(
         lambda: running.count("pdserve_router_requests_total", status="DEADLINE_EXCEEDED") == 1,
         "the expired request to be counted",
     )
@@ -172,7 +165,7 @@ async def test_a_client_deadline_passing_mid_stream_counts_as_deadline_exceeded(
     cancelled = running.stub.Generate(request(), timeout=WAIT_S)
     await cancelled.read()
     cancelled.cancel()
-    await wait_until(
+    await until(
         lambda: running.count("pdserve_router_requests_total", status="CANCELLED") == 1,
         "the cancelled request to be counted",
     )

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -18,17 +16,10 @@ from pdserve.errors import Unavailable
 from tests.factories.config import make_config
 from tests.factories.http_api import MODEL, Api, start_api
 from tests.factories.stalled_clients import unread_http_request
+from tests.factories.waiting import until
 from tests.unit.test_metrics import value
 
 WAIT_S = 30.0
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)  # polling interval of a bounded wait
 
 
 def count(api: Api, status: str) -> float:
@@ -93,11 +84,11 @@ async def test_a_client_that_never_reads_is_cancelled_and_dropped() -> None:
     }).encode()
     sock = unread_http_request(api.port, "/v1/chat/completions", body)
     try:
-        await wait_until(
+        await until(
             lambda: value(api.metrics.registry, "pdserve_router_client_stalls_total", api="http")
             == 1, "the stall",
         )
-        await wait_until(lambda: count(api, "CANCELLED") == 1, "the stalled request's end")
+        await until(lambda: count(api, "CANCELLED") == 1, "the stalled request's end")
         assert api.door.num_inflight == 0
         assert all(run.outcome != "running" for run in api.flow.runs)
         # The router dropped the connection: the client reads what the kernel buffered, then

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import Any
 
 from decode_worker.colocated_sequence import ColocatedSequence, ColocatedState
@@ -17,6 +16,7 @@ from pdserve.errors import StatusCode
 from pdserve.faults import FaultInjector
 from pdserve.messages import ColocatedEvent, ColocatedRequest, SamplingParams
 from tests.factories.fake_runner import FAKE_VOCAB, FakeRunner
+from tests.factories.waiting import until
 
 EOS = FAKE_VOCAB - 1
 WAIT_S = 5.0
@@ -49,14 +49,6 @@ def make_seq(
     )
     # A distinct block table object per sequence: the fake runner's chunks are matched by it.
     return ColocatedSequence(request=request, block_table=[hash(name) % 1000])
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 async def events_until_end(seq: ColocatedSequence) -> list[ColocatedEvent]:

@@ -5,7 +5,6 @@ the `Admin.Scale` RPC behind the bearer-token interceptor."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +19,7 @@ from router.auth import BearerTokenInterceptor
 from router.pool_scaler import PlacementCheck, PoolScaler
 from router.replica_pool import DRAINING, READY, STARTING, Replica, ReplicaPool
 from router.scaling import PoolLimits, ScaleController
+from tests.factories.waiting import until
 
 POLL_S = 0.01
 WAIT_S = 10.0
@@ -83,14 +83,6 @@ def place_anywhere(role: str, num_replicas: int) -> None:
     return None
 
 
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(POLL_S)  # polling interval of a bounded wait
-
-
 async def make_pool(*replica_ids: str) -> tuple[ReplicaPool, dict[str, FakeActor]]:
     pool = ReplicaPool(replica_ids[0].rpartition("-")[0], POLL_S, 1.0)
     actors = {replica_id: FakeActor(replica_id) for replica_id in replica_ids}
@@ -127,10 +119,10 @@ async def test_new_replicas_join_only_once_loaded_with_fresh_ids() -> None:
     assert states(pool)["decode-3"] == STARTING
     assert {r.replica_id for r in pool.by_most_free_blocks()} == {"decode-0", "decode-2"}
     factory.created["decode-3"].loaded.set()
-    await wait_until(lambda: states(pool)["decode-3"] == READY, "decode-3 ready")
+    await until(lambda: states(pool)["decode-3"] == READY, "decode-3 ready")
     assert states(pool)["decode-4"] == STARTING
     factory.created["decode-4"].loaded.set()
-    await wait_until(lambda: pool.num_ready == 4, "4 ready")
+    await until(lambda: pool.num_ready == 4, "4 ready")
     await scaler.stop()
 
 
@@ -153,7 +145,7 @@ async def test_scale_down_drains_the_least_loaded_then_kills_it_when_idle() -> N
     actors["decode-1"].num_active_requests = 0
     assert factory.killed == []  # blocks still held: not idle yet
     actors["decode-1"].num_used_blocks = 0
-    await wait_until(lambda: "decode-1" not in states(pool), "decode-1 removed")
+    await until(lambda: "decode-1" not in states(pool), "decode-1 removed")
     assert factory.killed == ["decode-1"]
     assert states(pool) == {"decode-0": READY, "decode-2": READY}
     await scaler.stop()
@@ -164,7 +156,7 @@ async def test_ties_remove_the_newest() -> None:
     factory = FakeFactory()
     scaler = make_scaler(pool, factory)
     scaler.set_target(1)
-    await wait_until(lambda: len(pool.replicas) == 1, "two removed")
+    await until(lambda: len(pool.replicas) == 1, "two removed")
     assert sorted(factory.killed) == ["decode-1", "decode-2"]
     await scaler.stop()
 
@@ -208,7 +200,7 @@ async def test_a_replica_serving_another_model_is_killed_and_dropped() -> None:
 
     scaler = make_scaler(pool, factory, check_model=reject)
     scaler.set_target(2)
-    await wait_until(lambda: factory.killed == ["decode-1"], "decode-1 killed")
+    await until(lambda: factory.killed == ["decode-1"], "decode-1 killed")
     assert list(states(pool)) == ["decode-0"] and pool.target_replicas == 2
     await scaler.stop()
 
@@ -221,7 +213,7 @@ async def test_a_drain_that_outlasts_its_timeout_is_cut() -> None:
     factory = FakeFactory()
     scaler = make_scaler(pool, factory, drain_timeout_s=0.2)
     scaler.set_target(1)
-    await wait_until(lambda: factory.killed == ["decode-1"], "decode-1 killed")
+    await until(lambda: factory.killed == ["decode-1"], "decode-1 killed")
     await scaler.stop()
 
 
