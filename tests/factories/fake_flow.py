@@ -12,6 +12,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from tokenizers import Tokenizer
+
 from pdserve.errors import PdserveError
 from pdserve.messages import ModelInfo, NamedToken, TokenLogprobs
 from router.admission import Admission
@@ -20,7 +22,7 @@ from router.text_output import TextOutput
 from router.tokenizer import RouterTokenizer
 from router.validation import ValidatedRequest
 from router.wait_queue import WaitQueue
-from tests.factories.tokenizer import train_byte_level_tokenizer
+from tests.factories.tokenizer import EOS_TOKEN, train_byte_level_tokenizer
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
@@ -29,15 +31,21 @@ CHATML_TEMPLATE = (
 )
 
 
+def tokenizer_model_info(
+    tokenizer: Tokenizer, max_context_tokens: int = 256, chat_template: str = CHATML_TEMPLATE
+) -> ModelInfo:
+    """The `ModelInfo` a replica would report for the factory tokenizer `tokenizer`."""
+    return ModelInfo(
+        model="tiny", dtype="float32", model_type="llama", vocab_size=tokenizer.get_vocab_size(),
+        max_context_tokens=max_context_tokens, eos_token_ids=[0],
+        tokenizer_json=tokenizer.to_str(), kv_fingerprint="fp", chat_template=chat_template,
+        special_tokens=[NamedToken("eos_token", EOS_TOKEN)],
+    )
+
+
 def router_tokenizer(chat_template: str = CHATML_TEMPLATE) -> RouterTokenizer:
     """The factory byte-level tokenizer with a ChatML template (or none: "")."""
-    tokenizer = train_byte_level_tokenizer()
-    info = ModelInfo(
-        model="tiny", dtype="float32", model_type="llama", vocab_size=tokenizer.get_vocab_size(),
-        max_context_tokens=256, eos_token_ids=[0], tokenizer_json=tokenizer.to_str(),
-        kv_fingerprint="fp", chat_template=chat_template,
-        special_tokens=[NamedToken("eos_token", "<|endoftext|>")],
-    )
+    info = tokenizer_model_info(train_byte_level_tokenizer(), chat_template=chat_template)
     return RouterTokenizer.from_model_info(info)
 
 

@@ -14,15 +14,14 @@ import pytest
 from tokenizers import Tokenizer
 
 from pdserve.errors import InvalidArgument
-from pdserve.messages import ModelInfo, NamedToken
 from router.front_door import INLINE_PROMPT_CHARS, FrontDoor
 from router.generate_input import ChatTurn, GenerateInput
 from router.tokenizer import RouterTokenizer
 from router.validation import max_prompt_chars, validate_request
 from router.wait_queue import router_queue
 from tests.factories.config import make_config
-from tests.factories.fake_flow import CHATML_TEMPLATE, ScriptedFlow
-from tests.factories.tokenizer import CORPUS, EOS_TOKEN, train_byte_level_tokenizer
+from tests.factories.fake_flow import ScriptedFlow, tokenizer_model_info
+from tests.factories.tokenizer import CORPUS, train_byte_level_tokenizer
 
 T = TypeVar("T")
 # Large enough that a prompt of a few hundred thousand characters fits and is accepted.
@@ -52,12 +51,7 @@ class GatedTokenizer(RouterTokenizer):
 
 def gated_tokenizer() -> GatedTokenizer:
     tokenizer = train_byte_level_tokenizer()
-    info = ModelInfo(
-        model="test", dtype="float32", model_type="llama",
-        vocab_size=tokenizer.get_vocab_size(), max_context_tokens=MAX_CONTEXT_TOKENS,
-        eos_token_ids=[0], tokenizer_json=tokenizer.to_str(), kv_fingerprint="test",
-        chat_template=CHATML_TEMPLATE, special_tokens=[NamedToken("eos_token", EOS_TOKEN)],
-    )
+    info = tokenizer_model_info(tokenizer, MAX_CONTEXT_TOKENS)
     return GatedTokenizer(Tokenizer.from_str(info.tokenizer_json), info)
 
 

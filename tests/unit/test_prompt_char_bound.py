@@ -11,11 +11,10 @@ from tokenizers import Tokenizer
 
 from pdserve.config import LimitsConfig
 from pdserve.errors import InvalidArgument
-from pdserve.messages import ModelInfo, NamedToken
 from router.generate_input import ChatTurn, GenerateInput
 from router.tokenizer import RouterTokenizer
 from router.validation import PROMPT_CHARS_MARGIN, max_prompt_chars, validate_request
-from tests.factories.fake_flow import CHATML_TEMPLATE
+from tests.factories.fake_flow import tokenizer_model_info
 from tests.factories.tokenizer import (
     CORPUS,
     EOS_TOKEN,
@@ -47,12 +46,7 @@ class SpyTokenizer(RouterTokenizer):
 
 def spy_tokenizer(tokenizer: Tokenizer | None = None) -> SpyTokenizer:
     tokenizer = tokenizer or train_byte_level_tokenizer()
-    info = ModelInfo(
-        model="test", dtype="float32", model_type="llama",
-        vocab_size=tokenizer.get_vocab_size(), max_context_tokens=MAX_CONTEXT_TOKENS,
-        eos_token_ids=[0], tokenizer_json=tokenizer.to_str(), kv_fingerprint="test",
-        chat_template=CHATML_TEMPLATE, special_tokens=[NamedToken("eos_token", EOS_TOKEN)],
-    )
+    info = tokenizer_model_info(tokenizer, MAX_CONTEXT_TOKENS)
     return SpyTokenizer(Tokenizer.from_str(info.tokenizer_json), info)
 
 
