@@ -36,6 +36,10 @@ class DecodeActor(ReplicaActor["DecodeWorker"]):
     async def reserve(self, request_data: bytes) -> bytes:
         return encode(self._worker.reserve(decode(ReserveRequest, request_data)))
 
+    async def mark_reader(self, transfer_id: str, stalled: bool) -> bool:
+        """See the worker's `mark_reader`."""
+        return self._worker.mark_reader(transfer_id, stalled)
+
     async def generate(self, request_data: bytes) -> AsyncIterator[bytes]:
         """Streaming method: one `DecodeEvent` per yield."""
         async for event in self._worker.generate(decode(DecodeRequest, request_data)):

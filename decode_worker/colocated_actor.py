@@ -23,6 +23,10 @@ class ColocatedActor(ReplicaActor["ColocatedWorker"]):
 
         return ColocatedWorker(parts.config, parts.replica_id, parts.engine, parts.metrics)
 
+    async def mark_reader(self, transfer_id: str, stalled: bool) -> bool:
+        """See the worker's `mark_reader`."""
+        return self._worker.mark_reader(transfer_id, stalled)
+
     async def generate(self, request_data: bytes) -> AsyncIterator[bytes]:
         """Streaming method: one `ColocatedEvent` per yield."""
         async for event in self._worker.generate(decode(ColocatedRequest, request_data)):

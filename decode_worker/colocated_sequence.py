@@ -37,6 +37,8 @@ class ColocatedSequence:
     decode_started_at: float = 0.0
     # Requests admitted on this replica before this one (breaks `service_order` ties).
     arrival_index: int = 0
+    # Its client is not reading its stream (the router's `mark_reader`): served last.
+    reader_stalled: bool = False
 
     @property
     def transfer_id(self) -> str:
@@ -47,10 +49,13 @@ class ColocatedSequence:
         return self.request.request_id
 
     @property
-    def service_order(self) -> tuple[int, float, int]:
+    def service_order(self) -> tuple[bool, int, float, int]:
         """Sorts the sequence served first first; preemption takes its victims from the other
         end and never takes the first running one (`decode_worker.kv_growth`)."""
-        return (self.request.priority, self.request.admitted_at, self.arrival_index)
+        return (
+            self.reader_stalled, self.request.priority, self.request.admitted_at,
+            self.arrival_index,
+        )
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -15,8 +15,9 @@ Life cycle of a request on a colocated replica
 3. **Decode.** The sequence joins the running batch: one token per step, each streamed as a
    `ColocatedEvent`. On demand, before each step it gains the block its next token needs.
 4. **Preempt** (on demand only). When a running sequence needs a block and none is free,
-   running sequences are preempted by recompute, lowest priority then newest first, never the
-   oldest (`decode_worker.kv_growth`; prompts being prefilled are never victims): the victim's
+   running sequences are preempted by recompute: stalled readers first (`mark_reader`), then
+   lowest priority, then newest; never the one served first (`decode_worker.kv_growth`; prompts
+   being prefilled are never victims): the victim's
    blocks are freed at once and its stream ends with `ColocatedEvent(preempted=True)`; the
    router re-prefills prompt + generated tokens. A sequence with no victim sits steps out.
 5. **Finish.** On EOS / stop id / max_tokens / deadline the sequence leaves the batch.
@@ -120,6 +121,15 @@ class ColocatedWorker:
         seq.events.put_nowait(ColocatedEvent(error=Cancelled("aborted").to_info()))
         return True
 
+    def mark_reader(self, transfer_id: str, stalled: bool) -> bool:
+        """Marks (or unmarks) a request whose client is not reading its stream: while marked,
+        its sequence is the first preemption victim here. Returns whether it was known."""
+        seq = self._sequences.get(transfer_id)
+        if seq is None:
+            return False
+        seq.reader_stalled = stalled
+        return True
+
     def load(self, node_id: str, pid: int, epoch: str = "") -> LoadReport:
         blocks = self._engine.block_manager
         batch = self._batch
@@ -132,6 +142,7 @@ class ColocatedWorker:
             metrics_address=self._metrics.address,
             total_prefill_chunks=batch.num_prefill_chunks,
             total_mixed_steps=batch.num_mixed_steps, total_preemptions=batch.num_preemptions,
+            num_stalled_readers=sum(s.reader_stalled for s in self._sequences.values()),
         )
         self._metrics.observe_load(report)
         return report

@@ -7,12 +7,14 @@ holds any block) asks `KVGrowth.plan` to give each sequence of the step the slot
 writes: the KV of the token it feeds, at position `num_context_tokens - 1`.
 
 When no block is free, running sequences are preempted in the reverse of the order in which
-they are served. That order (`service_order`) is: lower `priority` value first, then earlier
-`admitted_at` (the router's admission time, kept across re-prefills), then earlier arrival on
-this replica. The **oldest** running sequence is the one served first by that order; it is
+they are served. That order (`service_order`) is: sequences whose client reads its stream
+before stalled readers (the router marks a request whose client has accepted no data for
+`timeouts.reader_slow_s`: its KV is better spent on a client that reads), then lower
+`priority` value first, then earlier `admitted_at` (the router's admission time, kept across
+re-prefills), then earlier arrival on this replica. The sequence served first by that order is
 never preempted, so it always finishes. A preempted sequence's blocks are freed at once and
 the loop ends its stream with a `preempted` event; the router re-prefills prompt + generated
-tokens and continues the stream. A sequence that finds no victim (it is the oldest and the
+tokens and continues the stream. A sequence that finds no victim (it is served first and the
 other blocks belong to reservations still waiting for their KV, or to prompts being
 prefilled) sits the step out and is retried at the next one. Only running sequences are
 victims: a reservation's transfer may be writing its blocks, a prompt's prefill is not done.
@@ -54,7 +56,10 @@ class Growable(Protocol):
     def in_step(self) -> bool: ...
 
     @property
-    def service_order(self) -> tuple[int, float, int]: ...
+    def service_order(self) -> tuple[bool, int, float, int]: ...
+
+    @property
+    def reader_stalled(self) -> bool: ...
 
 
 SeqT = TypeVar("SeqT", bound=Growable)
@@ -89,7 +94,7 @@ class KVGrowth(Generic[SeqT]):
         `running`. Mutates the block manager: grown tables, and the freed blocks of the
         preempted sequences (counted and logged here). Raises nothing."""
         order = sorted(running, key=_service_order)
-        # Victims are taken from the end; the first (the oldest) is never one.
+        # Victims are taken from the end; the one served first is never one.
         victims = order[1:]
         plan: GrowthPlan[SeqT] = GrowthPlan()
         grown: set[str] = set()
@@ -138,8 +143,9 @@ class KVGrowth(Generic[SeqT]):
         self.num_preemptions += 1
         self._metrics.count_preemption()
         logger.info(
-            "preempted request %s (transfer %s) after %d generated tokens: %d blocks freed",
-            seq.request_id, seq.transfer_id, seq.num_generated, num_blocks,
+            "preempted request %s (transfer %s%s) after %d generated tokens: %d blocks freed",
+            seq.request_id, seq.transfer_id, ", its client not reading" * seq.reader_stalled,
+            seq.num_generated, num_blocks,
         )
 
 
@@ -168,5 +174,5 @@ def check_cache_can_hold(
         )
 
 
-def _service_order(seq: Growable) -> tuple[int, float, int]:
+def _service_order(seq: Growable) -> tuple[bool, int, float, int]:
     return seq.service_order

@@ -45,6 +45,8 @@ class DecodeSequence:
     admitted_at: float = 0.0
     # Reservations made on this replica before this one (breaks ties of the two above).
     arrival_index: int = 0
+    # Its client is not reading its stream (the router's `mark_reader`): served last.
+    reader_stalled: bool = False
 
     @property
     def num_generated(self) -> int:
@@ -59,10 +61,10 @@ class DecodeSequence:
         return self.num_prompt_tokens + len(self.token_ids)
 
     @property
-    def service_order(self) -> tuple[int, float, int]:
+    def service_order(self) -> tuple[bool, int, float, int]:
         """Sorts the sequence served first first; preemption takes its victims from the other
         end and never takes the first running one (`decode_worker.kv_growth`)."""
-        return (self.priority, self.admitted_at, self.arrival_index)
+        return (self.reader_stalled, self.priority, self.admitted_at, self.arrival_index)
 
     @property
     def fault_key(self) -> list[int]:

@@ -17,10 +17,11 @@ Life cycle of a request on a decode replica
    (off the event loop); every sampled token is streamed to the router as a `DecodeEvent`.
    On demand, before each step a sequence gains the block its next token needs.
 5. **Preempt** (on demand only). When a step's sequence needs a block and none is free, running
-   sequences are preempted by recompute, lowest priority then newest first, never the oldest
-   (`decode_worker.kv_growth`): the victim's blocks are freed at once and its stream ends with
-   `DecodeEvent(preempted=True)`; the router re-prefills prompt + generated tokens. Sequences
-   still waiting for their KV are never preempted. A sequence with no victim sits steps out.
+   sequences are preempted by recompute: stalled readers first (`mark_reader`), then lowest
+   priority, then newest; never the one served first (`decode_worker.kv_growth`): the
+   victim's blocks are freed at once and its stream ends with `DecodeEvent(preempted=True)`;
+   the router re-prefills prompt + generated tokens. Sequences still waiting for their KV are
+   never preempted. A sequence with no victim sits steps out.
 6. **Finish.** On EOS / stop id / max_tokens / deadline the sequence leaves the batch and its
    blocks are freed. `abort()` (router cancel, stop string, client gone) or the router dropping
    the stream does the same at any stage; blocks are freed only when no step and no receiver
@@ -195,6 +196,15 @@ class DecodeWorker:
             seq.events.put_nowait(DecodeEvent(error=Cancelled("aborted").to_info()))
         return True
 
+    def mark_reader(self, transfer_id: str, stalled: bool) -> bool:
+        """Marks (or unmarks) a request whose client is not reading its stream: while marked,
+        its sequence is the first preemption victim here. Returns whether it was known."""
+        seq = self._sequences.get(transfer_id)
+        if seq is None:
+            return False
+        seq.reader_stalled = stalled
+        return True
+
     def load(self, node_id: str, pid: int, epoch: str = "") -> LoadReport:
         blocks = self._engine.block_manager
         waiting = sum(1 for s in self._sequences.values() if s.state is not SequenceState.RUNNING)
@@ -209,6 +219,7 @@ class DecodeWorker:
             total_decode_tokens=self._batch.num_step_tokens,
             metrics_address=self._metrics.address,
             total_preemptions=self._batch.num_preemptions,
+            num_stalled_readers=sum(s.reader_stalled for s in self._sequences.values()),
         )
         self._metrics.observe_load(report)
         return report

@@ -181,6 +181,10 @@ class TimeoutsConfig(ConfigSection):
     # sent (no HTTP/2 flow-control window, an unread socket) is cancelled: its work on the
     # replicas is aborted and its KV freed.
     client_stall_s: float = Field(default=30.0, gt=0)
+    # A stream whose client has accepted no data for this long while a message waits marks its
+    # request's sequence on the replica as a stalled reader: the first preemption victim there
+    # while it stays stalled (unmarked once the client reads again).
+    reader_slow_s: float = Field(default=1.0, gt=0)
     # How often the router polls replica load and liveness.
     load_poll_interval_s: float = Field(default=0.5, gt=0)
     # A replica that does not answer a poll within this is marked unresponsive.
@@ -197,6 +201,11 @@ class TimeoutsConfig(ConfigSection):
             raise ValueError(
                 f"timeouts.default_deadline_s ({self.default_deadline_s}) must not exceed "
                 f"timeouts.max_deadline_s ({self.max_deadline_s})"
+            )
+        if self.reader_slow_s >= self.client_stall_s:
+            raise ValueError(
+                f"timeouts.reader_slow_s ({self.reader_slow_s}) must be less than "
+                f"timeouts.client_stall_s ({self.client_stall_s})"
             )
         return self
 

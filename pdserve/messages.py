@@ -250,6 +250,8 @@ class LoadReport:
     total_cached_prompt_tokens: int = 0
     # Decode and colocated: sequences preempted (blocks freed, handed back to the router).
     total_preemptions: int = 0
+    # Decode and colocated: requests whose client is not reading (first preemption victims).
+    num_stalled_readers: int = 0
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,16 @@
 
 One `Admission` per client request, made by `FrontDoor.generate` and shared by every choice
 and every attempt of it (retries, migrations, re-prefills after a preemption): `admitted_at`
-is what the router queue and the decode replicas order it by, so it must not change.
+is what the router queue and the decode replicas order it by, so it must not change; `reader`
+says whether its client reads its stream, which the decode replicas order it by first.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from router.reader_pace import ReaderPace
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,8 @@ class Admission:
     started: float
     # Seconds the request waited in the router queue for in-flight slots.
     queued_s: float = 0.0
+    # Set by the request's `ClientStream`; every attempt tells its replica (`tell`).
+    reader: ReaderPace = field(default_factory=ReaderPace)
 
     @classmethod
     def now(cls) -> Admission:

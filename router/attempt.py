@@ -20,7 +20,7 @@ and the decode blocks at once; then it signals the router queue (decode blocks w
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ from router.decode_reservation import DecodeReservation
 from router.kv_transport_choice import kv_transport_for
 from router.preemption import Preempted
 from router.ray_calls import EventStream
+from router.reader_pace import ReaderPace
 from router.refusals import Refusals
 from router.replica_pool import DEAD, Replica, ReplicaPool
 from router.stream_watch import ReplicaLost as ReplicaLost  # the flow catches it from here
@@ -91,9 +92,11 @@ class Attempt:
         *,
         admitted_at: float,
         wait_queue: WaitQueue,
+        reader: ReaderPace | None = None,
     ) -> None:
         """`admitted_at` is the request's admission time (`router.admission`), the same for
-        every attempt of the request; `wait_queue` is the router's one queue."""
+        every attempt of the request; `wait_queue` is the router's one queue; `reader` the
+        request's reader state, told to the decode replica (`router.reader_pace`)."""
         self._config = config
         self._metrics = metrics
         self._prefill_pool, self._decode_pool = pools
@@ -104,6 +107,8 @@ class Attempt:
         self._deadline = deadline
         self._admitted_at = admitted_at
         self._wait_queue = wait_queue
+        self._reader = reader or ReaderPace()
+        self._stop_telling: Callable[[], None] | None = None
         # Minted here, per attempt: a retried or migrated request never reuses KV state.
         self.transfer_id = uuid.uuid4().hex
         self.report = AttemptReport()
@@ -122,6 +127,7 @@ class Attempt:
     async def tokens(self) -> AsyncGenerator[TokenEvent, None]:
         """Yields new tokens; the last event carries a finish reason."""
         self._decode, self.report.queued_s = await self._reservation.reserve()
+        self._stop_telling = self._reader.tell(self._decode, self.transfer_id)
         prefill, first, prefill_request = await self._start_prefill()
         self._wait_queue.notify()  # a place in a prefill queue is free again
         self.report.timings.update(queue_s=first.queue_s, prefill_s=first.prefill_s)
@@ -155,6 +161,8 @@ class Attempt:
         the router queue when decode blocks were (or may have been) reserved. Never blocks."""
         for stream in self._streams:
             stream.close()
+        if self._stop_telling is not None:
+            self._stop_telling()
         decode_asked = [self._decode] if self._decode else []
         decode_asked += self._reservation.unanswered
         # A reservation that never answered may land later, even after the attempt finished

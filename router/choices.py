@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from router.admission import Admission
@@ -69,8 +70,10 @@ async def stream_choices(
     the consumer; beyond that the choices stop reading from their replicas."""
     admission = admission or Admission.now()
     if request.num_choices == 1:
-        async for chunk in flow.run(request, deadline, request_id, admission):
-            yield ChoiceChunk(0, chunk)
+        # Closed here, not left to the garbage collector: its clean-up aborts the replicas' work.
+        async with aclosing(flow.run(request, deadline, request_id, admission)) as chunks:
+            async for chunk in chunks:
+                yield ChoiceChunk(0, chunk)
         return
     queue: asyncio.Queue[ChoiceChunk | _ChoiceEnded] = asyncio.Queue(maxsize=max_buffered)
 
@@ -114,8 +117,10 @@ async def _pump(
     queue: asyncio.Queue[ChoiceChunk | _ChoiceEnded],
 ) -> None:
     try:
-        async for chunk in flow.run(request, deadline, request_id, admission):
-            await queue.put(ChoiceChunk(index, chunk))
+        # A cancel while the queue is full lands in `put`: the run is closed here all the same.
+        async with aclosing(flow.run(request, deadline, request_id, admission)) as chunks:
+            async for chunk in chunks:
+                await queue.put(ChoiceChunk(index, chunk))
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # handed to the consumer, which raises it

@@ -7,6 +7,9 @@ slow client costs the router a bounded amount of memory. The caller's task write
 with its API's `write` (gRPC `context.write`, one SSE event), which blocks while the client
 accepts no data: no HTTP/2 flow-control window, an unread socket.
 
+- **Slow reader.** A write still waiting after `timeouts.reader_slow_s` marks the request's
+  reader stalled (`ReaderPace`) until that write completes: the replicas holding its sequences
+  serve it last, so it is their first preemption victim and its KV goes to clients that read.
 - **Stalled client.** A write that has not completed after `timeouts.client_stall_s` ends the
   stream as `STALLED`: the producer is cancelled, which closes the generator and so aborts the
   request's work on the replicas and frees its decode KV; the stall is logged with the request
@@ -37,6 +40,7 @@ from pdserve.config import PdserveConfig
 from pdserve.errors import StatusCode
 from pdserve.metrics import RouterMetrics
 from router.choices import ChoiceChunk, choice_request_id
+from router.reader_pace import ReaderPace
 from router.request_flow import Completion, StreamChunk
 from router.validation import ValidatedRequest
 
@@ -91,6 +95,9 @@ class ClientStream:
         self._api = api
         self._mode = config.mode
         self._stall_s = config.timeouts.client_stall_s
+        self._slow_s = config.timeouts.reader_slow_s
+        # Whether the client reads: set by the writes, told to the replicas by the attempts.
+        self.reader = ReaderPace()
         self._metrics = metrics
         self._streams = streams
         # Chunks and control items; the semaphore bounds the chunks only, so that a cut or the
@@ -180,11 +187,21 @@ class ClientStream:
             await asyncio.wait({producer})
 
     async def _write(self, write: Write, item: ChoiceChunk) -> bool:
-        """Writes one chunk; False when the client accepted nothing for `client_stall_s`."""
+        """Writes one chunk; False when the client accepted nothing for `client_stall_s`.
+        A write still waiting after `reader_slow_s` marks the reader stalled until it
+        completes."""
+        writing = asyncio.ensure_future(write(item))
         try:
-            await asyncio.wait_for(write(item), self._stall_s)
+            done, _ = await asyncio.wait({writing}, timeout=self._slow_s)
+            if not done:
+                self.reader.set_stalled(True)
+                await asyncio.wait_for(writing, self._stall_s - self._slow_s)
+            writing.result()
         except asyncio.TimeoutError:
             return False
+        finally:
+            writing.cancel()  # a no-op once it completed
+        self.reader.set_stalled(False)
         self._num_tokens_written[item.index] += len(item.chunk.token_ids)
         if item.chunk.completion is not None:
             self._finished.add(item.index)

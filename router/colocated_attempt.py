@@ -20,7 +20,7 @@ until then. No KV moves: the report says transport "none" and 0 bytes.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from pdserve.config import PdserveConfig
 from pdserve.errors import InvalidArgument, ResourceExhausted
@@ -29,6 +29,7 @@ from pdserve.metrics import RouterMetrics
 from router.attempt import AttemptReport, TokenEvent
 from router.preemption import Preempted
 from router.ray_calls import EventStream
+from router.reader_pace import ReaderPace
 from router.refusals import Refusals
 from router.replica_pool import DEAD, Replica, ReplicaPool
 from router.stream_watch import next_event
@@ -53,6 +54,7 @@ class ColocatedAttempt:
         *,
         admitted_at: float,
         wait_queue: WaitQueue,
+        reader: ReaderPace | None = None,
     ) -> None:
         """As `Attempt`'s."""
         self._config = config
@@ -64,6 +66,8 @@ class ColocatedAttempt:
         self._deadline = deadline
         self._admitted_at = admitted_at
         self._wait_queue = wait_queue
+        self._reader = reader or ReaderPace()
+        self._stop_telling: Callable[[], None] | None = None
         del metrics  # same face as Attempt; no KV transfer to count here
         # Minted here, per attempt: a retried or migrated request never reuses replica state.
         self.transfer_id = uuid.uuid4().hex
@@ -77,6 +81,8 @@ class ColocatedAttempt:
         """Yields new tokens (the first one included); the last event carries a finish
         reason."""
         event = await self._place()
+        assert self._replica is not None, "placed"
+        self._stop_telling = self._reader.tell(self._replica, self.transfer_id)
         self.report.timings.update(queue_s=event.queue_s, prefill_s=event.prefill_s)
         self.report.num_cached_tokens = event.num_cached_tokens
         while True:
@@ -96,6 +102,8 @@ class ColocatedAttempt:
         """Cancels the stream; aborts the transfer on the replica unless it finished."""
         if self._stream is not None:
             self._stream.close()
+        if self._stop_telling is not None:
+            self._stop_telling()
         replica = self._replica
         if replica is not None and not self._finished and replica.state != DEAD:
             replica.handle.abort.remote(self.transfer_id)

@@ -33,6 +33,7 @@ from router.admission import Admission, AdmissionClock
 from router.choices import ChoiceChunk, stream_choices
 from router.client_stream import CUT_WAIT_S, ClientStream, OpenStreams
 from router.generate_input import GenerateInput
+from router.reader_pace import ReaderPace
 from router.request_flow import RequestFlow
 from router.tokenizer import RouterTokenizer
 from router.validation import ValidatedRequest, check_request, tokenize_request
@@ -121,14 +122,20 @@ class FrontDoor:
         return time.time() + min(seconds, timeouts.max_deadline_s)
 
     async def generate(
-        self, request: ValidatedRequest, deadline: float, request_id: str
+        self,
+        request: ValidatedRequest,
+        deadline: float,
+        request_id: str,
+        reader: ReaderPace | None = None,
     ) -> AsyncGenerator[ChoiceChunk, None]:
         """Admits the request (all its choices or none, waiting in the router queue while the
         in-flight slots are taken) and streams its choices' chunks; each choice ends with a
         chunk carrying its `Completion`. Raises a `PdserveError` when it fails. Close the
         generator (`aclose`) or cancel its consumer to cancel: a queued request leaves the
-        queue, and every choice's work on the replicas is aborted before `aclose` returns."""
-        admission = await self._admit(request, deadline)
+        queue, and every choice's work on the replicas is aborted before `aclose` returns.
+        `reader` is the client stream's reader state (`ClientStream.reader`), told to the
+        replicas; None: the caller reads at once."""
+        admission = await self._admit(request, deadline, reader or ReaderPace())
         try:
             async for chunk in stream_choices(
                 self._flow, request, deadline, request_id, admission,
@@ -176,7 +183,9 @@ class FrontDoor:
         in progress finishes in the background, queued ones are dropped."""
         self._tokenizing.shutdown(wait=False, cancel_futures=True)
 
-    async def _admit(self, request: ValidatedRequest, deadline: float) -> Admission:
+    async def _admit(
+        self, request: ValidatedRequest, deadline: float, reader: ReaderPace
+    ) -> Admission:
         """Takes the request's in-flight slots, queueing while they are not free."""
         if self._draining:
             raise _shutting_down()
@@ -194,7 +203,7 @@ class FrontDoor:
         _, queued_s = await self._queue.take(
             take_slots, QueueOrder(request.priority, admitted_at), deadline, IN_FLIGHT_SLOT
         )
-        return Admission(admitted_at, started, queued_s)
+        return Admission(admitted_at, started, queued_s, reader)
 
     def _take_slots(self, num_sequences: int) -> None:
         if self._draining:

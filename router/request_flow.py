@@ -39,7 +39,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from pdserve.config import PdserveConfig
@@ -135,7 +135,7 @@ class RequestFlow:
         deadline: float,
         request_id: str | None = None,
         admission: Admission | None = None,
-    ) -> AsyncIterator[StreamChunk]:
+    ) -> AsyncGenerator[StreamChunk, None]:
         """Streams one request; raises a PdserveError on failure. `deadline` is wall-clock;
         `request_id` is minted by the router (a fresh one when None), never the client's;
         `admission` is the front door's (one made now when None)."""
@@ -255,10 +255,11 @@ class RequestFlow:
             return ColocatedAttempt(
                 self._config, self._colocated_pool, eos_token_ids, request, sent, request_id,
                 deadline, self._metrics, admitted_at=admitted_at, wait_queue=queue,
+                reader=admission.reader,
             )
         return Attempt(
             self._config, self._pools, eos_token_ids, request, sent, request_id, deadline,
-            self._metrics, admitted_at=admitted_at, wait_queue=queue,
+            self._metrics, admitted_at=admitted_at, wait_queue=queue, reader=admission.reader,
         )
 
     def _may_migrate(self, num_migrations: int) -> bool:

@@ -112,7 +112,7 @@ class GenerationServicer:
             stream = self._front_door.client_stream(validated, request_id, "grpc")
             _cancel_when_the_call_ends(context)
             end = await stream.send(
-                self._front_door.generate(validated, deadline, request_id),
+                self._front_door.generate(validated, deadline, request_id, stream.reader),
                 lambda choice: _write(context, choice.chunk),
             )
             outcome = end.outcome

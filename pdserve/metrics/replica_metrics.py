@@ -117,13 +117,19 @@ class ReplicaMetrics(MetricsEndpoint):
             "were freed for older sequences to grow and the router re-prefills them.",
             _REPLICA, registry=registry,
         )
+        self.stalled_readers = gauge(
+            "pdserve_replica_stalled_readers",
+            "Requests on a decode or colocated replica whose client is not reading its stream "
+            "(timeouts.reader_slow_s): the first preemption victims.",
+        )
         self.pinned_cpus = gauge(
             "pdserve_replica_pinned_cpus",
             "Cores the replica process is pinned to (resources.pin_cpus); 0 = unpinned.",
         )
         # Exported at 0 (decode replicas included) so dashboards find them.
         for metric in (self.prefix_cache_hits, self.prefix_cache_prompt_tokens,
-                       self.prefix_cache_blocks, self.pinned_cpus, self.preemptions):
+                       self.prefix_cache_blocks, self.pinned_cpus, self.preemptions,
+                       self.stalled_readers):
             metric.labels(*self._labels)
         self._shm_staging = ShmStagingCollector(replica_id, role)
         registry.register(self._shm_staging)
@@ -152,6 +158,7 @@ class ReplicaMetrics(MetricsEndpoint):
         self.kv_blocks_total.labels(*labels).set(report.num_total_blocks)
         self.kv_transfers_in_flight.labels(*labels).set(report.num_transfers)
         self.prefix_cache_blocks.labels(*labels).set(report.num_cached_blocks)
+        self.stalled_readers.labels(*labels).set(report.num_stalled_readers)
 
     def set_pinned_cpus(self, num_cpus: int) -> None:
         """The number of cores the actor pinned its process to (`pdserve.cpu_pinning`)."""

@@ -126,11 +126,11 @@ class OpenAIEndpoints:
         self, request: web.Request, validated: ValidatedRequest, reply: GenerationReply
     ) -> tuple[web.StreamResponse, str]:
         """The response and what the request counts as in `pdserve_router_requests_total`."""
-        chunks = self._front_door.generate(
-            validated, self._front_door.deadline(None), reply.request_id
-        )
-        # The client stream closes `chunks` however it ends.
         stream = self._front_door.client_stream(validated, reply.request_id, "http")
+        # The client stream closes `chunks` however it ends.
+        chunks = self._front_door.generate(
+            validated, self._front_door.deadline(None), reply.request_id, stream.reader
+        )
         if reply.stream:
             return await reply_stream(request, chunks, reply, stream)
         return await reply_whole(chunks, validated.num_choices, reply, stream)

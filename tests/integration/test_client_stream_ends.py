@@ -37,7 +37,7 @@ def service(ray_cluster: None, tiny_model_dir: Path) -> Iterator[Service]:
     config = make_config(
         str(tiny_model_dir),
         limits={"max_tokens": 400, "max_n": 64},
-        timeouts={"client_stall_s": 1.0},
+        timeouts={"client_stall_s": 1.0, "reader_slow_s": 0.2},
         router={"max_buffered_messages": 4},
         faults={"target_token_id": TARGET, "decode_step_delay_s": 0.05},
     )

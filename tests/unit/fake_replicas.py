@@ -1,9 +1,10 @@
 """Scripted replica actors for attempt-level router tests (no Ray).
 
-A `FakeActor` answers `reserve`, `load` and `abort` like a replica's actor handle (`.remote()`
-returns an awaitable of msgpack bytes) and plays scripted event streams for `prefill` and
-`generate`. `FakeEventStream` replaces `router.ray_calls.EventStream` in the attempt modules
-(tests monkeypatch it in): it plays the actor's script instead of reading Ray refs.
+A `FakeActor` answers `reserve`, `load`, `abort` and `mark_reader` like a replica's actor
+handle (`.remote()` returns an awaitable of msgpack bytes) and plays scripted event streams
+for `prefill` and `generate`. `FakeEventStream` replaces `router.ray_calls.EventStream` in the
+attempt modules (tests monkeypatch it in): it plays the actor's script instead of reading Ray
+refs.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ class FakeActor:
         self.reserve = _Method(self._reserve)
         self.load = _Method(self._load)
         self.abort = _Method(self.aborted.append)
+        # (transfer id, stalled) of each `mark_reader` call, in order.
+        self.reader_marks: list[tuple[str, bool]] = []
+        self.mark_reader = _Method(lambda transfer_id, stalled: self.reader_marks.append(
+            (transfer_id, stalled)
+        ))
         self.prefill = StreamMethod(PrefillRequest)
         self.generate = StreamMethod(ColocatedRequest if role == "colocated" else DecodeRequest)
 

@@ -90,11 +90,17 @@ class EndlessFlow:
 
     def __init__(self) -> None:
         self.num_produced = 0
+        # Runs started and not closed yet.
+        self.num_open = 0
 
     async def run(self, request, deadline, request_id=None, admission=None):  # noqa: ANN001
-        while True:
-            self.num_produced += 1
-            yield StreamChunk([5], "x")
+        self.num_open += 1
+        try:
+            while True:
+                self.num_produced += 1
+                yield StreamChunk([5], "x")
+        finally:
+            self.num_open -= 1
 
 
 async def test_choices_stop_reading_their_flows_once_the_buffer_is_full() -> None:
@@ -108,3 +114,21 @@ async def test_choices_stop_reading_their_flows_once_the_buffer_is_full() -> Non
     # 4 buffered, plus at most one chunk in hand per choice, plus the one consumed.
     assert flow.num_produced <= 4 + 3 + 1
     await chunks.aclose()
+
+
+@pytest.mark.parametrize("num_choices", [1, 3])
+async def test_closing_closes_every_run_at_once_even_those_waiting_for_room(
+    num_choices: int,
+) -> None:
+    # A run left open would be closed only by the garbage collector, and its clean-up is what
+    # aborts the request's work on the replicas.
+    flow = EndlessFlow()
+    chunks = stream_choices(
+        flow, request(num_choices), time.time() + 60, "req", max_buffered=2,  # type: ignore[arg-type]
+    )
+    await anext(chunks)
+    for _ in range(200):  # every pump runs until the buffer is full
+        await asyncio.sleep(0)
+    assert flow.num_open == num_choices
+    await chunks.aclose()
+    assert flow.num_open == 0

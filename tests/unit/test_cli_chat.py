@@ -35,11 +35,18 @@ class SlowFakeGeneration(FakeGeneration):
             yield from super().Generate(request, context)
             return
         self.requests.append(request)
-        ended = threading.Event()
-        context.add_callback(ended.set)
+        answered = threading.Event()
+
+        def on_end() -> None:
+            # The call ended before this answer did: the client cancelled it. (The server may
+            # never resume this generator after a cancel, so the callback decides.)
+            if not answered.is_set():
+                self.cancelled.set()
+
+        context.add_callback(on_end)
         yield pdserve_pb2.GenerateResponse(token_ids=[17], text="Hel")
-        if ended.wait(30) and not context.is_active():
-            self.cancelled.set()
+        self.cancelled.wait(30)
+        answered.set()
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ from tests.factories.config import make_config
 from tests.unit.test_metrics import value
 
 CONFIG = make_config(
-    "unused", timeouts={"client_stall_s": 0.5}, router={"max_buffered_messages": 4}
+    "unused", timeouts={"client_stall_s": 0.5, "reader_slow_s": 0.1},
+    router={"max_buffered_messages": 4},
 )
 WAIT_S = 10.0
 

@@ -129,6 +129,20 @@ async def test_priority_beats_recency() -> None:
     assert replica.is_quiet()
 
 
+async def test_a_stalled_reader_is_the_victim_even_when_it_is_the_oldest() -> None:
+    replica = Replica()
+    stalled = replica.generate("a", [1, 2, 3, 4])
+    first = await asyncio.wait_for(stalled.__anext__(), WAIT_S)
+    assert replica.worker.mark_reader("a", True)
+    assert replica.worker.load("node", 1).num_stalled_readers == 1
+    rest, reading = await asyncio.gather(
+        collect(stalled), collect(replica.generate("b", [101, 102, 103, 104]))
+    )
+    assert [first, *rest][-1].preempted
+    assert tokens(reading) == list(range(105, 125)) and reading[-1].finish_reason == "length"
+    assert replica.is_quiet()
+
+
 async def test_a_prompt_being_prefilled_is_never_a_victim() -> None:
     seen, choose = recorder()
     replica = Replica(FakeRunner(choose=choose), budget=1)

@@ -206,6 +206,43 @@ async def test_priority_beats_recency() -> None:
     assert replica.is_quiet()
 
 
+async def test_a_stalled_reader_is_the_victim_even_when_it_is_the_oldest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="decode_worker.kv_growth")
+    replica = make_replica()
+    replica.reserve("a")
+    replica.reserve("b")
+    assert replica.worker.mark_reader("a", True)
+    assert not replica.worker.mark_reader("gone", True), "an unknown transfer id is no error"
+    assert replica.worker.load("node", 1).num_stalled_readers == 1
+    labels = {"replica": "decode-0", "role": "decode"}
+    gauge = replica.metrics.registry.get_sample_value("pdserve_replica_stalled_readers", labels)
+    assert gauge == 1
+    stalled, reading = await asyncio.gather(
+        collect(replica.generate("a", 100)), collect(replica.generate("b", 200))
+    )
+    assert stalled[-1].preempted
+    assert tokens(reading) == list(range(201, 220)) and reading[-1].finish_reason == "length"
+    (record,) = [r for r in caplog.records if "preempted" in r.getMessage()]
+    assert "r-a" in record.getMessage() and "its client not reading" in record.getMessage()
+    assert replica.worker.load("node", 1).num_stalled_readers == 0
+    assert replica.is_quiet()
+
+
+async def test_a_reader_unmarked_again_is_served_by_age() -> None:
+    replica = make_replica()
+    replica.reserve("a")
+    replica.reserve("b")
+    replica.worker.mark_reader("a", True)
+    replica.worker.mark_reader("a", False)
+    old, new = await asyncio.gather(
+        collect(replica.generate("a", 100)), collect(replica.generate("b", 200))
+    )
+    assert old[-1].finish_reason == "length" and new[-1].preempted
+    assert replica.is_quiet()
+
+
 async def test_the_oldest_sits_out_without_spinning_and_resumes_when_blocks_free_up() -> None:
     replica = make_replica()
     replica.reserve("a", max_tokens=12)

@@ -28,7 +28,7 @@ from tests.unit.test_metrics import value
 CONFIG = make_config(
     "unused",
     limits={"max_tokens": 48},
-    timeouts={"client_stall_s": 0.5},
+    timeouts={"client_stall_s": 0.5, "reader_slow_s": 0.1},
     router={"max_buffered_messages": 4},
 )
 REPLY = "one two three four five six seven eight nine ten " * 8

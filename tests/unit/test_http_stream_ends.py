@@ -75,7 +75,7 @@ async def test_a_client_that_never_reads_is_cancelled_and_dropped() -> None:
     config = make_config(
         "unused", model={"served_model_name": MODEL},
         limits={"max_n": 16, "max_tokens": 200},
-        timeouts={"client_stall_s": 0.5}, router={"max_buffered_messages": 4},
+        timeouts={"client_stall_s": 0.5, "reader_slow_s": 0.1}, router={"max_buffered_messages": 4},
     )
     api = await start_api(config, reply_text="Hello, world! How are you today? " * 60)
     body = json.dumps({

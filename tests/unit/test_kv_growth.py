@@ -1,6 +1,6 @@
 """KVGrowth alone, on a real BlockManager and plain sequences: who grows, who is preempted
-(lowest priority, then newest; never the oldest), who sits a step out, and the reservation
-sizes and refusals shared by both workers."""
+(stalled readers, then lowest priority, then newest; never the one served first), who sits a
+step out, and the reservation sizes and refusals shared by both workers."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ class Seq:
     admitted_at: float = 0.0
     arrival_index: int = 0
     in_step: bool = False
+    reader_stalled: bool = False
 
     @property
     def request_id(self) -> str:
@@ -35,8 +36,8 @@ class Seq:
         return 1
 
     @property
-    def service_order(self) -> tuple[int, float, int]:
-        return (self.priority, self.admitted_at, self.arrival_index)
+    def service_order(self) -> tuple[bool, int, float, int]:
+        return (self.reader_stalled, self.priority, self.admitted_at, self.arrival_index)
 
 
 def running(blocks: BlockManager, *specs: tuple[str, int, int]) -> list[Seq]:
@@ -65,6 +66,27 @@ def test_a_sequence_gains_a_block_only_when_its_next_token_needs_one() -> None:
     assert names(plan.ready) == ["a"] and len(table) == 3
     assert (plan.preempted, plan.stalled, plan.too_long) == ([], [], [])
     assert growth.num_preemptions == 0
+
+
+def test_a_stalled_reader_is_preempted_before_newer_sequences() -> None:
+    blocks = BlockManager(4, BLOCK_SIZE)
+    growth = KVGrowth[Seq](blocks, ReplicaMetrics("", "decode"))
+    a, b, c = running(blocks, ("a", 4, 5), ("b", 4, 5), ("c", 4, 5))  # 1 block free
+    b.reader_stalled = True
+    plan = growth.plan([a, b, c], [a, b, c])
+    assert names(plan.preempted) == ["b"], "the newest, c, would be the victim otherwise"
+    assert names(plan.ready) == ["a", "c"]
+
+
+def test_a_stalled_reader_served_first_by_age_is_no_longer_spared() -> None:
+    blocks = BlockManager(3, BLOCK_SIZE)
+    growth = KVGrowth[Seq](blocks, ReplicaMetrics("", "decode"))
+    a, b = running(blocks, ("a", 4, 5), ("b", 4, 5))  # 1 block free
+    a.reader_stalled = True
+    b.num_context_tokens = 9  # b needs 2 more blocks: only freeing a makes room
+    plan = growth.plan([a, b], [a, b])
+    assert names(plan.preempted) == ["a"], "the oldest is a victim once its reader stalls"
+    assert names(plan.ready) == ["b"]
 
 
 def test_the_newest_is_preempted_so_older_ones_grow() -> None:

@@ -124,6 +124,7 @@ MESSAGES: list[Any] = [
         total_prompt_tokens=1000,
         total_cached_prompt_tokens=640,
         total_preemptions=3,
+        num_stalled_readers=2,
     ),
     LOGPROBS,
     NamedToken(name="eos_token", text="<|im_end|>"),
