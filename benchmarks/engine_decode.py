@@ -55,6 +55,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each kind")
     parser.add_argument("--copy-mib", type=int, default=1024,
                         help="size of each of the copy test's two buffers")
+    parser.add_argument("--kernels", default="auto", choices=("auto", "native", "torch"),
+                        help="model.kernels of the pdserve engine (a second engine on torch's "
+                        "kernels runs beside it unless this is torch)")
     parser.add_argument("--no-generate-batch", action="store_true",
                         help="skip transformers' generate_batch()")
     parser.add_argument("--out", type=Path, default=Path("bench-results/engine_decode.json"))
@@ -85,8 +88,16 @@ def run_dtype(args: argparse.Namespace, dtype: str, path: str) -> dict[str, Any]
         (t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
     )
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
-    model_config = ModelConfig.model_validate({"source": args.model, "dtype": dtype})
-    rig = EngineRig(load_model(model_config), workload)
+    model_config = ModelConfig.model_validate(
+        {"source": args.model, "dtype": dtype, "kernels": args.kernels}
+    )
+    loaded = load_model(model_config)
+    rig = EngineRig(loaded, workload)
+    # The same engine on torch's kernels, side by side (unless that is the engine above).
+    torch_rig = None
+    if not loaded.kernels.startswith("torch"):
+        torch_config = model_config.model_copy(update={"kernels": "torch"})
+        torch_rig = EngineRig(load_model(torch_config), workload)
     single = Workload(1, workload.num_prompt_tokens, workload.num_new_tokens)
     raw: dict[str, list[dict[str, Any]]] = {key: [] for key in RUN_KEYS}
     copies = []
@@ -94,18 +105,29 @@ def run_dtype(args: argparse.Namespace, dtype: str, path: str) -> dict[str, Any]
     # One untimed pass of each kind first: allocator, oneDNN kernels, lazy imports.
     run_generate(hf_model, prompts[:1], single, pad_token_id)
     rig.run(prompts[:1])
+    if torch_rig is not None:
+        torch_rig.run(prompts[:1])
     for _ in range(args.repeats):
         raw["hf_static_batch"].append(run_generate(hf_model, prompts, workload, pad_token_id))
         raw["pdserve_batch"].append(rig.run(prompts))
         raw["hf_static_single"].append(run_generate(hf_model, prompts[:1], single, pad_token_id))
         raw["pdserve_single"].append(rig.run(prompts[:1]))
+        if torch_rig is not None:
+            raw["pdserve_torch_batch"].append(torch_rig.run(prompts))
+            raw["pdserve_torch_single"].append(torch_rig.run(prompts[:1]))
         if not args.no_generate_batch and "hf_continuous_batch" not in errors:
             try:
                 raw["hf_continuous_batch"].append(run_generate_batch(hf_model, prompts, workload))
             except Exception as exc:  # recorded: whether it runs here is part of the result
                 errors["hf_continuous_batch"] = f"{type(exc).__name__}: {exc}"
         copies.append(measure_copy_bandwidth(args.copy_mib, repeats=3))
-    return _summarize(args, workload, hf_model, raw, copies, errors)
+    if torch_rig is None:
+        errors["pdserve_torch_batch"] = errors["pdserve_torch_single"] = (
+            f"the engine above runs on torch's kernels: {loaded.kernels}"
+        )
+    result = _summarize(args, workload, hf_model, raw, copies, errors)
+    result["kernels"] = loaded.kernels
+    return result
 
 
 def _summarize(
@@ -143,6 +165,7 @@ def _summarize(
 
 def machine_facts() -> dict[str, Any]:
     return {
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "processor": platform.processor(),
@@ -151,6 +174,19 @@ def machine_facts() -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "versions": {name: metadata.version(name) for name in ("torch", "transformers")},
     }
+
+
+def cpu_model() -> dict[str, Any]:
+    """The CPU's model name and the flags the kernels dispatch on (Linux; empty elsewhere)."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"model_name": fields.get("model name", ""), "flags": [f for f in wanted if f in flags]}
 
 
 def _cpu_pressure() -> str | None:

@@ -18,8 +18,10 @@ RUN_LABELS = {
     "hf_static_batch": "transformers generate(), static batch",
     "hf_continuous_batch": "transformers generate_batch()",
     "pdserve_batch": "pdserve engine, concurrent streams",
+    "pdserve_torch_batch": "pdserve engine on torch's kernels, streams",
     "hf_static_single": "transformers generate(), batch 1",
     "pdserve_single": "pdserve engine, batch 1",
+    "pdserve_torch_single": "pdserve engine on torch's kernels, batch 1",
 }
 
 
@@ -70,6 +72,13 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
         / roofline,
         "single_decode_vs_hf_static": pd_single / _median(runs, "hf_static_single", "decode_tok_s"),
     }
+    if "decode_tok_s" in runs.get("pdserve_torch_single", {}):
+        out["single_decode_vs_torch_kernels"] = pd_single / _median(
+            runs, "pdserve_torch_single", "decode_tok_s"
+        )
+        out["batch_decode_vs_torch_kernels"] = pd_decode / _median(
+            runs, "pdserve_torch_batch", "decode_tok_s"
+        )
     if "e2e_tok_s" in runs.get("hf_continuous_batch", {}):
         out["batch_e2e_vs_hf_continuous"] = _median(runs, "pdserve_batch", "e2e_tok_s") / _median(
             runs, "hf_continuous_batch", "e2e_tok_s"
@@ -155,7 +164,10 @@ def write_chart(path: Path, results: dict[str, Any]) -> None:
                 continue
             labels.append(label + ("" if "decode_tok_s" in run else " (end to end)"))
             values.append(figure["median"])
-            colors.append("tab:green" if key.startswith("pdserve") else "tab:blue")
+            colors.append(
+                "tab:olive" if key.startswith("pdserve_torch")
+                else "tab:green" if key.startswith("pdserve") else "tab:blue"
+            )
         labels.append("roofline, batch 1 (weight bytes / copy bandwidth)")
         values.append(result["roofline_single_tok_s"])
         colors.append("tab:gray")

@@ -14,6 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from engine.attention import register_paged_attention
 from engine.embedded import resolve_model_source
+from engine.kernels.linear import use_skinny_linears
+from engine.kernels.native import kernel_status
 from pdserve.config import ModelConfig
 from pdserve.errors import ConfigError
 
@@ -48,6 +50,8 @@ class LoadedModel:
     chat_template: str = ""
     # The tokenizer's named special tokens (`bos_token`, `eos_token`, ...): name -> text.
     special_tokens: dict[str, str] = field(default_factory=dict)
+    # What runs the linear layers of decode steps (`KernelStatus.describe()`).
+    kernels: str = ""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -84,15 +88,26 @@ def load_model(config: ModelConfig) -> LoadedModel:
         fingerprint=_fingerprint(model, hf_config),
         chat_template=chat_template_of(tokenizer, config.source),
         special_tokens=special_tokens_of(tokenizer),
+        kernels=_install_kernels(model, config),
     )
-    if config.dtype == "bfloat16":
-        _pack_linear_weights(model)
     logger.info(
         "loaded %s (%s, %s): %d layers, %d KV heads x %d dims",
         config.source, loaded.model_type, config.dtype,
         loaded.num_layers, loaded.num_kv_heads, loaded.head_dim,
     )
     return loaded
+
+
+def _install_kernels(model: torch.nn.Module, config: ModelConfig) -> str:
+    """Puts the native decode kernels under every linear layer where they serve (see
+    `engine.kernels.native`); else, for bf16, torch's kernels on packed weights. Returns what
+    runs the layers."""
+    status = kernel_status(config.kernels, config.dtype)
+    if status.module is not None:
+        use_skinny_linears(model, status.module)
+    elif config.dtype == "bfloat16":
+        _pack_linear_weights(model)
+    return status.describe()
 
 
 def _check_supported(hf_config: object) -> None:

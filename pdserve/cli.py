@@ -247,7 +247,7 @@ def _format_replica(replica: pdserve_pb2.ReplicaInfo) -> str:
     return (
         f"{replica.replica_id:<12} {state:<12} active={replica.num_active_requests} "
         f"free_blocks={replica.num_free_blocks}/{replica.num_total_blocks} "
-        f"node={replica.node_id[:12]}"
+        f"node={replica.node_id[:12]} kernels={replica.kernels or '?'}"
     )
 
 

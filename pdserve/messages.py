@@ -252,6 +252,9 @@ class LoadReport:
     total_preemptions: int = 0
     # Decode and colocated: requests whose client is not reading (first preemption victims).
     num_stalled_readers: int = 0
+    # What runs the linear layers of its decode steps, e.g. "native (avx512; float32)" or
+    # "torch (<why not native>)".
+    kernels: str = ""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ constructor, in the actor's own process, so the driver can create actors without
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ class ReplicaActor(Generic[W]):
             config.metrics, replica_id, self.ROLE, ray.util.get_node_ip_address()
         )
         metrics.set_pinned_cpus(len(self._cpu_claim.cpu_ids))
+        metrics.set_native_kernels(engine.loaded.kernels.startswith("native"))
         self._worker = self._make_worker(ReplicaParts(config, replica_id, engine, metrics))
         self._node_id = ray.get_runtime_context().get_node_id()
         self._epoch = uuid.uuid4().hex[:12]
@@ -89,7 +91,8 @@ class ReplicaActor(Generic[W]):
         return encode(self._engine.model_info())
 
     async def load(self) -> bytes:
-        return encode(self._worker.load(self._node_id, os.getpid(), self._epoch))
+        report = self._worker.load(self._node_id, os.getpid(), self._epoch)
+        return encode(dataclasses.replace(report, kernels=self._engine.loaded.kernels))
 
     async def abort(self, transfer_id: str) -> bool:
         return self._worker.abort(transfer_id)

@@ -269,6 +269,7 @@ def _pool_info(pool: ReplicaPool, config: PdserveConfig) -> pdserve_pb2.PoolInfo
                 num_free_blocks=load.num_free_blocks if load else 0,
                 num_total_blocks=load.num_total_blocks if load else 0,
                 node_id=load.node_id if load else "",
+                kernels=load.kernels if load else "",
             )
         )
     limits = pool_limits(config, pool.role)

@@ -122,6 +122,11 @@ class ReplicaMetrics(MetricsEndpoint):
             "Requests on a decode or colocated replica whose client is not reading its stream "
             "(timeouts.reader_slow_s): the first preemption victims.",
         )
+        self.native_kernels = gauge(
+            "pdserve_replica_native_kernels",
+            "1 when pdserve's native kernels run the linear layers of decode steps, 0 when "
+            "torch's do (model.kernels; the replica's log and Info say why).",
+        )
         self.pinned_cpus = gauge(
             "pdserve_replica_pinned_cpus",
             "Cores the replica process is pinned to (resources.pin_cpus); 0 = unpinned.",
@@ -129,7 +134,7 @@ class ReplicaMetrics(MetricsEndpoint):
         # Exported at 0 (decode replicas included) so dashboards find them.
         for metric in (self.prefix_cache_hits, self.prefix_cache_prompt_tokens,
                        self.prefix_cache_blocks, self.pinned_cpus, self.preemptions,
-                       self.stalled_readers):
+                       self.stalled_readers, self.native_kernels):
             metric.labels(*self._labels)
         self._shm_staging = ShmStagingCollector(replica_id, role)
         registry.register(self._shm_staging)
@@ -159,6 +164,9 @@ class ReplicaMetrics(MetricsEndpoint):
         self.kv_transfers_in_flight.labels(*labels).set(report.num_transfers)
         self.prefix_cache_blocks.labels(*labels).set(report.num_cached_blocks)
         self.stalled_readers.labels(*labels).set(report.num_stalled_readers)
+
+    def set_native_kernels(self, native: bool) -> None:
+        self.native_kernels.labels(*self._labels).set(int(native))
 
     def set_pinned_cpus(self, num_cpus: int) -> None:
         """The number of cores the actor pinned its process to (`pdserve.cpu_pinning`)."""

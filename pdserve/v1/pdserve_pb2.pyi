@@ -191,20 +191,22 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaInfo(_message.Message):
-    __slots__ = ("replica_id", "state", "num_active_requests", "num_free_blocks", "num_total_blocks", "node_id")
+    __slots__ = ("replica_id", "state", "num_active_requests", "num_free_blocks", "num_total_blocks", "node_id", "kernels")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     NUM_ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    KERNELS_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     state: ReplicaState
     num_active_requests: int
     num_free_blocks: int
     num_total_blocks: int
     node_id: str
-    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., num_active_requests: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
+    kernels: str
+    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., num_active_requests: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., node_id: _Optional[str] = ..., kernels: _Optional[str] = ...) -> None: ...
 
 class PoolInfo(_message.Message):
     __slots__ = ("configured_replicas", "replicas", "target_replicas", "min_replicas", "max_replicas", "autoscale")

@@ -125,6 +125,7 @@ MESSAGES: list[Any] = [
         total_cached_prompt_tokens=640,
         total_preemptions=3,
         num_stalled_readers=2,
+        kernels="native (avx512; float32)",
     ),
     LOGPROBS,
     NamedToken(name="eos_token", text="<|im_end|>"),

@@ -1,5 +1,6 @@
 """The engine alone (no Ray, no gRPC): packed prefill + paged batched decode reproduce
-`transformers`' greedy `generate()` token for token."""
+`transformers`' greedy `generate()` token for token, on torch's kernels and on pdserve's native
+ones (`model.kernels`; `auto` is torch's where this CPU lacks what they need)."""
 
 from __future__ import annotations
 
@@ -61,19 +62,23 @@ def generate_batched(runner: ModelRunner, blocks: BlockManager, prompts: list[li
     return outputs
 
 
-def test_packed_prefill_and_batched_decode_match_generate(tiny_model: Path) -> None:
-    loaded = load_model(ModelConfig(source=str(tiny_model), dtype="float32"))
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
+def test_packed_prefill_and_batched_decode_match_generate(tiny_model: Path, kernels: str) -> None:
+    loaded = load_model(ModelConfig(source=str(tiny_model), dtype="float32", kernels=kernels))
     runner, blocks = make_runner(loaded)
     outputs = generate_batched(runner, blocks, PROMPTS)
     assert outputs == [reference(tiny_model, p) for p in PROMPTS]
 
 
-def test_bfloat16_decode_with_packed_weights_matches_generate(tiny_model: Path) -> None:
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
+def test_bfloat16_decode_matches_generate(tiny_model: Path, kernels: str) -> None:
     """Each prompt alone: in bf16, padding a batch to its longest context changes the order of
     SDPA's sums and can flip a rounding (as it would in transformers' own padded batches)."""
-    loaded = load_model(ModelConfig(source=str(tiny_model), dtype="bfloat16"))
+    loaded = load_model(ModelConfig(source=str(tiny_model), dtype="bfloat16", kernels=kernels))
     linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
-    assert not linears, "bf16 linears are swapped for oneDNN-packed ones"
+    assert not linears, "bf16 linears are swapped for oneDNN-packed or native ones"
+    if kernels == "torch":
+        assert loaded.kernels == "torch (model.kernels is torch)"
     for prompt in PROMPTS:
         runner, blocks = make_runner(loaded)
         [output] = generate_batched(runner, blocks, [prompt])

@@ -1,0 +1,145 @@
+"""The native skinny matmul kernels against torch (fp32 and bf16; rows 1-33, odd sizes, tails
+of K, 1 and 2 threads, a bias), `SkinnyLinear`'s split between the kernel and `F.linear`, and
+the fallback: a build that fails is a loud WARNING and torch's kernels under `auto`, a refusal
+under `native`; `torch` never builds. Skipped where this CPU lacks the features a kernel
+needs (the status test still runs)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.kernels import native
+from engine.kernels.linear import SkinnyLinear, kernel_for, use_skinny_linears
+from pdserve.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def status_f32() -> native.KernelStatus:
+    return native.kernel_status("auto", "float32")
+
+
+@pytest.fixture(scope="module")
+def status_bf16() -> native.KernelStatus:
+    return native.kernel_status("auto", "bfloat16")
+
+
+def _needs(status: native.KernelStatus) -> None:
+    if not status.native:
+        pytest.skip(status.describe())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("rows", "k", "n"), [(1, 576, 192), (3, 100, 7), (5, 17, 33), (32, 1536, 576), (33, 64, 4)]
+)
+def test_fp32_matches_torch(
+    status_f32: native.KernelStatus, threads: int, rows: int, k: int, n: int
+) -> None:
+    _needs(status_f32)
+    generator = torch.Generator().manual_seed(rows * 1000 + k + n)
+    x = torch.randn(rows, k, generator=generator)
+    w = torch.randn(n, k, generator=generator)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernel_for(status_f32.module, torch.float32)(x, w)
+    finally:
+        torch.set_num_threads(before)
+    expected = x.double() @ w.double().T
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4 * k**0.5)
+
+
+def test_fp32_does_not_depend_on_the_thread_count(status_f32: native.KernelStatus) -> None:
+    _needs(status_f32)
+    x, w = torch.randn(7, 576), torch.randn(1000, 576)
+    kernel = kernel_for(status_f32.module, torch.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernel(x, w)
+        torch.set_num_threads(2)
+        two = kernel(x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize(
+    ("rows", "k", "n"), [(1, 576, 192), (4, 40, 9), (9, 1536, 576), (32, 96, 5)]
+)
+def test_bf16_matches_torch_within_one_rounding(
+    status_bf16: native.KernelStatus, rows: int, k: int, n: int
+) -> None:
+    _needs(status_bf16)
+    generator = torch.Generator().manual_seed(rows + k + n)
+    x = torch.randn(rows, k, generator=generator).bfloat16()
+    w = torch.randn(n, k, generator=generator).bfloat16()
+    got = kernel_for(status_bf16.module, torch.bfloat16)(x, w)
+    exact = x.double() @ w.double().T  # bf16 products are exact; only the sum rounds
+    assert got.dtype == torch.bfloat16
+    # One bf16 rounding of a fp32 sum: within 2^-8 relative, plus the fp32 sum's error.
+    torch.testing.assert_close(got.double(), exact, rtol=2**-8, atol=1e-3 * k**0.5)
+
+
+def test_skinny_linear_uses_the_kernel_for_few_rows_and_torch_for_many(
+    status_f32: native.KernelStatus,
+) -> None:
+    _needs(status_f32)
+    linear = torch.nn.Linear(64, 24, bias=True)
+    calls: list[tuple[int, ...]] = []
+    kernel = kernel_for(status_f32.module, torch.float32)
+
+    def counting(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return kernel(x, w)
+
+    skinny = SkinnyLinear(linear, counting, max_rows=4)
+    with torch.inference_mode():
+        few = torch.randn(1, 3, 64)
+        torch.testing.assert_close(skinny(few), linear(few), rtol=1e-5, atol=1e-5)
+        many = torch.randn(1, 9, 64)
+        torch.testing.assert_close(skinny(many), linear(many), rtol=1e-5, atol=1e-5)
+    assert calls == [(3, 64)]
+
+
+def test_use_skinny_linears_swaps_every_linear_and_keeps_tied_weights_shared(
+    status_f32: native.KernelStatus,
+) -> None:
+    _needs(status_f32)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 10, bias=False)
+    )
+    model[2].weight = model[0].weight  # tied, as many LMs tie lm_head to the embedding
+    assert use_skinny_linears(model, status_f32.module) == 2
+    assert all(not isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert model[2].weight.data_ptr() == model[0].weight.data_ptr()
+
+
+def test_a_failed_build_falls_back_loudly_under_auto_and_refuses_under_native(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the build folder should go")
+    monkeypatch.setenv("PDSERVE_KERNEL_CACHE", str(blocker))
+    monkeypatch.setattr(native, "_loaded", None)  # force a fresh build into the blocked cache
+    caplog.set_level(logging.WARNING, logger="engine.kernels.native")
+    status = native.kernel_status("auto", "float32")
+    assert not status.native
+    assert status.describe().startswith("torch (the build failed: ")
+    assert "native kernels NOT in use" in caplog.text
+    with pytest.raises(ConfigError, match="model.kernels is native, but the build failed"):
+        native.kernel_status("native", "float32")
+
+
+def test_torch_mode_never_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail() -> None:
+        raise AssertionError("built although model.kernels is torch")
+
+    monkeypatch.setattr(native, "_load_module", fail)
+    status = native.kernel_status("torch", "bfloat16")
+    assert status.describe() == "torch (model.kernels is torch)"
