@@ -31,6 +31,12 @@ from engine.kv_cache import GatherBuffers, PagedKVCache
 
 ATTENTION_NAME = "pdserve_paged"
 
+# (query [rows, q_heads, dim], keys, values [slots, kv_heads, dim], context slots
+# [rows, max_context], lengths [rows], scale) -> [rows, q_heads, dim]
+DecodeKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
+]
+
 
 @dataclass(frozen=True)
 class DecodeRows:
@@ -46,6 +52,8 @@ class DecodeRows:
     # [num_rows, 1, 1, max_context] additive mask (0 real, -inf padding) in the model dtype;
     # None when every row's context is max_context long.
     mask: torch.Tensor | None
+    # [num_rows] int64: each row's context length (what the native kernel reads).
+    lengths: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,9 @@ class AttentionMetadata:
     gather_buffers: GatherBuffers | None = None
     # Told each layer whose new KV is in the cache (layer-pipelined KV sends wait on it).
     on_layer_written: Callable[[int], None] | None = None
+    # The native one-token attention (`engine.kernels`), reading contexts in place; None =
+    # gather + SDPA.
+    decode_kernel: DecodeKernel | None = None
 
 
 def paged_attention(
@@ -123,6 +134,16 @@ def _decode_attention(
     scaling: float | None,
 ) -> torch.Tensor:
     """`queries` `[rows, q_heads, dim]` -> `[rows, q_heads, dim]`."""
+    kernel = meta.decode_kernel
+    head_dim = queries.shape[-1]
+    if (
+        kernel is not None and decode.lengths is not None and head_dim % 16 == 0
+        and queries.dtype == meta.kv_cache.spec.dtype
+    ):
+        keys, values = meta.kv_cache.layer(layer)
+        slots = decode.context_slots.view(decode.num_rows, decode.max_context)
+        scale = scaling if scaling is not None else head_dim**-0.5
+        return kernel(queries.contiguous(), keys, values, slots, decode.lengths, scale)
     cache_keys, cache_values = meta.kv_cache.gather_layer(
         layer, decode.context_slots, meta.gather_buffers
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -12,10 +13,11 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from engine.attention import register_paged_attention
+from engine.attention import DecodeKernel, register_paged_attention
 from engine.embedded import resolve_model_source
 from engine.kernels.linear import use_skinny_linears
 from engine.kernels.native import kernel_status
+from engine.lean_forward import LeanForward, lean_forward_for
 from pdserve.config import ModelConfig
 from pdserve.errors import ConfigError
 
@@ -50,8 +52,13 @@ class LoadedModel:
     chat_template: str = ""
     # The tokenizer's named special tokens (`bos_token`, `eos_token`, ...): name -> text.
     special_tokens: dict[str, str] = field(default_factory=dict)
-    # What runs the linear layers of decode steps (`KernelStatus.describe()`).
+    # What runs the linear layers of decode steps (`KernelStatus.describe()`) and which
+    # forward pass calls them.
     kernels: str = ""
+    # The Llama-family forward pass (`model.forward: lean`); None = transformers' forward.
+    lean: LeanForward | None = None
+    # The native one-token attention over the paged cache; None = gather + SDPA.
+    decode_attention: DecodeKernel | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -88,8 +95,13 @@ def load_model(config: ModelConfig) -> LoadedModel:
         fingerprint=_fingerprint(model, hf_config),
         chat_template=chat_template_of(tokenizer, config.source),
         special_tokens=special_tokens_of(tokenizer),
-        kernels=_install_kernels(model, config),
     )
+    loaded = _install_kernels(loaded, config)
+    if config.forward == "lean":
+        lean = lean_forward_for(hf_config.model_type, model.get_decoder())
+        loaded = dataclasses.replace(loaded, lean=lean)
+    which = "lean forward" if loaded.lean is not None else "transformers forward"
+    loaded = dataclasses.replace(loaded, kernels=f"{loaded.kernels}, {which}")
     logger.info(
         "loaded %s (%s, %s): %d layers, %d KV heads x %d dims",
         config.source, loaded.model_type, config.dtype,
@@ -98,16 +110,19 @@ def load_model(config: ModelConfig) -> LoadedModel:
     return loaded
 
 
-def _install_kernels(model: torch.nn.Module, config: ModelConfig) -> str:
-    """Puts the native decode kernels under every linear layer where they serve (see
-    `engine.kernels.native`); else, for bf16, torch's kernels on packed weights. Returns what
-    runs the layers."""
+def _install_kernels(loaded: LoadedModel, config: ModelConfig) -> LoadedModel:
+    """Puts the native decode kernels under every linear layer and the decode attention where
+    they serve (see `engine.kernels.native`); else, for bf16, torch's kernels on packed
+    weights. Says what runs them in `kernels`."""
     status = kernel_status(config.kernels, config.dtype)
-    if status.module is not None:
-        use_skinny_linears(model, status.module)
-    elif config.dtype == "bfloat16":
-        _pack_linear_weights(model)
-    return status.describe()
+    if status.module is None:
+        if config.dtype == "bfloat16":
+            _pack_linear_weights(loaded.model)
+        return dataclasses.replace(loaded, kernels=status.describe())
+    use_skinny_linears(loaded.model, status.module)
+    return dataclasses.replace(
+        loaded, kernels=status.describe(), decode_attention=status.module.decode_attention
+    )
 
 
 def _check_supported(hf_config: object) -> None:

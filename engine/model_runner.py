@@ -67,11 +67,16 @@ class ModelRunner:
         input_ids, position_ids, rows = _pack_inputs(chunks)
         meta = self._metadata(chunks, rows, position_ids[0])
         meta.on_layer_written = on_layer_written
+        meta.decode_kernel = self.loaded.decode_attention
         with self._lock:
             meta.gather_buffers = self._gather_buffers
-            hidden = self._decoder(
-                input_ids=input_ids, position_ids=position_ids, use_cache=False, pd_attention=meta
-            ).last_hidden_state[0]  # [total_new_tokens, hidden]
+            if self.loaded.lean is not None:
+                hidden = self.loaded.lean(input_ids, position_ids, meta)
+            else:
+                hidden = self._decoder(
+                    input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                    pd_attention=meta,
+                ).last_hidden_state[0]  # [total_new_tokens, hidden]
         if hidden.shape[0] != len(chunks):  # some chunk has several tokens: keep each last one
             ends = torch.tensor([len(c.token_ids) for c in chunks]).cumsum(0)
             hidden = hidden.index_select(0, ends - 1)
@@ -117,6 +122,7 @@ class ModelRunner:
             num_rows=len(index),
             max_context=max_context,
             mask=mask,
+            lengths=lengths.view(-1),
         )
 
     def _prefill_rows(self, chunks: list[SequenceChunk], tables: torch.Tensor) -> list[PrefillRows]:

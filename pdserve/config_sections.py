@@ -34,6 +34,9 @@ class ModelConfig(ConfigSection):
     # the CPU has what they need (AVX-512; AVX512-BF16 for bfloat16), else torch's with a
     # WARNING; native = refuse to start without them; torch = torch's own kernels only.
     kernels: Literal["auto", "native", "torch"] = "auto"
+    # lean: pdserve's own forward pass for the Llama family (same operations, without
+    # transformers' per-layer plumbing; token-identical); transformers: the model's forward.
+    forward: Literal["lean", "transformers"] = "lean"
 
     @property
     def served_name(self) -> str:

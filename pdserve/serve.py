@@ -50,6 +50,12 @@ class Service:
         self.port = 0
 
     @property
+    def router_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the router runs on (None when stopped): for diagnostics, e.g. the
+        stacks of its tasks when a test finds a request still in flight."""
+        return self._loop
+
+    @property
     def address(self) -> str:
         """Where clients reach the router ("host:port"); a wildcard bind shows as loopback."""
         host = self.config.router.host

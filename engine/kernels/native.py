@@ -1,4 +1,5 @@
-"""Builds, loads and describes pdserve's C++ decode kernels (`skinny_gemm.cpp`).
+"""Builds, loads and describes pdserve's C++ decode kernels (`skinny_gemm.cpp`: matrix
+products; `decode_attention.cpp`: attention over the paged cache; `bindings.cpp`).
 
 The source is compiled with `torch.utils.cpp_extension` on first use into
 `~/.cache/pdserve/kernels/<torch version>-<source digest>` (`PDSERVE_KERNEL_CACHE` overrides
@@ -29,7 +30,10 @@ from pdserve.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("skinny_gemm.cpp")
+SOURCES = tuple(
+    Path(__file__).with_name(name)
+    for name in ("bindings.cpp", "skinny_gemm.cpp", "decode_attention.cpp", "kernels.h")
+)
 # What each dtype's kernel needs of the CPU (names as `supported_features` reports them).
 REQUIRED_FEATURES = {"float32": "avx512", "bfloat16": "avx512bf16"}
 # OpenMP: torch's own runtime (same soname, already loaded) runs the kernels' parallel loops.
@@ -104,14 +108,15 @@ def _load_module() -> ModuleType:
         from torch.utils import cpp_extension
 
         _put_ninja_on_path()
-        recipe = SOURCE.read_bytes() + repr((CFLAGS, LDFLAGS)).encode()
+        recipe = b"".join(path.read_bytes() for path in SOURCES) + repr((CFLAGS, LDFLAGS)).encode()
         digest = hashlib.sha256(recipe).hexdigest()[:16]
         name = f"pdserve_skinny_gemm_{digest}"
         build_dir = _cache_root() / f"{torch.__version__}-{digest}"
         build_dir.mkdir(parents=True, exist_ok=True)
         logger.info("loading native kernels from %s (built on first use)", build_dir)
         _loaded = cpp_extension.load(
-            name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+            name=name, sources=[str(path) for path in SOURCES if path.suffix == ".cpp"],
+            build_directory=str(build_dir),
             extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), verbose=False,
         )
     return _loaded

@@ -8,7 +8,9 @@
 //
 // Built for AVX-512 (fp32: AVX512F; bf16: AVX512-BF16's dot-product instruction, fp32
 // accumulation, one rounding to bf16 at the end). The Python side checks the CPU features
-// before calling; `supported_features` reports what this CPU has.
+// before calling (`supported_features`, bindings.cpp).
+#include "kernels.h"
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -132,9 +134,13 @@ PDSERVE_AVX512_BF16 void bf16_range(
   for (; n < n_end; ++n) bf16_rows<1>(x, M, K, w + n * K, y + n, N);
 }
 
+}  // namespace
+
+namespace pdserve {
+
 // ---- entry points --------------------------------------------------------------------------
 
-void check_inputs(const at::Tensor& x, const at::Tensor& w, at::ScalarType dtype) {
+static void check_inputs(const at::Tensor& x, const at::Tensor& w, at::ScalarType dtype) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "skinny_linear: x and w must be 2-D");
   TORCH_CHECK(x.scalar_type() == dtype && w.scalar_type() == dtype,
               "skinny_linear: x and w must both be ", dtype);
@@ -145,7 +151,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, at::ScalarType dtype
 
 // Splits the output channels into one contiguous range per thread, in whole groups.
 template <typename Fn>
-void for_each_output_range(int64_t N, Fn fn) {
+static void for_each_output_range(int64_t N, Fn fn) {
   const int64_t groups = (N + kOutputsPerGroup - 1) / kOutputsPerGroup;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t grain = std::max<int64_t>(1, (groups + threads - 1) / threads);
@@ -191,10 +197,4 @@ std::string supported_features() {
   return features;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("skinny_linear_f32", &skinny_linear_f32, "y = x @ w.T for fp32, few rows of x");
-  m.def("skinny_linear_bf16", &skinny_linear_bf16, "y = x @ w.T for bf16, few rows of x");
-  m.def("supported_features", &supported_features, "AVX-512 features this CPU has");
-}
+}  // namespace pdserve

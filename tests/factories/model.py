@@ -15,6 +15,7 @@ from transformers import (
     LlamaConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from tests.factories.tokenizer import train_byte_level_tokenizer
@@ -49,6 +50,8 @@ def build_tiny_model_dir(
         config = LlamaConfig(**common)
     elif model_type == "qwen2":
         config = Qwen2Config(**common, use_sliding_window=False)
+    elif model_type == "qwen3":  # per-head q/k norms; head_dim set apart from hidden / heads
+        config = Qwen3Config(**common, head_dim=16, use_sliding_window=False)
     else:
         raise ValueError(f"unknown tiny model type {model_type}")
     torch.manual_seed(seed)

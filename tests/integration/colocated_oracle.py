@@ -9,7 +9,7 @@ import ray
 
 from pdserve.messages import LoadReport, decode
 from pdserve.serve import Service
-from tests.integration.conftest import QUIET_TIMEOUT_S
+from tests.integration.conftest import QUIET_TIMEOUT_S, router_task_stacks
 
 
 def colocated_reports(service: Service) -> list[LoadReport]:
@@ -39,7 +39,10 @@ def assert_colocated_quiet(service: Service) -> list[LoadReport]:
         if reports and not leaks and not router_busy:
             return reports
         if time.monotonic() > deadline:
-            raise AssertionError(f"not quiet: leaks={leaks} router_inflight={router_busy}")
+            raise AssertionError(
+                f"not quiet: leaks={leaks} router_inflight={router_busy}\n"
+                f"{router_task_stacks(service)}"
+            )
         time.sleep(0.05)  # polling interval of a bounded wait, not synchronisation
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -68,8 +69,46 @@ def assert_quiet(service: Service) -> list[LoadReport]:
         if not leaks and not router_busy:
             return reports
         if time.monotonic() > deadline:
-            raise AssertionError(f"not quiet: leaks={leaks} router_inflight={router_busy}")
+            raise AssertionError(
+                f"not quiet: leaks={leaks} router_inflight={router_busy}\n"
+                f"{router_task_stacks(service)}"
+            )
         time.sleep(0.05)  # polling interval of a bounded wait, not synchronisation
+
+
+def router_task_stacks(service: Service) -> str:
+    """Where each task on the router's event loop is suspended (file:line function, outermost
+    first, following what each coroutine awaits; the chain stops at an async generator's
+    step, which does not name its generator): what a test reports when it finds a request
+    still in flight."""
+    loop = service.router_loop
+    if loop is None:
+        return "(the router is stopped)"
+
+    async def collect() -> str:
+        lines = []
+        for task in asyncio.all_tasks():
+            if task is asyncio.current_task():
+                continue
+            lines.append(f"task {task.get_name()}: " + " -> ".join(_await_chain(task)))
+        return "\n".join(sorted(lines))
+
+    return asyncio.run_coroutine_threadsafe(collect(), loop).result(timeout=10)
+
+
+def _await_chain(task: asyncio.Task[object]) -> list[str]:
+    parts: list[str] = []
+    awaited: object = task.get_coro()
+    while awaited is not None and len(parts) < 40:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+        if frame is None:
+            parts.append(type(awaited).__name__)
+            break
+        parts.append(
+            f"{frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno} {frame.f_code.co_name}"
+        )
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+    return parts
 
 
 def wait_for(

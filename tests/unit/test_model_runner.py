@@ -24,7 +24,7 @@ NUM_NEW_TOKENS = 12
 GREEDY = SamplingParams(max_tokens=NUM_NEW_TOKENS)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
 def tiny_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model_dir(tmp_path_factory.mktemp(request.param), request.param)
 
@@ -62,23 +62,33 @@ def generate_batched(runner: ModelRunner, blocks: BlockManager, prompts: list[li
     return outputs
 
 
-@pytest.mark.parametrize("kernels", ["torch", "auto"])
-def test_packed_prefill_and_batched_decode_match_generate(tiny_model: Path, kernels: str) -> None:
-    loaded = load_model(ModelConfig(source=str(tiny_model), dtype="float32", kernels=kernels))
+@pytest.mark.parametrize(
+    ("kernels", "forward"), [("torch", "transformers"), ("torch", "lean"), ("auto", "lean")]
+)
+def test_packed_prefill_and_batched_decode_match_generate(
+    tiny_model: Path, kernels: str, forward: str
+) -> None:
+    config = ModelConfig(source=str(tiny_model), dtype="float32", kernels=kernels, forward=forward)
+    loaded = load_model(config)
+    assert (loaded.lean is not None) == (forward == "lean")
+    assert loaded.kernels.endswith(f"{forward} forward")
     runner, blocks = make_runner(loaded)
     outputs = generate_batched(runner, blocks, PROMPTS)
     assert outputs == [reference(tiny_model, p) for p in PROMPTS]
 
 
-@pytest.mark.parametrize("kernels", ["torch", "auto"])
-def test_bfloat16_decode_matches_generate(tiny_model: Path, kernels: str) -> None:
+@pytest.mark.parametrize(
+    ("kernels", "forward"), [("torch", "transformers"), ("torch", "lean"), ("auto", "lean")]
+)
+def test_bfloat16_decode_matches_generate(tiny_model: Path, kernels: str, forward: str) -> None:
     """Each prompt alone: in bf16, padding a batch to its longest context changes the order of
     SDPA's sums and can flip a rounding (as it would in transformers' own padded batches)."""
-    loaded = load_model(ModelConfig(source=str(tiny_model), dtype="bfloat16", kernels=kernels))
+    config = ModelConfig(source=str(tiny_model), dtype="bfloat16", kernels=kernels, forward=forward)
+    loaded = load_model(config)
     linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
     assert not linears, "bf16 linears are swapped for oneDNN-packed or native ones"
     if kernels == "torch":
-        assert loaded.kernels == "torch (model.kernels is torch)"
+        assert loaded.kernels.startswith("torch (model.kernels is torch)")
     for prompt in PROMPTS:
         runner, blocks = make_runner(loaded)
         [output] = generate_batched(runner, blocks, [prompt])

@@ -143,3 +143,60 @@ def test_torch_mode_never_builds(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native, "_load_module", fail)
     status = native.kernel_status("torch", "bfloat16")
     assert status.describe() == "torch (model.kernels is torch)"
+
+
+def _reference_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+    lengths: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """Each row alone, in float64: softmax(q K^T * scale) V over its own context."""
+    rows, q_heads, _ = query.shape
+    group = q_heads // keys.shape[1]
+    out = torch.empty(query.shape, dtype=torch.float64)
+    for row in range(rows):
+        context = slots[row, : lengths[row]]
+        k = keys[context].double().repeat_interleave(group, dim=1)  # [ctx, q_heads, dim]
+        v = values[context].double().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,thd->ht", query[row].double(), k) * scale
+        out[row] = torch.einsum("ht,thd->hd", scores.softmax(-1), v)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
+def test_decode_attention_reads_the_paged_cache_in_place(
+    status_f32: native.KernelStatus, dtype: torch.dtype, q_heads: int, kv_heads: int,
+    head_dim: int,
+) -> None:
+    _needs(status_f32)
+    generator = torch.Generator().manual_seed(q_heads * head_dim)
+    num_slots, lengths = 300, torch.tensor([1, 37, 200, 5])
+    keys = torch.randn(num_slots, kv_heads, head_dim, generator=generator).to(dtype)
+    values = torch.randn(num_slots, kv_heads, head_dim, generator=generator).to(dtype)
+    query = torch.randn(len(lengths), q_heads, head_dim, generator=generator).to(dtype)
+    # Scattered slots, padded past each length with a slot that must not be read.
+    slots = torch.randint(0, num_slots - 1, (4, 200), generator=generator)
+    slots = torch.where(torch.arange(200) < lengths[:, None], slots, num_slots - 1)
+    keys[num_slots - 1] = 1e4  # would dominate any row that read it
+    scale = head_dim**-0.5
+    got = status_f32.module.decode_attention(query, keys, values, slots, lengths, scale)
+    expected = _reference_attention(query, keys, values, slots, lengths, scale)
+    assert got.dtype == dtype and got.shape == query.shape
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_decode_attention_refuses_bad_shapes(status_f32: native.KernelStatus) -> None:
+    _needs(status_f32)
+    keys = torch.randn(10, 2, 24)  # head_dim not a multiple of 16
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        status_f32.module.decode_attention(
+            torch.randn(1, 4, 24), keys, keys, torch.zeros(1, 3, dtype=torch.long),
+            torch.tensor([3]), 0.2,
+        )
+    keys = torch.randn(10, 2, 16)
+    with pytest.raises(RuntimeError, match="lengths must be within"):
+        status_f32.module.decode_attention(
+            torch.randn(1, 4, 16), keys, keys, torch.zeros(1, 3, dtype=torch.long),
+            torch.tensor([4]), 0.2,
+        )
