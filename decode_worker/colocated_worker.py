@@ -124,11 +124,7 @@ class ColocatedWorker:
     def mark_reader(self, transfer_id: str, stalled: bool) -> bool:
         """Marks (or unmarks) a request whose client is not reading its stream: while marked,
         its sequence is the first preemption victim here. Returns whether it was known."""
-        seq = self._sequences.get(transfer_id)
-        if seq is None:
-            return False
-        seq.reader_stalled = stalled
-        return True
+        return self._sequences.mark_reader(transfer_id, stalled)
 
     def load(self, node_id: str, pid: int, epoch: str = "") -> LoadReport:
         blocks = self._engine.block_manager
@@ -142,7 +138,7 @@ class ColocatedWorker:
             metrics_address=self._metrics.address,
             total_prefill_chunks=batch.num_prefill_chunks,
             total_mixed_steps=batch.num_mixed_steps, total_preemptions=batch.num_preemptions,
-            num_stalled_readers=sum(s.reader_stalled for s in self._sequences.values()),
+            num_stalled_readers=self._sequences.num_stalled_readers,
         )
         self._metrics.observe_load(report)
         return report

@@ -41,6 +41,19 @@ class SequenceTable(Generic[SeqT]):
     def values(self) -> Iterator[SeqT]:
         return iter(self._by_transfer_id.values())
 
+    def mark_reader(self, transfer_id: str, stalled: bool) -> bool:
+        """Marks (or unmarks) a sequence whose client is not reading its stream: the first
+        preemption victim while marked (`service_order`). Returns whether it is known."""
+        seq = self._by_transfer_id.get(transfer_id)
+        if seq is None:
+            return False
+        seq.reader_stalled = stalled
+        return True
+
+    @property
+    def num_stalled_readers(self) -> int:
+        return sum(seq.reader_stalled for seq in self._by_transfer_id.values())
+
     def add(self, seq: SeqT) -> None:
         """Registers a sequence whose blocks the caller allocated; counts it as a request."""
         self._by_transfer_id[seq.transfer_id] = seq

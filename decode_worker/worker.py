@@ -199,11 +199,7 @@ class DecodeWorker:
     def mark_reader(self, transfer_id: str, stalled: bool) -> bool:
         """Marks (or unmarks) a request whose client is not reading its stream: while marked,
         its sequence is the first preemption victim here. Returns whether it was known."""
-        seq = self._sequences.get(transfer_id)
-        if seq is None:
-            return False
-        seq.reader_stalled = stalled
-        return True
+        return self._sequences.mark_reader(transfer_id, stalled)
 
     def load(self, node_id: str, pid: int, epoch: str = "") -> LoadReport:
         blocks = self._engine.block_manager
@@ -219,7 +215,7 @@ class DecodeWorker:
             total_decode_tokens=self._batch.num_step_tokens,
             metrics_address=self._metrics.address,
             total_preemptions=self._batch.num_preemptions,
-            num_stalled_readers=sum(s.reader_stalled for s in self._sequences.values()),
+            num_stalled_readers=self._sequences.num_stalled_readers,
         )
         self._metrics.observe_load(report)
         return report

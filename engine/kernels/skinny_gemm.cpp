@@ -31,7 +31,7 @@ constexpr int64_t kOutputsPerGroup = 4;  // weight rows per register block
 // ---- fp32 ----------------------------------------------------------------------------------
 
 template <int MB, int NB>
-PDSERVE_AVX512 inline void f32_block(
+PDSERVE_AVX512 inline void dot_block(
     const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy) {
   __m512 acc[MB][NB];
   for (int i = 0; i < MB; ++i)
@@ -58,33 +58,11 @@ PDSERVE_AVX512 inline void f32_block(
     for (int j = 0; j < NB; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
-template <int NB>
-PDSERVE_AVX512 void f32_rows(
-    const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N) {
-  int64_t m = 0;
-  for (; m + kRowsPerGroup <= M; m += kRowsPerGroup)
-    f32_block<kRowsPerGroup, NB>(x + m * K, K, w, K, y + m * N, N);
-  switch (M - m) {
-    case 3: f32_block<3, NB>(x + m * K, K, w, K, y + m * N, N); break;
-    case 2: f32_block<2, NB>(x + m * K, K, w, K, y + m * N, N); break;
-    case 1: f32_block<1, NB>(x + m * K, K, w, K, y + m * N, N); break;
-    default: break;
-  }
-}
-
-PDSERVE_AVX512 void f32_range(
-    const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N,
-    int64_t n_begin, int64_t n_end) {
-  int64_t n = n_begin;
-  for (; n + kOutputsPerGroup <= n_end; n += kOutputsPerGroup)
-    f32_rows<kOutputsPerGroup>(x, M, K, w + n * K, y + n, N);
-  for (; n < n_end; ++n) f32_rows<1>(x, M, K, w + n * K, y + n, N);
-}
 
 // ---- bf16 ----------------------------------------------------------------------------------
 
 template <int MB, int NB>
-PDSERVE_AVX512_BF16 inline void bf16_block(
+PDSERVE_AVX512_BF16 inline void dot_block(
     const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, float* y, int64_t ldy) {
   __m512 acc[MB][NB];
   for (int i = 0; i < MB; ++i)
@@ -111,27 +89,32 @@ PDSERVE_AVX512_BF16 inline void bf16_block(
     for (int j = 0; j < NB; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
-template <int NB>
-PDSERVE_AVX512_BF16 void bf16_rows(
-    const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t N) {
+
+// ---- both dtypes ---------------------------------------------------------------------------
+// Plain loops (no vector code of their own) around the dtype's `dot_block`.
+
+// Every row of x against NB weight rows.
+template <int NB, typename Elem>
+void rows_against(const Elem* x, int64_t M, int64_t K, const Elem* w, float* y, int64_t N) {
   int64_t m = 0;
   for (; m + kRowsPerGroup <= M; m += kRowsPerGroup)
-    bf16_block<kRowsPerGroup, NB>(x + m * K, K, w, K, y + m * N, N);
+    dot_block<kRowsPerGroup, NB>(x + m * K, K, w, K, y + m * N, N);
   switch (M - m) {
-    case 3: bf16_block<3, NB>(x + m * K, K, w, K, y + m * N, N); break;
-    case 2: bf16_block<2, NB>(x + m * K, K, w, K, y + m * N, N); break;
-    case 1: bf16_block<1, NB>(x + m * K, K, w, K, y + m * N, N); break;
+    case 3: dot_block<3, NB>(x + m * K, K, w, K, y + m * N, N); break;
+    case 2: dot_block<2, NB>(x + m * K, K, w, K, y + m * N, N); break;
+    case 1: dot_block<1, NB>(x + m * K, K, w, K, y + m * N, N); break;
     default: break;
   }
 }
 
-PDSERVE_AVX512_BF16 void bf16_range(
-    const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t N,
-    int64_t n_begin, int64_t n_end) {
+// Outputs [n_begin, n_end) for every row of x: one thread's share.
+template <typename Elem>
+void output_range(const Elem* x, int64_t M, int64_t K, const Elem* w, float* y, int64_t N,
+                  int64_t n_begin, int64_t n_end) {
   int64_t n = n_begin;
   for (; n + kOutputsPerGroup <= n_end; n += kOutputsPerGroup)
-    bf16_rows<kOutputsPerGroup>(x, M, K, w + n * K, y + n, N);
-  for (; n < n_end; ++n) bf16_rows<1>(x, M, K, w + n * K, y + n, N);
+    rows_against<kOutputsPerGroup>(x, M, K, w + n * K, y + n, N);
+  for (; n < n_end; ++n) rows_against<1>(x, M, K, w + n * K, y + n, N);
 }
 
 }  // namespace
@@ -168,7 +151,7 @@ at::Tensor skinny_linear_f32(const at::Tensor& x, const at::Tensor& w) {
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for_each_output_range(N, [&](int64_t begin, int64_t end) {
-    f32_range(xp, M, K, wp, yp, N, begin, end);
+    output_range(xp, M, K, wp, yp, N, begin, end);
   });
   return y;
 }
@@ -181,7 +164,7 @@ at::Tensor skinny_linear_bf16(const at::Tensor& x, const at::Tensor& w) {
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* yp = y32.data_ptr<float>();
   for_each_output_range(N, [&](int64_t begin, int64_t end) {
-    bf16_range(xp, M, K, wp, yp, N, begin, end);
+    output_range(xp, M, K, wp, yp, N, begin, end);
   });
   return y32.to(at::kBFloat16);  // one round-to-nearest-even per output
 }
