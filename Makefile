@@ -8,7 +8,7 @@ TORCH_CPU ?= torch==2.13.0
 CONFIG ?= configs/local.yaml
 PROTOS := proto/pdserve/v1/pdserve.proto proto/pdserve/internal/v1/kv_transfer.proto
 
-.PHONY: install proto demo serve test test-all chaos lint clean
+.PHONY: install proto kernels demo serve test test-all chaos lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ demo: install
 serve: install
 	$(VENV)/bin/pdserve serve --config $(CONFIG)
 
-test: install
+# Builds the native decode kernels once (else each machine's first replica does) and says
+# whether they serve here; the tests pass either way.
+kernels: install
+	$(PY) -m engine.kernels
+
+test: install kernels
 	$(PY) -m pytest -q -m "not slow and not gpu and not chaos" tests
 
 # How long the soak sends requests, in seconds (e.g. `make chaos SOAK_SECONDS=3600`).

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -39,6 +40,8 @@ REQUIRED_FEATURES = {"float32": "avx512", "bfloat16": "avx512bf16"}
 # OpenMP: torch's own runtime (same soname, already loaded) runs the kernels' parallel loops.
 CFLAGS = ("-O3", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
+# A build lock older than this was left by a builder that died (a build takes about a minute).
+STALE_LOCK_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ def _load_module() -> ModuleType:
         name = f"pdserve_skinny_gemm_{digest}"
         build_dir = _cache_root() / f"{torch.__version__}-{digest}"
         build_dir.mkdir(parents=True, exist_ok=True)
+        _drop_stale_lock(build_dir)
         logger.info("loading native kernels from %s (built on first use)", build_dir)
         _loaded = cpp_extension.load(
             name=name, sources=[str(path) for path in SOURCES if path.suffix == ".cpp"],
@@ -120,6 +124,20 @@ def _load_module() -> ModuleType:
             extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), verbose=False,
         )
     return _loaded
+
+
+def _drop_stale_lock(build_dir: Path) -> None:
+    """torch's build lock is a file that a killed builder leaves behind, and every later build
+    would wait for it forever; a build takes about a minute, so one older than
+    `STALE_LOCK_S` is dropped (logged)."""
+    lock = build_dir / "lock"
+    try:
+        age_s = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age_s > STALE_LOCK_S:
+        logger.warning("dropping a build lock left %.0f s ago in %s", age_s, build_dir)
+        lock.unlink(missing_ok=True)
 
 
 def _put_ninja_on_path() -> None:

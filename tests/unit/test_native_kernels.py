@@ -7,6 +7,8 @@ needs (the status test still runs)."""
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -200,3 +202,14 @@ def test_decode_attention_refuses_bad_shapes(status_f32: native.KernelStatus) ->
             torch.randn(1, 4, 16), keys, keys, torch.zeros(1, 3, dtype=torch.long),
             torch.tensor([4]), 0.2,
         )
+
+
+def test_a_build_lock_left_by_a_dead_builder_is_dropped_a_fresh_one_kept(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    native._drop_stale_lock(tmp_path)
+    assert lock.exists(), "a build may be running"
+    old = time.time() - native.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    native._drop_stale_lock(tmp_path)
+    assert not lock.exists()
