@@ -52,6 +52,7 @@ from pdserve.errors import (
     PdserveError,
 )
 from pdserve.faults import FaultInjector
+from pdserve.futures import wait_within
 from pdserve.messages import ColocatedEvent, ColocatedRequest, LoadReport
 from pdserve.metrics import ReplicaMetrics
 
@@ -170,7 +171,7 @@ class ColocatedWorker:
 
     async def _next_event(self, seq: ColocatedSequence) -> ColocatedEvent:
         try:
-            return await asyncio.wait_for(seq.events.get(), max(0.0, seq.seconds_left()))
+            return await wait_within(seq.events.get(), max(0.0, seq.seconds_left()))
         except asyncio.TimeoutError:
             raise DeadlineExceeded("deadline passed on the colocated replica") from None
 

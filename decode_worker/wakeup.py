@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from pdserve.futures import wait_within
+
 
 class Wakeup:
     """A flag the loop sleeps on. Whatever may let a stalled sequence go on (a sequence joins
@@ -22,4 +24,4 @@ class Wakeup:
         plan saw its change), one during this wait ends it."""
         self._event.clear()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout_s)
+            await wait_within(self._event.wait(), timeout_s)

@@ -57,7 +57,7 @@ from pdserve.errors import (
     error_from_info,
 )
 from pdserve.faults import FaultInjector
-from pdserve.futures import fail_future
+from pdserve.futures import fail_future, wait_within
 from pdserve.messages import DecodeEvent, DecodeRequest, LoadReport, ReserveReply, ReserveRequest
 from pdserve.metrics import ReplicaMetrics
 
@@ -223,7 +223,7 @@ class DecodeWorker:
     async def _await_kv(self, seq: DecodeSequence) -> int:
         timeout_s = min(self._config.kv_transfer.timeout_s, seq.seconds_left())
         try:
-            return await asyncio.wait_for(asyncio.shield(seq.kv_ready), max(0.0, timeout_s))
+            return await wait_within(asyncio.shield(seq.kv_ready), max(0.0, timeout_s))
         except asyncio.TimeoutError:
             raise DeadlineExceeded("KV transfer did not complete in time") from None
 

@@ -53,7 +53,7 @@ from kvtransfer import KVLayout
 from pdserve.config import PdserveConfig
 from pdserve.errors import Cancelled, DeadlineExceeded, Internal, PdserveError
 from pdserve.faults import FaultInjector
-from pdserve.futures import fail_future
+from pdserve.futures import fail_future, wait_within
 from pdserve.messages import LoadReport, PrefillEvent, PrefillRequest
 from pdserve.metrics import ReplicaMetrics
 from prefill_worker.batcher import PrefillBatcher
@@ -290,7 +290,7 @@ class PrefillWorker:
 async def _within(job: PrefillJob, future: asyncio.Future[FirstToken]) -> FirstToken:
     """Awaits `future` until the request's deadline."""
     try:
-        return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, job.seconds_left()))
+        return await wait_within(asyncio.shield(future), max(0.0, job.seconds_left()))
     except asyncio.TimeoutError:
         raise DeadlineExceeded("deadline passed while waiting for prefill") from None
 

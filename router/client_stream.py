@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from pdserve.config import PdserveConfig
 from pdserve.errors import StatusCode
+from pdserve.futures import wait_within
 from pdserve.metrics import RouterMetrics
 from router.choices import ChoiceChunk, choice_request_id
 from router.reader_pace import ReaderPace
@@ -147,7 +148,7 @@ class ClientStream:
         """Awaits one write of the API's own (a closing event) under the stall limit; False,
         logged and counted as a stall, when the client took nothing for `client_stall_s`."""
         try:
-            await asyncio.wait_for(write, self._stall_s)
+            await wait_within(write, self._stall_s)
         except asyncio.TimeoutError:
             self._count_stall()
             return False
@@ -195,7 +196,7 @@ class ClientStream:
             done, _ = await asyncio.wait({writing}, timeout=self._slow_s)
             if not done:
                 self.reader.set_stalled(True)
-                await asyncio.wait_for(writing, self._stall_s - self._slow_s)
+                await wait_within(writing, self._stall_s - self._slow_s)
             writing.result()
         except asyncio.TimeoutError:
             return False
@@ -291,7 +292,7 @@ class OpenStreams:
         for stream in list(self._streams):
             stream.cut()
         try:
-            await asyncio.wait_for(self._none_open.wait(), timeout=timeout_s)
+            await wait_within(self._none_open.wait(), timeout_s)
         except asyncio.TimeoutError:
             return False
         return True

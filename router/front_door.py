@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pdserve.config import PdserveConfig
 from pdserve.errors import ResourceExhausted, Unavailable
+from pdserve.futures import wait_within
 from pdserve.metrics import RouterMetrics
 from router.admission import Admission, AdmissionClock
 from router.choices import ChoiceChunk, stream_choices
@@ -152,7 +153,7 @@ class FrontDoor:
         self._draining = True
         self._queue.refuse(IN_FLIGHT_SLOT, _shutting_down())
         try:
-            await asyncio.wait_for(self._quiet(), timeout=grace_s)
+            await wait_within(self._quiet(), grace_s)
         except asyncio.TimeoutError:
             await self.cut()
             return False

@@ -14,6 +14,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from pdserve.errors import DeadlineExceeded, Internal, PdserveError, Unavailable
+from pdserve.futures import wait_within
 from pdserve.messages import decode
 
 T = TypeVar("T")
@@ -36,7 +37,7 @@ def to_pdserve_error(exc: BaseException, what: str) -> PdserveError:
 async def call(method: Any, *args: Any, timeout_s: float, what: str) -> Any:
     """Awaits `method.remote(*args)`; raises a PdserveError on any failure."""
     try:
-        return await asyncio.wait_for(method.remote(*args), timeout=timeout_s)
+        return await wait_within(method.remote(*args), timeout_s)
     except asyncio.CancelledError:
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a typed error

@@ -37,6 +37,7 @@ from typing import TypeVar
 
 from pdserve.config import PdserveConfig
 from pdserve.errors import DeadlineExceeded, PdserveError, ResourceExhausted
+from pdserve.futures import wait_within
 
 T = TypeVar("T")
 
@@ -161,8 +162,8 @@ class WaitQueue:
                 self.notify()
             # A timeout is the safety net: the head retries without a signal.
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(
-                    waiter.wake.wait(), timeout=min(left, self._retry_interval_s)
+                await wait_within(
+                    waiter.wake.wait(), min(left, self._retry_interval_s)
                 )
             retry = True
 
