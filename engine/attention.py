@@ -53,7 +53,7 @@ class DecodeRows:
     # None when every row's context is max_context long.
     mask: torch.Tensor | None
     # [num_rows] int64: each row's context length (what the native kernel reads).
-    lengths: torch.Tensor | None = None
+    lengths: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -137,8 +137,7 @@ def _decode_attention(
     kernel = meta.decode_kernel
     head_dim = queries.shape[-1]
     if (
-        kernel is not None and decode.lengths is not None and head_dim % 16 == 0
-        and queries.dtype == meta.kv_cache.spec.dtype
+        kernel is not None and head_dim % 16 == 0 and queries.dtype == meta.kv_cache.spec.dtype
     ):
         keys, values = meta.kv_cache.layer(layer)
         slots = decode.context_slots.view(decode.num_rows, decode.max_context)

@@ -11,8 +11,8 @@ embedding, the paged attention (`engine.attention`), the output projection, the 
 RMSNorm and the gated MLP. The projections are whatever the loader installed (native
 `SkinnyLinear`s, oneDNN-packed or plain `nn.Linear`), called without `nn.Module`'s hooks.
 
-`lean_forward_for` says whether a model's modules have the expected shape; where not, the
-runner keeps transformers' forward and logs it.
+`lean_forward_for` says whether a model's modules have the expected shape (the loader admits
+only the architectures above); where not, the runner keeps transformers' forward and logs it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from engine.attention import AttentionMetadata, paged_attention
 logger = logging.getLogger(__name__)
 
 Project = Callable[[torch.Tensor], torch.Tensor]
-NORMED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -89,14 +88,11 @@ class LeanForward:
         return self._norm(hidden)[0]
 
 
-def lean_forward_for(model_type: str, decoder: Any) -> LeanForward | None:
-    """A `LeanForward` over `decoder`, or None (logged) when its modules are not the
+def lean_forward_for(model_type: str, model: Any) -> LeanForward | None:
+    """A `LeanForward` over `model`'s decoder, or None (logged) when its modules are not the
     Llama-family layout it knows."""
-    if model_type not in NORMED_MODEL_TYPES:
-        logger.warning("no lean forward for %s: transformers' forward runs", model_type)
-        return None
     try:
-        return LeanForward(decoder)
+        return LeanForward(model.get_decoder())
     except (AttributeError, TypeError) as exc:
         logger.warning("no lean forward for this %s model (%s): transformers' forward runs",
                        model_type, exc)

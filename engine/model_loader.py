@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -80,6 +79,10 @@ def load_model(config: ModelConfig) -> LoadedModel:
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
     max_positions = getattr(hf_config, "max_position_embeddings", config.max_context_tokens)
+    kernels, decode_attention = _install_kernels(model, config)
+    # After the kernels: the lean forward calls the linear layers installed there.
+    lean = lean_forward_for(hf_config.model_type, model) if config.forward == "lean" else None
+    forward = "lean forward" if lean is not None else "transformers forward"
     loaded = LoadedModel(
         model=model,
         source=config.source,
@@ -95,13 +98,10 @@ def load_model(config: ModelConfig) -> LoadedModel:
         fingerprint=_fingerprint(model, hf_config),
         chat_template=chat_template_of(tokenizer, config.source),
         special_tokens=special_tokens_of(tokenizer),
+        kernels=f"{kernels}, {forward}",
+        lean=lean,
+        decode_attention=decode_attention,
     )
-    loaded = _install_kernels(loaded, config)
-    if config.forward == "lean":
-        lean = lean_forward_for(hf_config.model_type, model.get_decoder())
-        loaded = dataclasses.replace(loaded, lean=lean)
-    which = "lean forward" if loaded.lean is not None else "transformers forward"
-    loaded = dataclasses.replace(loaded, kernels=f"{loaded.kernels}, {which}")
     logger.info(
         "loaded %s (%s, %s): %d layers, %d KV heads x %d dims",
         config.source, loaded.model_type, config.dtype,
@@ -110,19 +110,19 @@ def load_model(config: ModelConfig) -> LoadedModel:
     return loaded
 
 
-def _install_kernels(loaded: LoadedModel, config: ModelConfig) -> LoadedModel:
-    """Puts the native decode kernels under every linear layer and the decode attention where
-    they serve (see `engine.kernels.native`); else, for bf16, torch's kernels on packed
-    weights. Says what runs them in `kernels`."""
+def _install_kernels(
+    model: torch.nn.Module, config: ModelConfig
+) -> tuple[str, DecodeKernel | None]:
+    """Puts the native decode kernels under every linear layer where they serve (see
+    `engine.kernels.native`); else, for bf16, torch's kernels on packed weights. Returns what
+    runs the layers and the native decode attention (None: gather + SDPA)."""
     status = kernel_status(config.kernels, config.dtype)
     if status.module is None:
         if config.dtype == "bfloat16":
-            _pack_linear_weights(loaded.model)
-        return dataclasses.replace(loaded, kernels=status.describe())
-    use_skinny_linears(loaded.model, status.module)
-    return dataclasses.replace(
-        loaded, kernels=status.describe(), decode_attention=status.module.decode_attention
-    )
+            _pack_linear_weights(model)
+        return status.describe(), None
+    use_skinny_linears(model, status.module)
+    return status.describe(), status.module.decode_attention
 
 
 def _check_supported(hf_config: object) -> None:
