@@ -24,6 +24,10 @@ _TEXTS = (
 )
 
 
+# A fixed text for perplexity: the prompts' sources.
+FIXED_TEXT = "\n".join(_TEXTS)
+
+
 @dataclass(frozen=True)
 class Workload:
     num_streams: int

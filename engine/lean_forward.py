@@ -1,15 +1,20 @@
 """A lean forward pass for the Llama family (Llama, Mistral, Qwen2, Qwen3), on the model's own
-weights and modules.
+weights.
 
 transformers' decoder forward is general: every layer goes through decorators, keyword
 plumbing, an attention-interface lookup, output dataclasses and a causal-mask builder that a
 paged engine does not need. A decode step of a small model spends more time there than in its
-matrix products. `LeanForward` runs the same operations in the same order, with the same
-tensors (so the numbers are the same: greedy output stays token-identical to `generate()`),
-and nothing else: per layer, RMSNorm, the q/k/v projections (Qwen3's q/k norms), rotary
-embedding, the paged attention (`engine.attention`), the output projection, the residual,
-RMSNorm and the gated MLP. The projections are whatever the loader installed (native
-`SkinnyLinear`s, oneDNN-packed or plain `nn.Linear`), called without `nn.Module`'s hooks.
+matrix products. `LeanForward` runs the same operations in the same order and rounds where
+they round (so greedy output stays token-identical to `generate()`), and nothing else: per
+layer, RMSNorm, the q/k/v projections (Qwen3's q/k norms), rotary embedding, the paged
+attention (`engine.attention`), the output projection, the residual, RMSNorm and the gated
+MLP, on 2-D `[tokens, columns]` tensors.
+
+With the native kernels (`engine.kernels`), q/k/v are one product and gate/up another
+(`FusedNativeLinear`: the weights streamed in one pass), and the elementwise operations are one
+native call each (`NativeLayerOps`); the MLP's residual add is fused into the next layer's
+RMSNorm. Without them, the same structure runs on torch's operations (`TorchLayerOps`) and the
+projections the loader installed.
 
 `lean_forward_for` says whether a model's modules have the expected shape (the loader admits
 only the architectures above); where not, the runner keeps transformers' forward and logs it.
@@ -18,50 +23,53 @@ only the architectures above); where not, the runner keeps transformers' forward
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
 
 from engine.attention import AttentionMetadata, paged_attention
+from engine.kernels.linear import FusedNativeLinear, NativeLinear
+from engine.layer_ops import LayerOps, NativeLayerOps, Norm, TorchLayerOps
 
 logger = logging.getLogger(__name__)
 
 Project = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class _Norm:
-    """An RMSNorm's weight and epsilon (transformers' LlamaRMSNorm, op for op)."""
+class _ConcatProjection:
+    """Several projections of one input as one `[rows, sum of outputs]` tensor (torch path)."""
 
-    weight: torch.Tensor
-    eps: float
+    def __init__(self, projections: Sequence[Any]) -> None:
+        self._calls = [projection.forward for projection in projections]
+        widths = [int(projection.out_features) for projection in projections]
+        self.offsets = tuple(sum(widths[:i]) for i in range(len(widths)))
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden.dtype
-        hidden = hidden.to(torch.float32)
-        variance = hidden.pow(2).mean(-1, keepdim=True)
-        hidden = hidden * torch.rsqrt(variance + self.eps)
-        return self.weight * hidden.to(input_dtype)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([call(x) for call in self._calls], dim=-1)
 
 
 @dataclass(frozen=True)
 class _Layer:
     attention: torch.nn.Module
-    input_norm: _Norm
-    q_proj: Project
-    k_proj: Project
-    v_proj: Project
-    o_proj: Project
+    input_norm: Norm
+    # One product for q/k/v, their column offsets in it and widths.
+    qkv: Project
+    qkv_offsets: tuple[int, ...]
+    q_width: int
+    kv_width: int
     # Qwen3: RMSNorm over each head's query / key.
-    q_norm: _Norm | None
-    k_norm: _Norm | None
-    post_norm: _Norm
-    gate_proj: Project
-    up_proj: Project
+    q_norm: Norm | None
+    k_norm: Norm | None
+    o_proj: Project
+    post_norm: Norm
+    # One product for gate/up, up's column offset and the MLP width.
+    gate_up: Project
+    up_offset: int
+    mlp_width: int
     down_proj: Project
-    act: Callable[[torch.Tensor], torch.Tensor]
     head_dim: int
     scaling: float
 
@@ -70,30 +78,38 @@ class LeanForward:
     """Callable like the decoder for `ModelRunner`: packed `[1, N]` ids and positions in,
     `[N, hidden]` last hidden states out."""
 
-    def __init__(self, decoder: Any) -> None:
+    def __init__(self, decoder: Any, native: ModuleType | None = None) -> None:
         self._embed = decoder.embed_tokens
         self._rotary = decoder.rotary_emb
         self._norm = _norm_of(decoder.norm)
+        self._ops: LayerOps = NativeLayerOps(native) if native is not None else TorchLayerOps()
         self._layers = [_layer_of(layer) for layer in decoder.layers]
 
     def __call__(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         hidden = self._embed(input_ids)  # [1, N, hidden]
-        cos, sin = self._rotary(hidden, position_ids=position_ids)
-        # [1, 1, N, head_dim]: broadcast over heads, as apply_rotary_pos_emb unsqueezes them.
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        for layer in self._layers:
-            hidden = _run_layer(layer, hidden, cos, sin, meta)
-        return self._norm(hidden)[0]
+        cos, sin = self._rotary(hidden, position_ids=position_ids)  # [1, N, head_dim]
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()
+        hidden = hidden[0].contiguous()  # the residual stream, updated in place
+        ops = self._ops
+        normed = ops.norm(hidden, self._layers[0].input_norm)
+        for index, layer in enumerate(self._layers):
+            mlp = _run_layer(layer, ops, hidden, normed, cos, sin, meta)
+            is_last = index + 1 == len(self._layers)
+            next_norm = self._norm if is_last else self._layers[index + 1].input_norm
+            normed = ops.add_norm(hidden, mlp, next_norm)
+        return normed
 
 
-def lean_forward_for(model_type: str, model: Any) -> LeanForward | None:
-    """A `LeanForward` over `model`'s decoder, or None (logged) when its modules are not the
-    Llama-family layout it knows."""
+def lean_forward_for(
+    model_type: str, model: Any, native: ModuleType | None = None
+) -> LeanForward | None:
+    """A `LeanForward` over `model`'s decoder (on the native module's operations where given),
+    or None (logged) when its modules are not the Llama-family layout it knows."""
     try:
-        return LeanForward(model.get_decoder())
-    except (AttributeError, TypeError) as exc:
+        return LeanForward(model.get_decoder(), native)
+    except (AttributeError, TypeError, ValueError) as exc:
         logger.warning("no lean forward for this %s model (%s): transformers' forward runs",
                        model_type, exc)
         return None
@@ -101,63 +117,88 @@ def lean_forward_for(model_type: str, model: Any) -> LeanForward | None:
 
 def _run_layer(
     layer: _Layer,
+    ops: LayerOps,
     hidden: torch.Tensor,
+    normed: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     meta: AttentionMetadata,
 ) -> torch.Tensor:
-    residual = hidden
-    normed = layer.input_norm(hidden)
-    head_shape = (*normed.shape[:-1], -1, layer.head_dim)
-    query = layer.q_proj(normed).view(head_shape)
-    key = layer.k_proj(normed).view(head_shape)
+    """Attention (its residual added to `hidden` in place) and the MLP; returns the MLP's
+    output (the caller adds it with the next RMSNorm)."""
+    num_tokens, head_dim = normed.shape[0], layer.head_dim
+    qkv = layer.qkv(normed)
+    q_at, k_at, v_at = layer.qkv_offsets
+    query = qkv[:, q_at : q_at + layer.q_width]
+    key = qkv[:, k_at : k_at + layer.kv_width]
+    value = qkv[:, v_at : v_at + layer.kv_width]
     if layer.q_norm is not None and layer.k_norm is not None:
-        query, key = layer.q_norm(query), layer.k_norm(key)
-    query, key = query.transpose(1, 2), key.transpose(1, 2)
-    value = layer.v_proj(normed).view(head_shape).transpose(1, 2)
-    query = (query * cos) + (_rotate_half(query) * sin)
-    key = (key * cos) + (_rotate_half(key) * sin)
+        query = _head_norm(ops, query, layer.q_norm, head_dim)
+        key = _head_norm(ops, key, layer.k_norm, head_dim)
+    ops.rotary_(query, cos, sin, head_dim)
+    ops.rotary_(key, cos, sin, head_dim)
     attended, _ = paged_attention(
-        layer.attention, query, key, value, None, scaling=layer.scaling, pd_attention=meta
-    )
-    attended = attended.reshape(*normed.shape[:-1], -1).contiguous()
-    hidden = residual + layer.o_proj(attended)
-    residual = hidden
-    normed = layer.post_norm(hidden)
-    mlp = layer.down_proj(layer.act(layer.gate_proj(normed)) * layer.up_proj(normed))
-    return residual + mlp
+        layer.attention, _heads_first(query, head_dim), _heads_first(key, head_dim),
+        _heads_first(value, head_dim), None, scaling=layer.scaling, pd_attention=meta,
+    )  # [1, N, q_heads, head_dim]
+    attended = attended.reshape(num_tokens, layer.q_width).contiguous()
+    normed = ops.add_norm(hidden, layer.o_proj(attended), layer.post_norm)
+    gate_up = layer.gate_up(normed)
+    return layer.down_proj(ops.silu_mul(gate_up, layer.mlp_width, layer.up_offset))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _heads_first(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """`[N, heads * head_dim]` -> the attention interface's `[1, heads, N, head_dim]` (a view)."""
+    return x.view(x.shape[0], -1, head_dim).transpose(0, 1).unsqueeze(0)
 
 
-def _norm_of(module: Any) -> _Norm:
+def _head_norm(ops: LayerOps, x: torch.Tensor, norm: Norm, head_dim: int) -> torch.Tensor:
+    """RMSNorm over each head of `x` `[N, heads * head_dim]` (a new contiguous tensor)."""
+    heads = x.reshape(-1, head_dim).contiguous()
+    return ops.norm(heads, norm).view(x.shape[0], -1)
+
+
+def _norm_of(module: Any) -> Norm:
     eps = getattr(module, "variance_epsilon", None)
     if eps is None:
         eps = module.eps
-    return _Norm(module.weight, float(eps))
+    return Norm(module.weight.detach(), float(eps))
+
+
+def _fused(projections: Sequence[Any]) -> tuple[Project, tuple[int, ...]]:
+    """One product for `projections` of one input: panels concatenated where they are all
+    `NativeLinear`s, else their outputs concatenated."""
+    if all(isinstance(projection, NativeLinear) for projection in projections):
+        fused = FusedNativeLinear(projections)
+        return fused, fused.offsets
+    concat = _ConcatProjection(projections)
+    return concat, concat.offsets
 
 
 def _layer_of(layer: Any) -> _Layer:
     attention, mlp = layer.self_attn, layer.mlp
+    if type(mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
+        raise ValueError(f"MLP activation {type(mlp.act_fn).__name__}, not SiLU")
+    head_dim = int(attention.head_dim)
     q_norm = getattr(attention, "q_norm", None)
     k_norm = getattr(attention, "k_norm", None)
+    qkv, qkv_offsets = _fused([attention.q_proj, attention.k_proj, attention.v_proj])
+    gate_up, (_, up_offset) = _fused([mlp.gate_proj, mlp.up_proj])
     return _Layer(
         attention=attention,
         input_norm=_norm_of(layer.input_layernorm),
-        q_proj=attention.q_proj.forward,
-        k_proj=attention.k_proj.forward,
-        v_proj=attention.v_proj.forward,
-        o_proj=attention.o_proj.forward,
+        qkv=qkv,
+        qkv_offsets=qkv_offsets,
+        q_width=int(attention.q_proj.out_features),
+        kv_width=int(attention.k_proj.out_features),
         q_norm=_norm_of(q_norm) if q_norm is not None else None,
         k_norm=_norm_of(k_norm) if k_norm is not None else None,
+        o_proj=attention.o_proj.forward,
         post_norm=_norm_of(layer.post_attention_layernorm),
-        gate_proj=mlp.gate_proj.forward,
-        up_proj=mlp.up_proj.forward,
+        gate_up=gate_up,
+        up_offset=up_offset,
+        mlp_width=int(mlp.gate_proj.out_features),
         down_proj=mlp.down_proj.forward,
-        act=mlp.act_fn,
-        head_dim=int(attention.head_dim),
+        head_dim=head_dim,
         scaling=float(attention.scaling),
     )

@@ -14,8 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from engine.attention import DecodeKernel, register_paged_attention
 from engine.embedded import resolve_model_source
-from engine.kernels.linear import use_skinny_linears
-from engine.kernels.native import kernel_status
+from engine.kernels.linear import use_native_linears
+from engine.kernels.native import KernelStatus, kernel_status
 from engine.lean_forward import LeanForward, lean_forward_for
 from pdserve.config import ModelConfig
 from pdserve.errors import ConfigError
@@ -79,9 +79,12 @@ def load_model(config: ModelConfig) -> LoadedModel:
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
     max_positions = getattr(hf_config, "max_position_embeddings", config.max_context_tokens)
-    kernels, decode_attention = _install_kernels(model, config)
+    status = _install_kernels(model, config)
     # After the kernels: the lean forward calls the linear layers installed there.
-    lean = lean_forward_for(hf_config.model_type, model) if config.forward == "lean" else None
+    lean = None
+    if config.forward == "lean":
+        lean = lean_forward_for(hf_config.model_type, model, status.module)
+    decode_attention = status.module.decode_attention if status.module is not None else None
     forward = "lean forward" if lean is not None else "transformers forward"
     loaded = LoadedModel(
         model=model,
@@ -95,10 +98,10 @@ def load_model(config: ModelConfig) -> LoadedModel:
         max_context_tokens=min(config.max_context_tokens, max_positions),
         eos_token_ids=_eos_token_ids(path, hf_config),
         tokenizer_json=tokenizer.backend_tokenizer.to_str(),
-        fingerprint=_fingerprint(model, hf_config),
+        fingerprint=_fingerprint(model, hf_config, config.quantization),
         chat_template=chat_template_of(tokenizer, config.source),
         special_tokens=special_tokens_of(tokenizer),
-        kernels=f"{kernels}, {forward}",
+        kernels=f"{status.describe()}, {_weights(config)}, {forward}",
         lean=lean,
         decode_attention=decode_attention,
     )
@@ -110,19 +113,27 @@ def load_model(config: ModelConfig) -> LoadedModel:
     return loaded
 
 
-def _install_kernels(
-    model: torch.nn.Module, config: ModelConfig
-) -> tuple[str, DecodeKernel | None]:
-    """Puts the native decode kernels under every linear layer where they serve (see
-    `engine.kernels.native`); else, for bf16, torch's kernels on packed weights. Returns what
-    runs the layers and the native decode attention (None: gather + SDPA)."""
+def _install_kernels(model: torch.nn.Module, config: ModelConfig) -> KernelStatus:
+    """Puts the native kernels under every linear layer where they serve (see
+    `engine.kernels.native`); else, for bf16, torch's kernels on packed weights. Returns which
+    serve."""
     status = kernel_status(config.kernels, config.dtype)
     if status.module is None:
+        if config.quantization != "none":
+            raise ConfigError(
+                f"model.quantization {config.quantization} needs the native kernels, but they "
+                f"are not in use: {status.reason}"
+            )
         if config.dtype == "bfloat16":
             _pack_linear_weights(model)
-        return status.describe(), None
-    use_skinny_linears(model, status.module)
-    return status.describe(), status.module.decode_attention
+    else:
+        use_native_linears(model, status.module, config.quantization)
+    return status
+
+
+def _weights(config: ModelConfig) -> str:
+    """The linear layers' weight format, for `kernels`."""
+    return "int8 weights" if config.quantization == "int8" else f"{config.dtype} weights"
 
 
 def _check_supported(hf_config: object) -> None:
@@ -205,12 +216,15 @@ def _pack_linear_weights(model: torch.nn.Module) -> None:
                 setattr(parent, name, _PackedLinear(child))
 
 
-def _fingerprint(model: torch.nn.Module, hf_config: object) -> str:
+def _fingerprint(model: torch.nn.Module, hf_config: object, quantization: str) -> str:
     shape_keys = (
         "model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
         "hidden_size", "intermediate_size", "vocab_size", "head_dim", "rope_theta",
     )
     described = {key: getattr(hf_config, key, None) for key in shape_keys}
+    # Quantized weights compute other KV than the model's own: a hand-off between the two
+    # would mix them.
+    described["quantization"] = quantization
     digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
     # A few rows of the embedding tell two fine-tunes of one architecture apart, cheaply.
     embeddings: Any = model.get_input_embeddings()  # type: ignore[operator]

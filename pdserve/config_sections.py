@@ -34,6 +34,10 @@ class ModelConfig(ConfigSection):
     # the CPU has what they need (AVX-512; AVX512-BF16 for bfloat16), else torch's with a
     # WARNING; native = refuse to start without them; torch = torch's own kernels only.
     kernels: Literal["auto", "native", "torch"] = "auto"
+    # Weight format of the linear layers: none = the model dtype; int8 = weight-only int8 with
+    # one scale per output channel (activations, KV and the embedding stay in `dtype`); needs
+    # the native kernels.
+    quantization: Literal["none", "int8"] = "none"
     # lean: pdserve's own forward pass for the Llama family (same operations, without
     # transformers' per-layer plumbing; token-identical); transformers: the model's forward.
     forward: Literal["lean", "transformers"] = "lean"

@@ -2,9 +2,16 @@
 #include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("skinny_linear_f32", &pdserve::skinny_linear_f32, "y = x @ w.T for fp32, few rows of x");
-  m.def("skinny_linear_bf16", &pdserve::skinny_linear_bf16, "y = x @ w.T for bf16, few rows of x");
+  m.def("panel_width", &pdserve::panel_width, "output channels per packed weight panel");
+  m.def("panel_linear_f32", &pdserve::panel_linear_f32, "y = x @ w.T, fp32, w packed in panels");
+  m.def("panel_linear_bf16", &pdserve::panel_linear_bf16, "y = x @ w.T, bf16, w packed in panels");
+  m.def("panel_linear_int8", &pdserve::panel_linear_int8,
+        "y = x @ (w * scale).T, int8 w packed in panels, fp32 or bf16 x");
   m.def("decode_attention", &pdserve::decode_attention,
         "one-token attention of each row over its context in the paged KV cache");
+  m.def("rms_norm", &pdserve::rms_norm, "LlamaRMSNorm of each row");
+  m.def("add_rms_norm_", &pdserve::add_rms_norm_, "residual += addend (in place), then RMSNorm");
+  m.def("rotary_", &pdserve::rotary_, "rotary embedding of each head, in place");
+  m.def("silu_mul", &pdserve::silu_mul, "SiLU(gate) * up");
   m.def("supported_features", &pdserve::supported_features, "AVX-512 features this CPU has");
 }

@@ -7,14 +7,30 @@
 
 namespace pdserve {
 
-// y[M, N] = x[M, K] @ w[N, K]^T for few rows of x (skinny_gemm.cpp).
-at::Tensor skinny_linear_f32(const at::Tensor& x, const at::Tensor& w);
-at::Tensor skinny_linear_bf16(const at::Tensor& x, const at::Tensor& w);
+// y[M, N] = x[M, K] @ w[N, K]^T on w packed in panels of `panel_width()` outputs
+// (panel_gemm.cpp; the layout is engine.kernels.linear.pack_weight's).
+int64_t panel_width();
+at::Tensor panel_linear_f32(const at::Tensor& x, const at::Tensor& panels, int64_t N);
+at::Tensor panel_linear_bf16(const at::Tensor& x, const at::Tensor& panels, int64_t N);
+// int8 panels with one fp32 scale per output channel; x and y fp32 or bf16.
+at::Tensor panel_linear_int8(const at::Tensor& x, const at::Tensor& panels,
+                             const at::Tensor& scales, int64_t N);
 
 // One-token attention of each row over its context in the paged cache (decode_attention.cpp).
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys,
                             const at::Tensor& values, const at::Tensor& context_slots,
                             const at::Tensor& lengths, double scale);
+
+// Per-layer elementwise operations, rounded where transformers' modules round (layer_ops.cpp).
+// rms_norm: LlamaRMSNorm of each row. add_rms_norm_: residual += addend, then its RMSNorm.
+// rotary_: rotary embedding of each head of x [rows, heads * head_dim] (rows may be strided),
+// in place, with cos/sin [rows, head_dim]. silu_mul: SiLU(gate) * up of gate_up's columns
+// [0, width) and [up_offset, up_offset + width).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor add_rms_norm_(at::Tensor& residual, const at::Tensor& addend, const at::Tensor& weight,
+                         double eps);
+void rotary_(at::Tensor& x, int64_t head_dim, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor silu_mul(const at::Tensor& gate_up, int64_t width, int64_t up_offset);
 
 // The AVX-512 features this CPU has, comma-separated: "avx512", "avx512bf16".
 std::string supported_features();

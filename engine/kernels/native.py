@@ -1,5 +1,6 @@
-"""Builds, loads and describes pdserve's C++ decode kernels (`skinny_gemm.cpp`: matrix
-products; `decode_attention.cpp`: attention over the paged cache; `bindings.cpp`).
+"""Builds, loads and describes pdserve's C++ decode kernels (`panel_gemm.cpp`: matrix
+products; `decode_attention.cpp`: attention over the paged cache; `layer_ops.cpp`: norms,
+rotary embedding, SiLU; `bindings.cpp`).
 
 The source is compiled with `torch.utils.cpp_extension` on first use into
 `~/.cache/pdserve/kernels/<torch version>-<source digest>` (`PDSERVE_KERNEL_CACHE` overrides
@@ -33,7 +34,9 @@ logger = logging.getLogger(__name__)
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("bindings.cpp", "skinny_gemm.cpp", "decode_attention.cpp", "kernels.h")
+    for name in (
+        "bindings.cpp", "panel_gemm.cpp", "decode_attention.cpp", "layer_ops.cpp", "kernels.h"
+    )
 )
 # What each dtype's kernel needs of the CPU (names as `supported_features` reports them).
 REQUIRED_FEATURES = {"float32": "avx512", "bfloat16": "avx512bf16"}
@@ -113,7 +116,7 @@ def _load_module() -> ModuleType:
         _put_ninja_on_path()
         recipe = b"".join(path.read_bytes() for path in SOURCES) + repr((CFLAGS, LDFLAGS)).encode()
         digest = hashlib.sha256(recipe).hexdigest()[:16]
-        name = f"pdserve_skinny_gemm_{digest}"
+        name = f"pdserve_kernels_{digest}"
         build_dir = _cache_root() / f"{torch.__version__}-{digest}"
         build_dir.mkdir(parents=True, exist_ok=True)
         _drop_stale_lock(build_dir)

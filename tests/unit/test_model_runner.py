@@ -11,11 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine.block_manager import BlockManager
+from engine.kernels.linear import quantize_int8
 from engine.kv_cache import KVCacheSpec, PagedKVCache
 from engine.model_loader import LoadedModel, _pack_linear_weights, load_model
 from engine.model_runner import ModelRunner, SequenceChunk
 from engine.sampler import sample
 from pdserve.config import ModelConfig
+from pdserve.errors import ConfigError
 from pdserve.messages import SamplingParams
 from tests.factories.model import build_tiny_model_dir
 
@@ -93,6 +95,36 @@ def test_bfloat16_decode_matches_generate(tiny_model: Path, kernels: str, forwar
         runner, blocks = make_runner(loaded)
         [output] = generate_batched(runner, blocks, [prompt])
         assert output == reference(tiny_model, prompt, torch.bfloat16), f"prompt {prompt}"
+
+
+def test_int8_weights_match_generate_on_the_dequantized_weights(tiny_model: Path) -> None:
+    """Weight-only int8 computes with `q * scale`: transformers on those very weights is its
+    oracle (fp32 activations on both sides)."""
+    config = ModelConfig(source=str(tiny_model), dtype="float32", quantization="int8")
+    loaded = load_model(config)
+    if not loaded.kernels.startswith("native"):
+        pytest.skip(loaded.kernels)
+    assert "int8 weights" in loaded.kernels
+    dequantized = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        for module in dequantized.modules():
+            if isinstance(module, torch.nn.Linear):
+                quantized, scales = quantize_int8(module.weight)
+                module.weight.copy_(quantized.float() * scales[:, None])
+    runner, blocks = make_runner(loaded)
+    outputs = generate_batched(runner, blocks, PROMPTS)
+    for prompt, output in zip(PROMPTS, outputs):
+        expected = dequantized.generate(
+            torch.tensor([prompt]), max_new_tokens=NUM_NEW_TOKENS, do_sample=False,
+            eos_token_id=None, pad_token_id=0,
+        )[0, len(prompt):].tolist()
+        assert output == expected, f"prompt {prompt}"
+
+
+def test_int8_without_the_native_kernels_is_refused(tiny_model: Path) -> None:
+    config = ModelConfig(source=str(tiny_model), kernels="torch", quantization="int8")
+    with pytest.raises(ConfigError, match="model.quantization int8 needs the native kernels"):
+        load_model(config)
 
 
 def test_packed_linear_is_bit_identical_to_linear() -> None:

@@ -1,5 +1,6 @@
-"""The native skinny matmul kernels against torch (fp32 and bf16; rows 1-33, odd sizes, tails
-of K, 1 and 2 threads, a bias), `SkinnyLinear`'s split between the kernel and `F.linear`, and
+"""The native panel matmul kernels against torch (fp32 and bf16; rows 1-70, odd sizes, partial
+panels, odd K, 1 and 2 threads, a bias; one summation order whatever the batch), fused
+products, the one-token attention over the paged cache, and
 the fallback: a build that fails is a loud WARNING and torch's kernels under `auto`, a refusal
 under `native`; `torch` never builds. Skipped where this CPU lacks the features a kernel
 needs (the status test still runs)."""
@@ -15,7 +16,13 @@ import pytest
 import torch
 
 from engine.kernels import native
-from engine.kernels.linear import SkinnyLinear, kernel_for, use_skinny_linears
+from engine.kernels.linear import (
+    FusedNativeLinear,
+    NativeLinear,
+    kernel_for,
+    quantize_int8,
+    use_native_linears,
+)
 from pdserve.errors import ConfigError
 
 
@@ -34,9 +41,17 @@ def _needs(status: native.KernelStatus) -> None:
         pytest.skip(status.describe())
 
 
+def _native_linear(status: native.KernelStatus, weight: torch.Tensor) -> NativeLinear:
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    linear.weight.data.copy_(weight)
+    module = status.module
+    return NativeLinear(linear, kernel_for(module, weight.dtype), module.panel_width())
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
-    ("rows", "k", "n"), [(1, 576, 192), (3, 100, 7), (5, 17, 33), (32, 1536, 576), (33, 64, 4)]
+    ("rows", "k", "n"),
+    [(1, 576, 192), (3, 100, 7), (5, 17, 33), (9, 64, 49), (32, 1536, 576), (70, 64, 100)],
 )
 def test_fp32_matches_torch(
     status_f32: native.KernelStatus, threads: int, rows: int, k: int, n: int
@@ -48,7 +63,7 @@ def test_fp32_matches_torch(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = kernel_for(status_f32.module, torch.float32)(x, w)
+        got = _native_linear(status_f32, w)(x)
     finally:
         torch.set_num_threads(before)
     expected = x.double() @ w.double().T
@@ -56,23 +71,27 @@ def test_fp32_matches_torch(
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4 * k**0.5)
 
 
-def test_fp32_does_not_depend_on_the_thread_count(status_f32: native.KernelStatus) -> None:
+def test_fp32_depends_on_neither_the_thread_count_nor_the_batch(
+    status_f32: native.KernelStatus,
+) -> None:
     _needs(status_f32)
-    x, w = torch.randn(7, 576), torch.randn(1000, 576)
-    kernel = kernel_for(status_f32.module, torch.float32)
+    x, linear = torch.randn(13, 576), _native_linear(status_f32, torch.randn(1000, 576))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = kernel(x, w)
+        one = linear(x)
         torch.set_num_threads(2)
-        two = kernel(x, w)
+        two = linear(x)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
+    # A row's output is the same alone as in a batch (every tile size sums in one order).
+    for row in (0, 7, 12):
+        assert torch.equal(linear(x[row : row + 1])[0], one[row])
 
 
 @pytest.mark.parametrize(
-    ("rows", "k", "n"), [(1, 576, 192), (4, 40, 9), (9, 1536, 576), (32, 96, 5)]
+    ("rows", "k", "n"), [(1, 576, 192), (4, 40, 9), (9, 1536, 576), (32, 95, 5), (40, 33, 100)]
 )
 def test_bf16_matches_torch_within_one_rounding(
     status_bf16: native.KernelStatus, rows: int, k: int, n: int
@@ -81,35 +100,85 @@ def test_bf16_matches_torch_within_one_rounding(
     generator = torch.Generator().manual_seed(rows + k + n)
     x = torch.randn(rows, k, generator=generator).bfloat16()
     w = torch.randn(n, k, generator=generator).bfloat16()
-    got = kernel_for(status_bf16.module, torch.bfloat16)(x, w)
+    got = _native_linear(status_bf16, w)(x)
     exact = x.double() @ w.double().T  # bf16 products are exact; only the sum rounds
     assert got.dtype == torch.bfloat16
     # One bf16 rounding of a fp32 sum: within 2^-8 relative, plus the fp32 sum's error.
     torch.testing.assert_close(got.double(), exact, rtol=2**-8, atol=1e-3 * k**0.5)
 
 
-def test_skinny_linear_uses_the_kernel_for_few_rows_and_torch_for_many(
+def test_bf16_output_is_the_fp32_sum_rounded_to_nearest_even(
+    status_bf16: native.KernelStatus,
+) -> None:
+    _needs(status_bf16)
+    # Inputs whose products and sums are exact in fp32: the only rounding is the last one.
+    x = torch.tensor([[1.0, 2.0**-8, 2.0**-9, 0.0]]).bfloat16()
+    w = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0]])
+    got = _native_linear(status_bf16, w.bfloat16())(x)
+    expected = (x.float() @ w.T).bfloat16()  # torch's rounding of the same fp32 sums
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "k", "n"), [(1, 576, 192), (9, 100, 50), (33, 64, 7)])
+def test_int8_weights_multiply_as_their_dequantized_values(
+    status_bf16: native.KernelStatus, dtype: torch.dtype, rows: int, k: int, n: int
+) -> None:
+    _needs(status_bf16)
+    generator = torch.Generator().manual_seed(rows * k + n)
+    w = torch.randn(n, k, generator=generator)
+    w[1] = 0.0  # an all-zero channel keeps a finite scale
+    x = torch.randn(rows, k, generator=generator).to(dtype)
+    linear = torch.nn.Linear(k, n, bias=False, dtype=dtype)
+    linear.weight.data.copy_(w)
+    quantized, scales = quantize_int8(linear.weight)
+    assert quantized.dtype == torch.int8 and int(quantized.abs().max()) == 127
+    dequantized = quantized.double() * scales.double()[:, None]
+    # Rounding to the nearest step: at most half a step per weight.
+    error = (dequantized - linear.weight.detach().double()).abs().max()
+    assert float(error) <= float(scales.max()) / 2 + 1e-6
+    module = status_bf16.module
+    got = NativeLinear(linear, kernel_for(module, dtype, "int8"), 48, quantize=True)(x)
+    expected = x.double() @ dequantized.T
+    assert got.dtype == dtype and got.shape == (rows, n)
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance * k**0.5)
+
+
+def test_native_linear_adds_its_bias_and_keeps_the_leading_shape(
     status_f32: native.KernelStatus,
 ) -> None:
     _needs(status_f32)
-    linear = torch.nn.Linear(64, 24, bias=True)
-    calls: list[tuple[int, ...]] = []
-    kernel = kernel_for(status_f32.module, torch.float32)
-
-    def counting(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        calls.append(tuple(x.shape))
-        return kernel(x, w)
-
-    skinny = SkinnyLinear(linear, counting, max_rows=4)
+    linear = torch.nn.Linear(64, 50, bias=True)
+    native_linear = NativeLinear(linear, kernel_for(status_f32.module, torch.float32), 48)
     with torch.inference_mode():
-        few = torch.randn(1, 3, 64)
-        torch.testing.assert_close(skinny(few), linear(few), rtol=1e-5, atol=1e-5)
-        many = torch.randn(1, 9, 64)
-        torch.testing.assert_close(skinny(many), linear(many), rtol=1e-5, atol=1e-5)
-    assert calls == [(3, 64)]
+        x = torch.randn(1, 9, 64)
+        torch.testing.assert_close(native_linear(x), linear(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="bfloat16 input for torch.float32 weights"):
+        native_linear(x.bfloat16())
 
 
-def test_use_skinny_linears_swaps_every_linear_and_keeps_tied_weights_shared(
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linears_equal_each_alone_and_share_their_panels(
+    status_bf16: native.KernelStatus, dtype: torch.dtype
+) -> None:
+    _needs(status_bf16)
+    layers = [torch.nn.Linear(64, n, bias=bias, dtype=dtype) for n, bias in
+              ((96, True), (50, False), (7, True))]
+    kernel = kernel_for(status_bf16.module, dtype)
+    natives = [NativeLinear(layer, kernel, 48) for layer in layers]
+    x = torch.randn(5, 64).to(dtype)
+    alone = [native_linear(x) for native_linear in natives]
+    fused = FusedNativeLinear(natives)
+    out = fused(x)
+    assert fused.offsets == (0, 96, 192) and out.shape == (5, 240)  # 2 + 2 + 1 panels
+    for offset, expected in zip(fused.offsets, alone):
+        assert torch.equal(out[:, offset : offset + expected.shape[1]], expected)
+    assert all(n.packed.data_ptr() != 0 and n.packed._base is fused.packed for n in natives)
+    torch.testing.assert_close(natives[1](x), alone[1], rtol=0, atol=0)
+
+
+def test_use_native_linears_swaps_every_linear_and_leaves_the_embedding(
     status_f32: native.KernelStatus,
 ) -> None:
     _needs(status_f32)
@@ -117,9 +186,13 @@ def test_use_skinny_linears_swaps_every_linear_and_keeps_tied_weights_shared(
         torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 10, bias=False)
     )
     model[2].weight = model[0].weight  # tied, as many LMs tie lm_head to the embedding
-    assert use_skinny_linears(model, status_f32.module) == 2
+    ids = torch.tensor([[1, 4, 9]])
+    with torch.inference_mode():
+        expected = model(ids)
+        assert use_native_linears(model, status_f32.module) == 2
+        torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)
     assert all(not isinstance(m, torch.nn.Linear) for m in model.modules())
-    assert model[2].weight.data_ptr() == model[0].weight.data_ptr()
+    assert isinstance(model[0].weight, torch.nn.Parameter)
 
 
 def test_a_failed_build_falls_back_loudly_under_auto_and_refuses_under_native(

@@ -1,0 +1,308 @@
+// Matrix products on weights packed in panels: y[M, N] = x[M, K] @ w[N, K]^T, any M.
+//
+// A decode step multiplies a handful of rows by every weight matrix of the model, so its time
+// is the time to stream the weights from memory once; the CPU's prefetchers keep up only with
+// a few sequential streams, and a row-major weight read several rows at a time defeats them
+// (measured: half the bandwidth). So the loader packs each weight once into panels of
+// kPanelWidth output channels with k outermost (`engine.kernels.linear.pack_weight`):
+//
+//   fp32: [panels, K, 48]          bf16: [panels, ceil(K / 2), 48, 2]  (k pairs, for dpbf16)
+//   int8 (weight-only, `model.quantization: int8`): [panels, K, 48] and one fp32 scale per
+//   output channel; fp32 or bf16 activations, each int8 widened exactly to fp32 in registers
+//
+// and a product walks each panel from start to end exactly once per tile of up to kTileRows
+// rows of x: at each k it loads the panel's 48 weights (three vectors), broadcasts each row's
+// x[k] and multiplies-adds into 48 outputs per row held in registers. No horizontal sums; the
+// panel stays in L2 across the tiles of a long (prefill) input. Threads take contiguous
+// ranges of panels.
+//
+// Every output is one dot product, summed over k in increasing order into one fp32
+// accumulator (bf16: pairs of k per step; int8: times its scale at the end): the result
+// depends neither on the number of threads nor on the number of rows in the batch. bf16
+// outputs are rounded once, to nearest even, as torch's conversion does.
+//
+// Built for AVX-512 (fp32: AVX512F; bf16: AVX512-BF16's dot-product instruction). The Python
+// side checks the CPU features before calling (`supported_features`).
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+
+namespace {
+
+constexpr int64_t kPanelWidth = 48;  // output channels per panel: three 16-lane vectors
+constexpr int kVectors = 3;
+constexpr int kTileRows = 8;  // rows of x per register tile: 8 x 3 accumulators
+
+#define PDSERVE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define PDSERVE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// Lanes of each of the three vectors that hold real outputs (the last panel may be partial).
+struct PanelMasks {
+  __mmask16 lanes[kVectors];
+};
+
+inline PanelMasks masks_for(int64_t columns) {
+  PanelMasks masks{};
+  for (int v = 0; v < kVectors; ++v) {
+    const int64_t live = std::clamp<int64_t>(columns - 16 * v, 0, 16);
+    masks.lanes[v] = static_cast<__mmask16>(live == 16 ? 0xFFFFu : ((1u << live) - 1u));
+  }
+  return masks;
+}
+
+PDSERVE_AVX512 inline void store_row(float* y, const __m512 (&acc)[kVectors],
+                                     const PanelMasks& masks) {
+  for (int v = 0; v < kVectors; ++v) _mm512_mask_storeu_ps(y + 16 * v, masks.lanes[v], acc[v]);
+}
+
+// fp32 -> bf16, round to nearest even (c10::BFloat16's rule; NaN stays NaN).
+PDSERVE_AVX512 inline __m256i round_to_bf16(__m512 values) {
+  const __m512i bits = _mm512_castps_si512(values);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
+  const __m512i quiet_nan = _mm512_set1_epi32(0x7FC0);
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet_nan));
+}
+
+PDSERVE_AVX512 inline void store_row(c10::BFloat16* y, const __m512 (&acc)[kVectors],
+                                     const PanelMasks& masks) {
+  for (int v = 0; v < kVectors; ++v)
+    _mm256_mask_storeu_epi16(y + 16 * v, masks.lanes[v], round_to_bf16(acc[v]));
+}
+
+// ---- one register tile: ROWS rows of x against one panel -------------------------------------
+
+template <int ROWS, typename Out>
+PDSERVE_AVX512 inline void tile_f32(const float* x, int64_t ldx, const float* panel, int64_t K,
+                                    Out* y, int64_t ldy, const PanelMasks& masks) {
+  __m512 acc[ROWS][kVectors];
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* weights = panel + k * kPanelWidth;
+    __m512 w[kVectors];
+    for (int v = 0; v < kVectors; ++v) w[v] = _mm512_loadu_ps(weights + 16 * v);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 xk = _mm512_set1_ps(x[r * ldx + k]);
+      for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_fmadd_ps(xk, w[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) store_row(y + r * ldy, acc[r], masks);
+}
+
+// x[r, 2p] and x[r, 2p + 1] as one 32-bit lane, broadcast.
+PDSERVE_AVX512_BF16 inline __m512bh pair_at(const c10::BFloat16* row, int64_t p) {
+  int32_t pair;
+  std::memcpy(&pair, row + 2 * p, sizeof(pair));
+  return (__m512bh)_mm512_set1_epi32(pair);
+}
+
+// The last pair of an odd K: x[r, K - 1] and 0.
+PDSERVE_AVX512_BF16 inline __m512bh last_of_odd(const c10::BFloat16* row, int64_t K) {
+  uint16_t last;
+  std::memcpy(&last, row + K - 1, sizeof(last));
+  return (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(last));
+}
+
+template <int ROWS>
+PDSERVE_AVX512_BF16 inline void pair_step(__m512 (&acc)[ROWS][kVectors], const c10::BFloat16* weights,
+                                          const __m512bh (&xp)[ROWS]) {
+  __m512bh w[kVectors];
+  for (int v = 0; v < kVectors; ++v) w[v] = (__m512bh)_mm512_loadu_si512(weights + 32 * v);
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], xp[r], w[v]);
+}
+
+template <int ROWS, typename Out>
+PDSERVE_AVX512_BF16 inline void tile_bf16(const c10::BFloat16* x, int64_t ldx,
+                                          const c10::BFloat16* panel, int64_t K, Out* y,
+                                          int64_t ldy, const PanelMasks& masks) {
+  __m512 acc[ROWS][kVectors];
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_setzero_ps();
+  const int64_t full_pairs = K / 2;
+  __m512bh xp[ROWS];
+  for (int64_t p = 0; p < full_pairs; ++p) {
+    for (int r = 0; r < ROWS; ++r) xp[r] = pair_at(x + r * ldx, p);
+    pair_step<ROWS>(acc, panel + p * 2 * kPanelWidth, xp);
+  }
+  if (K % 2 != 0) {
+    for (int r = 0; r < ROWS; ++r) xp[r] = last_of_odd(x + r * ldx, K);
+    pair_step<ROWS>(acc, panel + full_pairs * 2 * kPanelWidth, xp);
+  }
+  for (int r = 0; r < ROWS; ++r) store_row(y + r * ldy, acc[r], masks);
+}
+
+// ---- int8 weights with one fp32 scale per output channel; fp32 or bf16 activations ---------
+
+PDSERVE_AVX512 inline __m512 widen_int8(const int8_t* p) {  // 16 int8 -> 16 fp32, exact
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline float x_at(const float* row, int64_t k) { return row[k]; }
+inline float x_at(const c10::BFloat16* row, int64_t k) { return static_cast<float>(row[k]); }
+
+template <int ROWS, typename Elem>
+PDSERVE_AVX512 inline void tile_int8(const Elem* x, int64_t ldx, const int8_t* panel, int64_t K,
+                                     const float* scales, Elem* y, int64_t ldy,
+                                     const PanelMasks& masks) {
+  __m512 acc[ROWS][kVectors];
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const int8_t* weights = panel + k * kPanelWidth;
+    __m512 w[kVectors];
+    for (int v = 0; v < kVectors; ++v) w[v] = widen_int8(weights + 16 * v);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 xk = _mm512_set1_ps(x_at(x + r * ldx, k));
+      for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_fmadd_ps(xk, w[v], acc[r][v]);
+    }
+  }
+  __m512 scale[kVectors];
+  for (int v = 0; v < kVectors; ++v) scale[v] = _mm512_loadu_ps(scales + 16 * v);
+  for (int r = 0; r < ROWS; ++r) {
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_mul_ps(acc[r][v], scale[v]);
+    store_row(y + r * ldy, acc[r], masks);
+  }
+}
+
+// ---- driving the tiles -------------------------------------------------------------------------
+
+// Calls tile(std::integral_constant<int, ROWS>, first_row) over rows [0, M) in tiles of at most
+// kTileRows rows.
+template <typename Tile>
+void for_each_tile(int64_t M, Tile tile) {
+  int64_t m = 0;
+  for (; m + kTileRows <= M; m += kTileRows) tile(std::integral_constant<int, kTileRows>{}, m);
+  switch (M - m) {
+    case 7: tile(std::integral_constant<int, 7>{}, m); break;
+    case 6: tile(std::integral_constant<int, 6>{}, m); break;
+    case 5: tile(std::integral_constant<int, 5>{}, m); break;
+    case 4: tile(std::integral_constant<int, 4>{}, m); break;
+    case 3: tile(std::integral_constant<int, 3>{}, m); break;
+    case 2: tile(std::integral_constant<int, 2>{}, m); break;
+    case 1: tile(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+
+// Calls panel_fn(panel index) for every panel, contiguous ranges of panels per thread.
+template <typename PanelFn>
+void for_each_panel(int64_t num_panels, PanelFn panel_fn) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(1, (num_panels + threads - 1) / threads);
+  at::parallel_for(0, num_panels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) panel_fn(p);
+  });
+}
+
+int64_t num_panels_for(int64_t N) { return (N + kPanelWidth - 1) / kPanelWidth; }
+
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "panel_linear: x must be a contiguous 2-D tensor");
+}
+
+void check_panels(const at::Tensor& panels, at::ScalarType dtype, int64_t N, int64_t panel_size) {
+  TORCH_CHECK(panels.is_contiguous() && panels.scalar_type() == dtype,
+              "panel_linear: panels must be contiguous ", dtype);
+  TORCH_CHECK(N > 0 && panels.numel() == num_panels_for(N) * panel_size,
+              "panel_linear: panels do not hold ", N, " outputs");
+}
+
+// Weights of the activations' own dtype.
+template <typename Elem>
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t N,
+                        at::ScalarType dtype) {
+  check_x(x);
+  TORCH_CHECK(x.scalar_type() == dtype, "panel_linear: x must be ", dtype);
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t panel_size = (std::is_same_v<Elem, float> ? K : 2 * ((K + 1) / 2)) * kPanelWidth;
+  check_panels(panels, dtype, N, panel_size);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const auto* xp = reinterpret_cast<const Elem*>(x.data_ptr());
+  const auto* wp = reinterpret_cast<const Elem*>(panels.data_ptr());
+  auto* yp = reinterpret_cast<Elem*>(y.data_ptr());
+  for_each_panel(num_panels_for(N), [&](int64_t p) {
+    const int64_t n = p * kPanelWidth;
+    const PanelMasks masks = masks_for(N - n);
+    const Elem* panel = wp + p * panel_size;
+    for_each_tile(M, [&](auto rows, int64_t m) {
+      if constexpr (std::is_same_v<Elem, float>) {
+        tile_f32<decltype(rows)::value>(xp + m * K, K, panel, K, yp + m * N + n, N, masks);
+      } else {
+        tile_bf16<decltype(rows)::value>(xp + m * K, K, panel, K, yp + m * N + n, N, masks);
+      }
+    });
+  });
+  return y;
+}
+
+template <typename Elem>
+at::Tensor panel_linear_int8_as(const at::Tensor& x, const at::Tensor& panels,
+                                const at::Tensor& scales, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t panel_size = K * kPanelWidth;
+  check_panels(panels, at::kChar, N, panel_size);
+  TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == at::kFloat &&
+                  scales.numel() == num_panels_for(N) * kPanelWidth,
+              "panel_linear_int8: one fp32 scale per (padded) output channel");
+  at::Tensor y = at::empty({M, N}, x.options());
+  const auto* xp = reinterpret_cast<const Elem*>(x.data_ptr());
+  const auto* wp = panels.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  auto* yp = reinterpret_cast<Elem*>(y.data_ptr());
+  for_each_panel(num_panels_for(N), [&](int64_t p) {
+    const int64_t n = p * kPanelWidth;
+    const PanelMasks masks = masks_for(N - n);
+    for_each_tile(M, [&](auto rows, int64_t m) {
+      tile_int8<decltype(rows)::value>(xp + m * K, K, wp + p * panel_size, K, sp + n,
+                                       yp + m * N + n, N, masks);
+    });
+  });
+  return y;
+}
+
+}  // namespace
+
+namespace pdserve {
+
+int64_t panel_width() { return kPanelWidth; }
+
+at::Tensor panel_linear_f32(const at::Tensor& x, const at::Tensor& panels, int64_t N) {
+  return panel_linear<float>(x, panels, N, at::kFloat);
+}
+
+at::Tensor panel_linear_bf16(const at::Tensor& x, const at::Tensor& panels, int64_t N) {
+  return panel_linear<c10::BFloat16>(x, panels, N, at::kBFloat16);
+}
+
+at::Tensor panel_linear_int8(const at::Tensor& x, const at::Tensor& panels,
+                             const at::Tensor& scales, int64_t N) {
+  check_x(x);
+  if (x.scalar_type() == at::kFloat) return panel_linear_int8_as<float>(x, panels, scales, N);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "panel_linear_int8: x must be fp32 or bf16");
+  return panel_linear_int8_as<c10::BFloat16>(x, panels, scales, N);
+}
+
+std::string supported_features() {
+  std::string features;
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl")) {
+    features += "avx512";
+    if (__builtin_cpu_supports("avx512bf16")) features += ",avx512bf16";
+  }
+  return features;
+}
+
+}  // namespace pdserve
