@@ -6,7 +6,8 @@
 
 Speed: pdserve's engine (`EngineRig`, the decode batch loop's calls) with 1 stream and with N,
 median decode step per format, interleaved across repeats; batch-1 roofline per format =
-copy bandwidth / the bytes of its packed weights. Precision, against fp32 (transformers on
+copy bandwidth / the bytes of its packed weights. Prefill (TTFT) of one 1,024-token prompt per
+format and on torch's kernels. Precision, against fp32 (transformers on
 the same linear layers the engine runs: pdserve's `NativeLinear`s swapped into the model):
 perplexity over a fixed text, and greedy agreement over the benchmark prompts (streams
 identical to fp32's; mean tokens before the first difference). Writes the JSON and a PNG.
@@ -18,6 +19,7 @@ import argparse
 import datetime
 import math
 import os
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prefill-tokens", type=int, default=1024,
+                        help="prompt length of the prefill (TTFT) measurement")
     parser.add_argument("--out", type=Path, default=Path("bench-results/engine_formats.json"))
     return parser.parse_args(argv)
 
@@ -71,15 +75,39 @@ def packed_weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def _config(source: str, dtype: str, quantization: str, kernels: str) -> ModelConfig:
+    return ModelConfig.model_validate(
+        {"source": source, "dtype": dtype, "quantization": quantization, "kernels": kernels}
+    )
+
+
+def measure_prefill(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
+    """Seconds to prefill one `--prefill-tokens` prompt, per format and on torch's kernels
+    (fp32, bf16), interleaved across repeats; the median of each."""
+    workload = Workload(1, args.prefill_tokens, 2)
+    prompts = make_prompts(tokenizer, workload)
+    runs = {f"{name}, native": _config(args.model, *FORMATS[name], "native") for name in FORMATS}
+    runs["fp32, torch kernels"] = _config(args.model, "float32", "none", "torch")
+    runs["bf16, torch kernels"] = _config(args.model, "bfloat16", "none", "torch")
+    rigs = {name: EngineRig(load_model(config), workload) for name, config in runs.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in rigs}
+    for rig in rigs.values():
+        rig.run(prompts)  # warm-up
+    for _ in range(args.repeats):
+        for name, rig in rigs.items():
+            seconds[name].append(rig.run(prompts)["prefill_s"])
+    return {
+        "prompt_tokens": args.prefill_tokens,
+        "median_s": {name: statistics.median(values) for name, values in seconds.items()},
+        "all_s": seconds,
+    }
+
+
 def measure_speed(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
     workload = Workload(args.streams, args.prompt_tokens, args.new_tokens)
     rigs, described = {}, {}
     for name, (dtype, quantization) in FORMATS.items():
-        config = ModelConfig.model_validate(
-            {"source": args.model, "dtype": dtype, "quantization": quantization,
-             "kernels": "native"}
-        )
-        loaded = load_model(config)
+        loaded = load_model(_config(args.model, dtype, quantization, "native"))
         rigs[name] = (EngineRig(loaded, workload), packed_weight_bytes(loaded.model))
         described[name] = loaded.kernels
         rigs[name][0].run(prompts[:1])  # warm-up
@@ -173,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     path = resolve_model_source(args.model, None)
     workload = Workload(args.streams, args.prompt_tokens, args.new_tokens)
-    prompts = make_prompts(AutoTokenizer.from_pretrained(path), workload)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompts = make_prompts(tokenizer, workload)
     started = datetime.datetime.now(datetime.timezone.utc)
     result = {
         "benchmark": "engine_formats",
@@ -183,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "threads": args.threads,
         "workload": vars(workload),
         "speed": measure_speed(args, prompts),
+        "prefill": measure_prefill(args, tokenizer),
         "precision": measure_precision(path, prompts[:8], args.new_tokens),
         "load_average_after": os.getloadavg(),
     }
@@ -197,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"ppl {precision['perplexity']:.3f}, "
               f"{precision['streams_identical_to_fp32']}/{result['precision']['num_streams']} "
               f"streams = fp32")
+    for name, seconds in result["prefill"]["median_s"].items():
+        print(f"prefill of {args.prefill_tokens} tokens, {name:32} {seconds:.3f} s")
     return 0
 
 
