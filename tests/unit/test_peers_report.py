@@ -133,7 +133,7 @@ def test_write_json_and_chart(tmp_path: Path) -> None:
 
 def test_parse_args_defaults_and_quick() -> None:
     args = parse_args([])
-    assert args.servers == ["pdserve", "llama.cpp", "transformers"]
+    assert args.servers == ["pdserve", "pdserve-colocated", "llama.cpp", "transformers"]
     assert (args.dtypes, args.concurrency, args.requests) == (["float32"], [1, 8, 32], [8, 32, 64])
     assert args.threads == 2 and args.output_len == 64
     quick = parse_args(["--quick", "--servers", "llama.cpp"])
@@ -145,7 +145,7 @@ def test_parse_args_defaults_and_quick() -> None:
     "argv",
     [
         ["--servers", "vllm"],
-        ["--dtypes", "int8"],
+        ["--dtypes", "float16"],
         ["--concurrency", "0"],
         ["--concurrency", "a"],
         ["--concurrency", "1,8", "--requests", "1,2,3"],
