@@ -6,13 +6,13 @@
 // (measured: half the bandwidth). So the loader packs each weight once into panels of
 // kPanelWidth output channels with k outermost (`engine.kernels.linear.pack_weight`):
 //
-//   fp32: [panels, K, 48]          bf16: [panels, ceil(K / 2), 48, 2]  (k pairs, for dpbf16)
-//   int8 (weight-only, `model.quantization: int8`): [panels, K, 48] and one fp32 scale per
+//   fp32: [panels, K, 96]          bf16: [panels, ceil(K / 2), 96, 2]  (k pairs, for dpbf16)
+//   int8 (weight-only, `model.quantization: int8`): [panels, K, 96] and one fp32 scale per
 //   output channel; fp32 or bf16 activations, each int8 widened exactly to fp32 in registers
 //
 // and a product walks each panel from start to end exactly once per tile of up to kTileRows
-// rows of x: at each k it loads the panel's 48 weights (three vectors), broadcasts each row's
-// x[k] and multiplies-adds into 48 outputs per row held in registers. No horizontal sums; the
+// rows of x: at each k it loads the panel's 96 weights (six vectors), broadcasts each row's
+// x[k] and multiplies-adds into 96 outputs per row held in registers. No horizontal sums; the
 // panel stays in L2 across the tiles of a long (prefill) input. Threads take contiguous
 // ranges of panels.
 //
@@ -37,14 +37,17 @@
 
 namespace {
 
-constexpr int64_t kPanelWidth = 48;  // output channels per panel: three 16-lane vectors
-constexpr int kVectors = 3;
-constexpr int kTileRows = 8;  // rows of x per register tile: 8 x 3 accumulators
+// Output channels per panel: six 16-lane vectors. Measured at batch 1 on AMD EPYC (Zen 4):
+// 96-wide panels stream the weights 15-35% faster than 48-wide ones (more cache lines in
+// flight per k), 128-wide no faster.
+constexpr int64_t kPanelWidth = 96;
+constexpr int kVectors = 6;
+constexpr int kTileRows = 4;  // rows of x per register tile: 4 x 6 accumulators
 
 #define PDSERVE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 #define PDSERVE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-// Lanes of each of the three vectors that hold real outputs (the last panel may be partial).
+// Lanes of each of the six vectors that hold real outputs (the last panel may be partial).
 struct PanelMasks {
   __mmask16 lanes[kVectors];
 };
@@ -184,11 +187,8 @@ template <typename Tile>
 void for_each_tile(int64_t M, Tile tile) {
   int64_t m = 0;
   for (; m + kTileRows <= M; m += kTileRows) tile(std::integral_constant<int, kTileRows>{}, m);
+  static_assert(kTileRows == 4, "the remainder cases below cover 1-3 rows");
   switch (M - m) {
-    case 7: tile(std::integral_constant<int, 7>{}, m); break;
-    case 6: tile(std::integral_constant<int, 6>{}, m); break;
-    case 5: tile(std::integral_constant<int, 5>{}, m); break;
-    case 4: tile(std::integral_constant<int, 4>{}, m); break;
     case 3: tile(std::integral_constant<int, 3>{}, m); break;
     case 2: tile(std::integral_constant<int, 2>{}, m); break;
     case 1: tile(std::integral_constant<int, 1>{}, m); break;

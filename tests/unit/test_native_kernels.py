@@ -138,7 +138,8 @@ def test_int8_weights_multiply_as_their_dequantized_values(
     error = (dequantized - linear.weight.detach().double()).abs().max()
     assert float(error) <= float(scales.max()) / 2 + 1e-6
     module = status_bf16.module
-    got = NativeLinear(linear, kernel_for(module, dtype, "int8"), 48, quantize=True)(x)
+    width = module.panel_width()
+    got = NativeLinear(linear, kernel_for(module, dtype, "int8"), width, quantize=True)(x)
     expected = x.double() @ dequantized.T
     assert got.dtype == dtype and got.shape == (rows, n)
     tolerance = 1e-5 if dtype == torch.float32 else 2**-8
@@ -150,7 +151,8 @@ def test_native_linear_adds_its_bias_and_keeps_the_leading_shape(
 ) -> None:
     _needs(status_f32)
     linear = torch.nn.Linear(64, 50, bias=True)
-    native_linear = NativeLinear(linear, kernel_for(status_f32.module, torch.float32), 48)
+    module = status_f32.module
+    native_linear = NativeLinear(linear, kernel_for(module, torch.float32), module.panel_width())
     with torch.inference_mode():
         x = torch.randn(1, 9, 64)
         torch.testing.assert_close(native_linear(x), linear(x), rtol=1e-5, atol=1e-5)
@@ -164,14 +166,16 @@ def test_fused_linears_equal_each_alone_and_share_their_panels(
 ) -> None:
     _needs(status_bf16)
     layers = [torch.nn.Linear(64, n, bias=bias, dtype=dtype) for n, bias in
-              ((96, True), (50, False), (7, True))]
+              ((150, True), (50, False), (7, True))]
     kernel = kernel_for(status_bf16.module, dtype)
-    natives = [NativeLinear(layer, kernel, 48) for layer in layers]
+    width = status_bf16.module.panel_width()
+    natives = [NativeLinear(layer, kernel, width) for layer in layers]
     x = torch.randn(5, 64).to(dtype)
     alone = [native_linear(x) for native_linear in natives]
     fused = FusedNativeLinear(natives)
     out = fused(x)
-    assert fused.offsets == (0, 96, 192) and out.shape == (5, 240)  # 2 + 2 + 1 panels
+    assert fused.offsets == (0, 2 * width, 3 * width)  # 2 + 1 + 1 panels
+    assert out.shape == (5, 4 * width)
     for offset, expected in zip(fused.offsets, alone):
         assert torch.equal(out[:, offset : offset + expected.shape[1]], expected)
     assert all(n.packed.data_ptr() != 0 and n.packed._base is fused.packed for n in natives)
