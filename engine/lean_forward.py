@@ -72,6 +72,8 @@ class _Layer:
     down_proj: Project
     head_dim: int
     scaling: float
+    # The native products of the layer in call order (their weights, see `weights_in_order`).
+    native_weights: tuple[NativeLinear | FusedNativeLinear, ...]
 
 
 class LeanForward:
@@ -100,6 +102,12 @@ class LeanForward:
             next_norm = self._norm if is_last else self._layers[index + 1].input_norm
             normed = ops.add_norm(hidden, mlp, next_norm)
         return normed
+
+
+def weights_in_order(lean: LeanForward) -> list[NativeLinear | FusedNativeLinear]:
+    """The native products the decoder layers call, in call order (for
+    `engine.kernels.weight_arena`)."""
+    return [weights for layer in lean._layers for weights in layer.native_weights]
 
 
 def lean_forward_for(
@@ -184,6 +192,11 @@ def _layer_of(layer: Any) -> _Layer:
     k_norm = getattr(attention, "k_norm", None)
     qkv, qkv_offsets = _fused([attention.q_proj, attention.k_proj, attention.v_proj])
     gate_up, (_, up_offset) = _fused([mlp.gate_proj, mlp.up_proj])
+    in_call_order = (qkv, attention.o_proj, gate_up, mlp.down_proj)
+    native_weights = tuple(
+        weights for weights in in_call_order
+        if isinstance(weights, (NativeLinear, FusedNativeLinear))
+    )
     return _Layer(
         attention=attention,
         input_norm=_norm_of(layer.input_layernorm),
@@ -201,4 +214,5 @@ def _layer_of(layer: Any) -> _Layer:
         down_proj=mlp.down_proj.forward,
         head_dim=head_dim,
         scaling=float(attention.scaling),
+        native_weights=native_weights,
     )

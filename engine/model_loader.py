@@ -14,9 +14,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from engine.attention import DecodeKernel, register_paged_attention
 from engine.embedded import resolve_model_source
-from engine.kernels.linear import use_native_linears
+from engine.kernels.linear import NativeLinear, use_native_linears
 from engine.kernels.native import KernelStatus, kernel_status
-from engine.lean_forward import LeanForward, lean_forward_for
+from engine.kernels.weight_arena import WeightHolder, move_into_arena
+from engine.lean_forward import LeanForward, lean_forward_for, weights_in_order
 from pdserve.config import ModelConfig
 from pdserve.errors import ConfigError
 
@@ -84,7 +85,10 @@ def load_model(config: ModelConfig) -> LoadedModel:
     lean = None
     if config.forward == "lean":
         lean = lean_forward_for(hf_config.model_type, model, status.module)
-    decode_attention = status.module.decode_attention if status.module is not None else None
+    decode_attention = None
+    if status.module is not None:
+        decode_attention = status.module.decode_attention
+        _arrange_weights(model, lean)
     forward = "lean forward" if lean is not None else "transformers forward"
     loaded = LoadedModel(
         model=model,
@@ -129,6 +133,21 @@ def _install_kernels(model: torch.nn.Module, config: ModelConfig) -> KernelStatu
     else:
         use_native_linears(model, status.module, config.quantization)
     return status
+
+
+def _arrange_weights(model: torch.nn.Module, lean: LeanForward | None) -> None:
+    """Lays the native weights end to end in call order (`engine.kernels.weight_arena`): the
+    lean forward's fused products layer by layer, then the LM head; with transformers'
+    forward, module order."""
+    lm_head = model.get_output_embeddings()  # type: ignore[operator]
+    if lean is not None:
+        holders: list[WeightHolder] = [*weights_in_order(lean)]
+        if isinstance(lm_head, NativeLinear):
+            holders.append(lm_head)
+    else:
+        holders = [m for m in model.modules() if isinstance(m, NativeLinear)]
+    moved = move_into_arena(holders)
+    logger.info("packed weights: %.1f MB in one buffer", moved / 1e6)
 
 
 def _weights(config: ModelConfig) -> str:

@@ -79,6 +79,10 @@ class NativeLinear(torch.nn.Module):
             out += self.bias
         return out.view(*x.shape[:-1], self.out_features)
 
+    def move_packed(self, moved: torch.Tensor) -> None:
+        """Reads the packed weight from `moved` (an equal copy) from now on."""
+        self.packed = moved
+
 
 class FusedNativeLinear:
     """Several `NativeLinear`s of one input (q/k/v, gate/up) as one product: their panels
@@ -101,21 +105,27 @@ class FusedNativeLinear:
         if first.scales is not None:
             self.scales = torch.cat([linear.scales for linear in linears])  # type: ignore[misc]
         self._kernel: Kernel = first._kernel
-        offsets: list[int] = []
-        start = 0
-        for linear in linears:
-            num_panels = int(linear.packed.shape[0])
-            linear.packed = self.packed[start : start + num_panels]
-            offsets.append(start * width)
-            start += num_panels
-        self.offsets = tuple(offsets)
-        self.num_columns = start * width
+        self._members = list(linears)
+        self._panel_counts = [int(linear.packed.shape[0]) for linear in linears]
+        self.move_packed(self.packed)
+        starts = [sum(self._panel_counts[:i]) for i in range(len(linears))]
+        self.offsets = tuple(start * width for start in starts)
+        self.num_columns = sum(self._panel_counts) * width
         self.bias: torch.Tensor | None = None
         if any(linear.bias is not None for linear in linears):
             self.bias = torch.zeros(self.num_columns, dtype=first.dtype)
             for offset, linear in zip(self.offsets, linears):
                 if linear.bias is not None:
                     self.bias[offset : offset + linear.out_features] = linear.bias
+
+    def move_packed(self, moved: torch.Tensor) -> None:
+        """Reads the fused weight from `moved` (an equal copy) from now on; each member
+        module's weight becomes its slice of it."""
+        self.packed = moved
+        start = 0
+        for linear, num_panels in zip(self._members, self._panel_counts):
+            linear.move_packed(moved[start : start + num_panels])
+            start += num_panels
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """`x` `[rows, in_features]` (contiguous) -> `[rows, num_columns]`."""

@@ -23,6 +23,7 @@ from engine.kernels.linear import (
     quantize_int8,
     use_native_linears,
 )
+from engine.kernels.weight_arena import move_into_arena
 from pdserve.errors import ConfigError
 
 
@@ -290,3 +291,24 @@ def test_a_build_lock_left_by_a_dead_builder_is_dropped_a_fresh_one_kept(tmp_pat
     os.utime(lock, (old, old))
     native._drop_stale_lock(tmp_path)
     assert not lock.exists()
+
+
+def test_weights_moved_into_one_arena_compute_the_same(status_bf16: native.KernelStatus) -> None:
+    _needs(status_bf16)
+    kernel = kernel_for(status_bf16.module, torch.float32)
+    width = status_bf16.module.panel_width()
+    layers = [torch.nn.Linear(64, n) for n in (150, 50, 7, 64)]
+    natives = [NativeLinear(layer, kernel, width) for layer in layers]
+    fused = FusedNativeLinear(natives[:3])
+    x = torch.randn(3, 64)
+    before = [fused(x), natives[3](x), natives[1](x)]
+    moved = move_into_arena([fused, natives[3]])
+    assert moved == (4 + 1) * width * 64 * 4
+    after = [fused(x), natives[3](x), natives[1](x)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    storages = {n.packed.untyped_storage().data_ptr() for n in [*natives, fused]}
+    assert len(storages) == 1, "every weight, fused members included, lives in the arena"
+    with pytest.raises(ValueError, match="one dtype"):
+        bf16 = NativeLinear(torch.nn.Linear(64, 8, dtype=torch.bfloat16),
+                            kernel_for(status_bf16.module, torch.bfloat16), width)
+        move_into_arena([natives[3], bf16])
