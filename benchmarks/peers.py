@@ -245,6 +245,9 @@ def bench_command(
     pairs = [part for flag in flags.items() for part in flag]
     if not spec.send_ignore_eos:
         pairs.append("--no-ignore-eos-param")
+    # llama-server closes each connection after a streamed reply (although it announces
+    # keep-alive): every server gets a connection per request, alike.
+    pairs.append("--no-keep-alive")
     return ["nice", "-n", "19", str(BIN / "pdserve"), "bench", "serve", *pairs, "--no-progress"]
 
 

@@ -47,6 +47,13 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
         "then stop before max_tokens)",
     )
     group.add_argument(
+        "--no-keep-alive",
+        dest="keep_alive",
+        action="store_false",
+        help="open a connection per request (for servers that close a connection after each "
+        "streamed reply although they announce keep-alive, as llama.cpp's llama-server does)",
+    )
+    group.add_argument(
         "--tokenizer",
         metavar="PATH",
         help="openai-chat: tokenizer.json (or a Hugging Face folder with one) to decode the "
@@ -64,6 +71,7 @@ def backend_fields(args: argparse.Namespace) -> dict[str, Any]:
         "api_key": args.api_key,
         "send_ignore_eos": args.send_ignore_eos,
         "tokenizer": args.tokenizer,
+        "keep_alive": args.keep_alive,
     }
 
 
@@ -78,4 +86,6 @@ def backend_argv(options: BenchOptions) -> list[str]:
             argv += [flag, value]
     if not options.send_ignore_eos:
         argv.append("--no-ignore-eos-param")
+    if not options.keep_alive:
+        argv.append("--no-keep-alive")
     return argv

@@ -162,11 +162,8 @@ async def open_openai_backend(options: BenchOptions) -> AsyncIterator[OpenAIBack
     base_url = options.base_url.rstrip("/")
     token = options.bearer_token
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    # One connection per request: some servers (llama.cpp's) close a connection after each
-    # streamed response although they announce keep-alive, and a request sent on such a
-    # connection fails at once. A loopback connect costs well under a millisecond of TTFT.
     connector = aiohttp.TCPConnector(
-        limit=0, force_close=True, ssl=_ssl_context(options.tls_ca_file)
+        limit=0, force_close=not options.keep_alive, ssl=_ssl_context(options.tls_ca_file)
     )
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
     async with aiohttp.ClientSession(

@@ -61,6 +61,8 @@ class BenchOptions:
     api_key: str | None = field(default=None, repr=False)
     send_ignore_eos: bool = True
     tokenizer: str | None = None
+    # openai-*: reuse connections across requests (False: one connection per request).
+    keep_alive: bool = True
 
     def __post_init__(self) -> None:
         if (self.rate_per_s is None) == (self.concurrency is None):
@@ -102,6 +104,8 @@ class BenchOptions:
                     raise InvalidArgument(flag, "is for the openai-* backends, not grpc")
             if not self.send_ignore_eos:
                 raise InvalidArgument("--no-ignore-eos-param", "is for the openai-* backends")
+            if not self.keep_alive:
+                raise InvalidArgument("--no-keep-alive", "is for the openai-* backends")
             return
         if not self.base_url or not self.base_url.startswith(("http://", "https://")):
             raise InvalidArgument(

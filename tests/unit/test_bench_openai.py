@@ -136,6 +136,13 @@ def _options(base_url: str, **overrides: Any) -> BenchOptions:
     return BenchOptions(**values)
 
 
+def test_no_keep_alive_opens_a_connection_per_request(fake) -> None:
+    base_url, server = fake
+    run_serve_bench(_options(base_url, keep_alive=False))
+    # Each of the 4 requests on its own connection (2 would do with keep-alive).
+    assert len(server.posts) == 4 and len(server.client_ports) == 4
+
+
 def test_completions_record_usage_counts_ttft_and_chunk_gaps(fake, tmp_path: Path) -> None:
     base_url, server = fake
     results = run_serve_bench(_options(base_url, out_dir=str(tmp_path)))
