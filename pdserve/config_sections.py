@@ -30,9 +30,10 @@ class ModelConfig(ConfigSection):
     cache_dir: str | None = None
     # The model id the OpenAI API lists and expects in `model`; None = `source`.
     served_model_name: str | None = Field(default=None, min_length=1, max_length=256)
-    # Matrix products of decode steps: auto = pdserve's native kernels where they build and
-    # the CPU has what they need (AVX-512; AVX512-BF16 for bfloat16), else torch's with a
-    # WARNING; native = refuse to start without them; torch = torch's own kernels only.
+    # Matrix products and layer operations (prefill and decode): auto = pdserve's native
+    # kernels where they build and the CPU has what they need (AVX-512; AVX512-BF16 for
+    # bfloat16), else torch's with a WARNING; native = refuse to start without them; torch =
+    # torch's own kernels only.
     kernels: Literal["auto", "native", "torch"] = "auto"
     # Weight format of the linear layers: none = the model dtype; int8 = weight-only int8 with
     # one scale per output channel (activations, KV and the embedding stay in `dtype`); needs

@@ -1,4 +1,4 @@
-"""Builds, loads and describes pdserve's C++ decode kernels (`panel_gemm.cpp`: matrix
+"""Builds, loads and describes pdserve's C++ kernels (`panel_gemm.cpp`: matrix
 products; `decode_attention.cpp`: attention over the paged cache; `layer_ops.cpp`: norms,
 rotary embedding, SiLU; `bindings.cpp`).
 
@@ -83,12 +83,12 @@ def kernel_status(mode: str, dtype: str) -> KernelStatus:
     else:
         status = _status_of(module, dtype)
     if status.native:
-        logger.info("matrix products of decode steps: %s", status.describe())
+        logger.info("matrix products and layer operations: %s", status.describe())
     elif mode == "native":
         raise ConfigError(f"model.kernels is native, but {status.reason}")
     else:
         logger.warning(
-            "native kernels NOT in use, decode steps run on torch's kernels: %s", status.reason
+            "native kernels NOT in use, the model runs on torch's kernels: %s", status.reason
         )
     return status
 
