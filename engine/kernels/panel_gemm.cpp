@@ -85,20 +85,43 @@ PDSERVE_AVX512 inline void store_row(c10::BFloat16* y, const __m512 (&acc)[kVect
 
 // ---- one register tile: ROWS rows of x against one panel -------------------------------------
 
-template <int ROWS, typename Out>
-PDSERVE_AVX512 inline void tile_f32(const float* x, int64_t ldx, const float* panel, int64_t K,
-                                    Out* y, int64_t ldy, const PanelMasks& masks) {
-  __m512 acc[ROWS][kVectors];
+template <int ROWS>
+PDSERVE_AVX512 inline void zero_tile(__m512 (&acc)[ROWS][kVectors]) {
   for (int r = 0; r < ROWS; ++r)
     for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_setzero_ps();
+}
+
+// The 16 weights at p as fp32: loaded (fp32) or widened exactly (int8).
+PDSERVE_AVX512 inline __m512 weights_at(const float* p) { return _mm512_loadu_ps(p); }
+PDSERVE_AVX512 inline __m512 weights_at(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline float x_at(const float* row, int64_t k) { return row[k]; }
+inline float x_at(const c10::BFloat16* row, int64_t k) { return static_cast<float>(row[k]); }
+
+// fp32 multiply-adds over a fp32 or int8 panel [K, kPanelWidth]; int8 outputs are then scaled
+// (`scales` of the panel's channels; nullptr for fp32 weights).
+template <int ROWS, typename Elem, typename Weight>
+PDSERVE_AVX512 inline void tile_fma(const Elem* x, int64_t ldx, const Weight* panel, int64_t K,
+                                    const float* scales, Elem* y, int64_t ldy,
+                                    const PanelMasks& masks) {
+  __m512 acc[ROWS][kVectors];
+  zero_tile<ROWS>(acc);
   for (int64_t k = 0; k < K; ++k) {
-    const float* weights = panel + k * kPanelWidth;
+    const Weight* weights = panel + k * kPanelWidth;
     __m512 w[kVectors];
-    for (int v = 0; v < kVectors; ++v) w[v] = _mm512_loadu_ps(weights + 16 * v);
+    for (int v = 0; v < kVectors; ++v) w[v] = weights_at(weights + 16 * v);
     for (int r = 0; r < ROWS; ++r) {
-      const __m512 xk = _mm512_set1_ps(x[r * ldx + k]);
+      const __m512 xk = _mm512_set1_ps(x_at(x + r * ldx, k));
       for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_fmadd_ps(xk, w[v], acc[r][v]);
     }
+  }
+  if (scales != nullptr) {
+    __m512 scale[kVectors];
+    for (int v = 0; v < kVectors; ++v) scale[v] = _mm512_loadu_ps(scales + 16 * v);
+    for (int r = 0; r < ROWS; ++r)
+      for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_mul_ps(acc[r][v], scale[v]);
   }
   for (int r = 0; r < ROWS; ++r) store_row(y + r * ldy, acc[r], masks);
 }
@@ -126,13 +149,12 @@ PDSERVE_AVX512_BF16 inline void pair_step(__m512 (&acc)[ROWS][kVectors], const c
     for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], xp[r], w[v]);
 }
 
-template <int ROWS, typename Out>
+template <int ROWS>
 PDSERVE_AVX512_BF16 inline void tile_bf16(const c10::BFloat16* x, int64_t ldx,
-                                          const c10::BFloat16* panel, int64_t K, Out* y,
-                                          int64_t ldy, const PanelMasks& masks) {
+                                          const c10::BFloat16* panel, int64_t K,
+                                          c10::BFloat16* y, int64_t ldy, const PanelMasks& masks) {
   __m512 acc[ROWS][kVectors];
-  for (int r = 0; r < ROWS; ++r)
-    for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_setzero_ps();
+  zero_tile<ROWS>(acc);
   const int64_t full_pairs = K / 2;
   __m512bh xp[ROWS];
   for (int64_t p = 0; p < full_pairs; ++p) {
@@ -144,39 +166,6 @@ PDSERVE_AVX512_BF16 inline void tile_bf16(const c10::BFloat16* x, int64_t ldx,
     pair_step<ROWS>(acc, panel + full_pairs * 2 * kPanelWidth, xp);
   }
   for (int r = 0; r < ROWS; ++r) store_row(y + r * ldy, acc[r], masks);
-}
-
-// ---- int8 weights with one fp32 scale per output channel; fp32 or bf16 activations ---------
-
-PDSERVE_AVX512 inline __m512 widen_int8(const int8_t* p) {  // 16 int8 -> 16 fp32, exact
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-
-inline float x_at(const float* row, int64_t k) { return row[k]; }
-inline float x_at(const c10::BFloat16* row, int64_t k) { return static_cast<float>(row[k]); }
-
-template <int ROWS, typename Elem>
-PDSERVE_AVX512 inline void tile_int8(const Elem* x, int64_t ldx, const int8_t* panel, int64_t K,
-                                     const float* scales, Elem* y, int64_t ldy,
-                                     const PanelMasks& masks) {
-  __m512 acc[ROWS][kVectors];
-  for (int r = 0; r < ROWS; ++r)
-    for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const int8_t* weights = panel + k * kPanelWidth;
-    __m512 w[kVectors];
-    for (int v = 0; v < kVectors; ++v) w[v] = widen_int8(weights + 16 * v);
-    for (int r = 0; r < ROWS; ++r) {
-      const __m512 xk = _mm512_set1_ps(x_at(x + r * ldx, k));
-      for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_fmadd_ps(xk, w[v], acc[r][v]);
-    }
-  }
-  __m512 scale[kVectors];
-  for (int v = 0; v < kVectors; ++v) scale[v] = _mm512_loadu_ps(scales + 16 * v);
-  for (int r = 0; r < ROWS; ++r) {
-    for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_mul_ps(acc[r][v], scale[v]);
-    store_row(y + r * ldy, acc[r], masks);
-  }
 }
 
 // ---- driving the tiles -------------------------------------------------------------------------
@@ -238,7 +227,8 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t N
     const Elem* panel = wp + p * panel_size;
     for_each_tile(M, [&](auto rows, int64_t m) {
       if constexpr (std::is_same_v<Elem, float>) {
-        tile_f32<decltype(rows)::value>(xp + m * K, K, panel, K, yp + m * N + n, N, masks);
+        tile_fma<decltype(rows)::value>(xp + m * K, K, panel, K, nullptr, yp + m * N + n, N,
+                                        masks);
       } else {
         tile_bf16<decltype(rows)::value>(xp + m * K, K, panel, K, yp + m * N + n, N, masks);
       }
@@ -265,8 +255,8 @@ at::Tensor panel_linear_int8_as(const at::Tensor& x, const at::Tensor& panels,
     const int64_t n = p * kPanelWidth;
     const PanelMasks masks = masks_for(N - n);
     for_each_tile(M, [&](auto rows, int64_t m) {
-      tile_int8<decltype(rows)::value>(xp + m * K, K, wp + p * panel_size, K, sp + n,
-                                       yp + m * N + n, N, masks);
+      tile_fma<decltype(rows)::value>(xp + m * K, K, wp + p * panel_size, K, sp + n,
+                                      yp + m * N + n, N, masks);
     });
   });
   return y;
