@@ -138,8 +138,7 @@ class FusedNativeLinear:
 def kernel_for(module: ModuleType, dtype: torch.dtype, quantization: str = "none") -> Kernel:
     """The native module's kernel for activations of `dtype` and weights of `quantization`."""
     if quantization == "int8":
-        int8 = module.panel_linear_int8
-        return lambda x, packed, scales, n: int8(x, packed, scales, n)  # type: ignore[no-any-return]
+        return module.panel_linear_int8  # type: ignore[no-any-return]
     if quantization != "none":
         raise ValueError(f"no native kernel for {quantization} weights")
     if dtype == torch.float32:
