@@ -36,6 +36,17 @@ ATTENTION_NAME = "pdserve_paged"
 DecodeKernel = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
 ]
+# (query [rows, q_heads * dim], key, value [rows, kv_heads * dim] (rows may be strided), cos,
+# sin [rows, dim] or None, keys, values [slots, kv_heads, dim], the new tokens' slots [rows],
+# context slots [rows, max_context], lengths [rows], scale) -> [rows, q_heads * dim]: rotary,
+# KV write and attention of a decode-only pass in one call.
+DecodeQKVKernel = Callable[
+    [
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float,
+    ],
+    torch.Tensor,
+]
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,37 @@ def paged_attention(
         decode_out = _decode_attention(meta, layer, decode_queries, decode, scaling)
         out.index_copy_(0, decode.rows, decode_out)  # type: ignore[arg-type]
     return out.unsqueeze(0), None
+
+
+def decode_only_attention(
+    meta: AttentionMetadata,
+    layer: int,
+    new_heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    scaling: float,
+    kernel: DecodeQKVKernel | None,
+) -> torch.Tensor | None:
+    """A decode-only pass's attention of one layer from the new tokens' query, key and value
+    heads `new_heads` (`[rows, heads * dim]` each, not rotated yet; column slices of the fused
+    q/k/v product): rotary embedding (query and key in place), KV write and attention in one
+    native call; returns `[rows, q_heads * dim]`, or None (nothing done) when the pass has
+    prefill rows, no native kernel serves it or the cache's dtype or head size does not suit
+    it."""
+    decode = meta.decode
+    if kernel is None or decode is None or decode.rows is not None or meta.prefills:
+        return None
+    keys, values = meta.kv_cache.layer(layer)
+    query, key, value = new_heads
+    if query.dtype != keys.dtype or keys.shape[-1] % 16:
+        return None
+    out = kernel(
+        query, key, value, cos, sin, keys, values, meta.slot_mapping,
+        decode.context_slots.view(decode.num_rows, decode.max_context), decode.lengths, scaling,
+    )
+    if meta.on_layer_written is not None:
+        meta.on_layer_written(layer)
+    return out
 
 
 def _decode_attention(

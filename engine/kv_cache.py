@@ -76,6 +76,11 @@ class PagedKVCache:
             dtype=spec.dtype,
             device=device,
         )  # [2, layers, slots, heads, dim]: blocks flattened into slots
+        # Each layer's keys and values as `[slots, heads, dim]` views, made once (a decode step
+        # asks for every layer's).
+        self._layer_views = [
+            (self.tensor[0, layer], self.tensor[1, layer]) for layer in range(spec.num_layers)
+        ]
 
     @property
     def block_size(self) -> int:
@@ -111,7 +116,7 @@ class PagedKVCache:
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of one layer as `[slots, heads, dim]` views."""
-        return self.tensor[0, layer], self.tensor[1, layer]
+        return self._layer_views[layer]
 
     def gather_layer(
         self, layer: int, slots: torch.Tensor, out: GatherBuffers | None = None

@@ -30,7 +30,12 @@ from typing import Any
 
 import torch
 
-from engine.attention import AttentionMetadata, paged_attention
+from engine.attention import (
+    AttentionMetadata,
+    DecodeQKVKernel,
+    decode_only_attention,
+    paged_attention,
+)
 from engine.kernels.linear import FusedNativeLinear, NativeLinear
 from engine.layer_ops import LayerOps, NativeLayerOps, Norm, TorchLayerOps
 
@@ -53,6 +58,7 @@ class _ConcatProjection:
 
 @dataclass(frozen=True)
 class _Layer:
+    index: int
     attention: torch.nn.Module
     input_norm: Norm
     # One product for q/k/v, their column offsets in it and widths.
@@ -85,6 +91,9 @@ class LeanForward:
         self._rotary = decoder.rotary_emb
         self._norm = _norm_of(decoder.norm)
         self._ops: LayerOps = NativeLayerOps(native) if native is not None else TorchLayerOps()
+        self._decode_qkv: DecodeQKVKernel | None = (
+            native.decode_attention_qkv if native is not None else None
+        )
         self._layers = [_layer_of(layer) for layer in decoder.layers]
 
     def __call__(
@@ -97,11 +106,46 @@ class LeanForward:
         ops = self._ops
         normed = ops.norm(hidden, self._layers[0].input_norm)
         for index, layer in enumerate(self._layers):
-            mlp = _run_layer(layer, ops, hidden, normed, cos, sin, meta)
+            attended = self._attend(layer, normed, cos, sin, meta)
+            normed = ops.add_norm(hidden, layer.o_proj(attended), layer.post_norm)
+            gate_up = layer.gate_up(normed)
+            mlp = layer.down_proj(ops.silu_mul(gate_up, layer.mlp_width, layer.up_offset))
             is_last = index + 1 == len(self._layers)
             next_norm = self._norm if is_last else self._layers[index + 1].input_norm
             normed = ops.add_norm(hidden, mlp, next_norm)
         return normed
+
+    def _attend(
+        self,
+        layer: _Layer,
+        normed: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """The layer's attention of the normed input `[N, hidden]` -> `[N, q_width]`: one
+        native call for a decode-only pass, else rotary in place and `paged_attention`."""
+        ops, head_dim = self._ops, layer.head_dim
+        qkv = layer.qkv(normed)  # query, key and value heads at their offsets
+        q_at, k_at, v_at = layer.qkv_offsets
+        query = qkv[:, q_at : q_at + layer.q_width]
+        key = qkv[:, k_at : k_at + layer.kv_width]
+        value = qkv[:, v_at : v_at + layer.kv_width]
+        if layer.q_norm is not None and layer.k_norm is not None:
+            query.copy_(_head_norm(ops, query, layer.q_norm, head_dim))
+            key.copy_(_head_norm(ops, key, layer.k_norm, head_dim))
+        attended = decode_only_attention(
+            meta, layer.index, (query, key, value), cos, sin, layer.scaling, self._decode_qkv
+        )
+        if attended is not None:
+            return attended
+        ops.rotary_(query, cos, sin, head_dim)
+        ops.rotary_(key, cos, sin, head_dim)
+        heads, _ = paged_attention(
+            layer.attention, _heads_first(query, head_dim), _heads_first(key, head_dim),
+            _heads_first(value, head_dim), None, scaling=layer.scaling, pd_attention=meta,
+        )  # [1, N, q_heads, head_dim]
+        return heads.reshape(normed.shape[0], layer.q_width).contiguous()
 
 
 def weights_in_order(lean: LeanForward) -> list[NativeLinear | FusedNativeLinear]:
@@ -121,38 +165,6 @@ def lean_forward_for(
         logger.warning("no lean forward for this %s model (%s): transformers' forward runs",
                        model_type, exc)
         return None
-
-
-def _run_layer(
-    layer: _Layer,
-    ops: LayerOps,
-    hidden: torch.Tensor,
-    normed: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    meta: AttentionMetadata,
-) -> torch.Tensor:
-    """Attention (its residual added to `hidden` in place) and the MLP; returns the MLP's
-    output (the caller adds it with the next RMSNorm)."""
-    num_tokens, head_dim = normed.shape[0], layer.head_dim
-    qkv = layer.qkv(normed)
-    q_at, k_at, v_at = layer.qkv_offsets
-    query = qkv[:, q_at : q_at + layer.q_width]
-    key = qkv[:, k_at : k_at + layer.kv_width]
-    value = qkv[:, v_at : v_at + layer.kv_width]
-    if layer.q_norm is not None and layer.k_norm is not None:
-        query = _head_norm(ops, query, layer.q_norm, head_dim)
-        key = _head_norm(ops, key, layer.k_norm, head_dim)
-    ops.rotary_(query, cos, sin, head_dim)
-    ops.rotary_(key, cos, sin, head_dim)
-    attended, _ = paged_attention(
-        layer.attention, _heads_first(query, head_dim), _heads_first(key, head_dim),
-        _heads_first(value, head_dim), None, scaling=layer.scaling, pd_attention=meta,
-    )  # [1, N, q_heads, head_dim]
-    attended = attended.reshape(num_tokens, layer.q_width).contiguous()
-    normed = ops.add_norm(hidden, layer.o_proj(attended), layer.post_norm)
-    gate_up = layer.gate_up(normed)
-    return layer.down_proj(ops.silu_mul(gate_up, layer.mlp_width, layer.up_offset))
 
 
 def _heads_first(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -183,6 +195,13 @@ def _fused(projections: Sequence[Any]) -> tuple[Project, tuple[int, ...]]:
     return concat, concat.offsets
 
 
+def _project_of(linear: Any) -> Project:
+    """A `NativeLinear`'s 2-D product, else the module's forward."""
+    if isinstance(linear, NativeLinear):
+        return linear.project
+    return linear.forward  # type: ignore[no-any-return]
+
+
 def _layer_of(layer: Any) -> _Layer:
     attention, mlp = layer.self_attn, layer.mlp
     if type(mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
@@ -198,6 +217,7 @@ def _layer_of(layer: Any) -> _Layer:
         if isinstance(weights, (NativeLinear, FusedNativeLinear))
     )
     return _Layer(
+        index=int(attention.layer_idx),
         attention=attention,
         input_norm=_norm_of(layer.input_layernorm),
         qkv=qkv,
@@ -206,12 +226,12 @@ def _layer_of(layer: Any) -> _Layer:
         kv_width=int(attention.k_proj.out_features),
         q_norm=_norm_of(q_norm) if q_norm is not None else None,
         k_norm=_norm_of(k_norm) if k_norm is not None else None,
-        o_proj=attention.o_proj.forward,
+        o_proj=_project_of(attention.o_proj),
         post_norm=_norm_of(layer.post_attention_layernorm),
         gate_up=gate_up,
         up_offset=up_offset,
         mlp_width=int(mlp.gate_proj.out_features),
-        down_proj=mlp.down_proj.forward,
+        down_proj=_project_of(mlp.down_proj),
         head_dim=head_dim,
         scaling=float(attention.scaling),
         native_weights=native_weights,

@@ -9,6 +9,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y = x @ (w * scale).T, int8 w packed in panels, fp32 or bf16 x");
   m.def("decode_attention", &pdserve::decode_attention,
         "one-token attention of each row over its context in the paged KV cache");
+  m.def("decode_attention_qkv", &pdserve::decode_attention_qkv,
+        "rotary, KV write and one-token attention of a decode-only pass, from the fused q/k/v");
   m.def("rms_norm", &pdserve::rms_norm, "LlamaRMSNorm of each row");
   m.def("add_rms_norm_", &pdserve::add_rms_norm_, "residual += addend (in place), then RMSNorm");
   m.def("rotary_", &pdserve::rotary_, "rotary embedding of each head, in place");

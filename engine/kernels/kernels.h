@@ -20,6 +20,17 @@ at::Tensor panel_linear_int8(const at::Tensor& x, const at::Tensor& panels,
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys,
                             const at::Tensor& values, const at::Tensor& context_slots,
                             const at::Tensor& lengths, double scale);
+// The same for a decode-only pass, from the new tokens' query, key and value heads (each
+// [rows, heads * dim], rows may be strided: column slices of the fused q/k/v product): rotary
+// embedding of the query and key heads in place (when cos/sin [rows, head_dim] are given), each
+// row's key and value written to the layer's cache at slot_mapping[row], then every row
+// attended. Returns [rows, q_heads * dim].
+at::Tensor decode_attention_qkv(at::Tensor& query, at::Tensor& key, const at::Tensor& value,
+                                const c10::optional<at::Tensor>& cos,
+                                const c10::optional<at::Tensor>& sin, at::Tensor& keys,
+                                at::Tensor& values, const at::Tensor& slot_mapping,
+                                const at::Tensor& context_slots, const at::Tensor& lengths,
+                                double scale);
 
 // Per-layer elementwise operations, rounded where transformers' modules round (layer_ops.cpp).
 // rms_norm: LlamaRMSNorm of each row. add_rms_norm_: residual += addend, then its RMSNorm.
@@ -31,6 +42,12 @@ at::Tensor add_rms_norm_(at::Tensor& residual, const at::Tensor& addend, const a
                          double eps);
 void rotary_(at::Tensor& x, int64_t head_dim, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& gate_up, int64_t width, int64_t up_offset);
+
+// Rotary embedding of `heads` consecutive heads of one row, in place, rounded as rotary_
+// (layer_ops.cpp; shared with decode_attention_qkv).
+void rotate_heads(float* row, int64_t heads, int64_t head_dim, const float* cos, const float* sin);
+void rotate_heads(c10::BFloat16* row, int64_t heads, int64_t head_dim, const c10::BFloat16* cos,
+                  const c10::BFloat16* sin);
 
 // The AVX-512 features this CPU has, comma-separated: "avx512", "avx512bf16".
 std::string supported_features();

@@ -178,4 +178,14 @@ at::Tensor silu_mul(const at::Tensor& gate_up, int64_t width, int64_t up_offset)
   return silu_mul_impl<c10::BFloat16>(gate_up, width, up_offset);
 }
 
+void rotate_heads(float* row, int64_t heads, int64_t head_dim, const float* cos,
+                  const float* sin) {
+  rotate_row(row, heads, head_dim, cos, sin);
+}
+
+void rotate_heads(c10::BFloat16* row, int64_t heads, int64_t head_dim, const c10::BFloat16* cos,
+                  const c10::BFloat16* sin) {
+  rotate_row(row, heads, head_dim, cos, sin);
+}
+
 }  // namespace pdserve

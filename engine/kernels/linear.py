@@ -73,11 +73,17 @@ class NativeLinear(torch.nn.Module):
         if x.dtype != self.dtype:
             raise TypeError(f"NativeLinear: {x.dtype} input for {self.dtype} weights")
         num_rows = x.numel() // self.in_features
-        flat = x.reshape(num_rows, self.in_features).contiguous()
-        out = self._kernel(flat, self.packed, self.scales, self.out_features)
+        out = self.project(x.reshape(num_rows, self.in_features).contiguous())
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` `[rows, in_features]`, contiguous and of the weight's dtype (the kernel checks)
+        -> `[rows, out_features]`: `forward` without its reshaping, for callers that already
+        hold 2-D rows."""
+        out = self._kernel(x, self.packed, self.scales, self.out_features)
         if self.bias is not None:
             out += self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        return out
 
     def move_packed(self, moved: torch.Tensor) -> None:
         """Reads the packed weight from `moved` (an equal copy) from now on."""

@@ -1,0 +1,168 @@
+"""The fused decode-only attention (`decode_attention_qkv`: rotary, KV write and attention of
+one layer in one native call) against the three calls it replaces (`rotary_` on the query and
+key heads, the cache write, `decode_attention`): bit for bit, in fp32 and bf16, for the fused
+product's padded columns; bad slots and lengths refused before anything is written; the lean
+forward takes it for decode-only passes and only for those (the golden tests in
+test_model_runner.py run through it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.block_manager import BlockManager
+from engine.kernels import native
+from engine.kv_cache import KVCacheSpec, PagedKVCache
+from engine.model_loader import load_model
+from engine.model_runner import ModelRunner, SequenceChunk
+from pdserve.config import ModelConfig
+from tests.factories.model import build_tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def module() -> object:
+    status = native.kernel_status("auto", "bfloat16")
+    if not status.native:
+        pytest.skip(status.describe())
+    return status.module
+
+
+def _rotary_tables(positions: torch.Tensor, head_dim: int, dtype: torch.dtype):
+    inverse = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = positions[:, None].float() * inverse[None, :]
+    both = torch.cat([angles, angles], dim=-1)
+    return both.cos().to(dtype).contiguous(), both.sin().to(dtype).contiguous()
+
+
+def _case(dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int):
+    """A decode pass of 4 rows over a shuffled cache: qkv with padding columns past v (as the
+    fused panels have), each row's new slot the last of its context."""
+    generator = torch.Generator().manual_seed(q_heads * 1000 + head_dim)
+    num_slots, lengths = 400, torch.tensor([1, 37, 200, 6])
+    rows, max_context = len(lengths), int(lengths.max())
+    width = (q_heads + 2 * kv_heads) * head_dim + 400
+    qkv = torch.randn(rows, width, generator=generator).to(dtype)
+    keys = torch.randn(num_slots, kv_heads, head_dim, generator=generator).to(dtype)
+    values = torch.randn(num_slots, kv_heads, head_dim, generator=generator).to(dtype)
+    order = torch.randperm(num_slots, generator=generator)
+    context = torch.zeros(rows, max_context, dtype=torch.long)
+    taken = 0
+    for row, length in enumerate(lengths.tolist()):
+        context[row, :length] = order[taken : taken + length]
+        context[row, length:] = context[row, length - 1]  # padding repeats a real slot
+        taken += length
+    slot_mapping = context[torch.arange(rows), lengths - 1].contiguous()
+    cos, sin = _rotary_tables(lengths - 1, head_dim, dtype)
+    return qkv, keys, values, slot_mapping, context, lengths, cos, sin
+
+
+def _heads(qkv: torch.Tensor, q_heads: int, kv_heads: int, head_dim: int):
+    """Query, key and value column slices of `qkv`, each starting on a 48-column boundary as the
+    fused product's panels do: strided rows, gaps between them."""
+    q_width, kv_width = q_heads * head_dim, kv_heads * head_dim
+    key_at = -(-q_width // 48) * 48 + 48
+    value_at = key_at + -(-kv_width // 48) * 48 + 48
+    return (
+        qkv[:, :q_width],
+        qkv[:, key_at : key_at + kv_width],
+        qkv[:, value_at : value_at + kv_width],
+    )
+
+
+def _three_calls(module, qkv, keys, values, slot_mapping, context, lengths, cos, sin, q_heads):
+    kv_heads, head_dim = keys.shape[1], keys.shape[2]
+    query, key, value = _heads(qkv, q_heads, kv_heads, head_dim)
+    if cos is not None:
+        module.rotary_(query, head_dim, cos, sin)
+        module.rotary_(key, head_dim, cos, sin)
+    keys.index_copy_(0, slot_mapping, key.reshape(-1, kv_heads, head_dim))
+    values.index_copy_(0, slot_mapping, value.reshape(-1, kv_heads, head_dim))
+    queries = query.reshape(-1, q_heads, head_dim).contiguous()
+    out = module.decode_attention(queries, keys, values, context, lengths, head_dim**-0.5)
+    return out.view(len(lengths), q_heads * head_dim)
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 2, 128)])
+def test_one_call_equals_the_three_it_replaces(
+    module, dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int, rotate: bool
+) -> None:
+    qkv, keys, values, slot_mapping, context, lengths, cos, sin = _case(
+        dtype, q_heads, kv_heads, head_dim
+    )
+    if not rotate:
+        cos = sin = None
+    want_qkv, want_keys, want_values = qkv.clone(), keys.clone(), values.clone()
+    want = _three_calls(
+        module, want_qkv, want_keys, want_values, slot_mapping, context, lengths, cos, sin,
+        q_heads,
+    )
+    got = module.decode_attention_qkv(
+        *_heads(qkv, q_heads, kv_heads, head_dim), cos, sin, keys, values, slot_mapping,
+        context, lengths, head_dim**-0.5,
+    )
+    assert got.shape == (len(lengths), q_heads * head_dim) and got.dtype == dtype
+    assert torch.equal(got, want)
+    assert torch.equal(qkv, want_qkv), "the query and key heads are rotated in place"
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+
+
+def test_bad_slots_and_lengths_are_refused_before_anything_is_written(module) -> None:
+    qkv, keys, values, slot_mapping, context, lengths, cos, sin = _case(torch.float32, 9, 3, 64)
+    before_qkv, before_keys = qkv.clone(), keys.clone()
+    query, key, value = _heads(qkv, 9, 3, 64)
+
+    def call(**changes: object) -> None:
+        args = dict(
+            query=query, key=key, value=value, cos=cos, sin=sin, keys=keys, values=values,
+            slot_mapping=slot_mapping, context=context, lengths=lengths,
+        )
+        args.update(changes)
+        module.decode_attention_qkv(*args.values(), 0.125)
+
+    out_of_range = slot_mapping.clone()
+    out_of_range[2] = keys.shape[0]
+    with pytest.raises(RuntimeError, match="cache slot out of range"):
+        call(slot_mapping=out_of_range)
+    too_long = lengths.clone()
+    too_long[0] = context.shape[1] + 1
+    with pytest.raises(RuntimeError, match="lengths must be within"):
+        call(lengths=too_long)
+    with pytest.raises(RuntimeError, match="cos and sin together"):
+        call(sin=None)
+    with pytest.raises(RuntimeError, match="hold the cache's heads"):
+        call(key=key[:, :100])
+    assert torch.equal(qkv, before_qkv) and torch.equal(keys, before_keys)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_the_lean_forward_takes_it_for_decode_only_passes(
+    module, tmp_path: Path, model_type: str
+) -> None:
+    loaded = load_model(
+        ModelConfig(source=str(build_tiny_model_dir(tmp_path, model_type)), kernels="native")
+    )
+    assert loaded.lean is not None
+    calls: list[int] = []
+    fused = loaded.lean._decode_qkv
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return fused(*args)  # type: ignore[misc]
+
+    loaded.lean._decode_qkv = counted
+    spec = KVCacheSpec(
+        num_layers=loaded.num_layers, num_kv_heads=loaded.num_kv_heads,
+        head_dim=loaded.head_dim, dtype=loaded.dtype, block_size=4, num_blocks=16,
+    )
+    runner, blocks = ModelRunner(loaded, PagedKVCache(spec)), BlockManager(16, 4)
+    first, second = blocks.allocate("a", 8), blocks.allocate("b", 8)
+    runner.forward([SequenceChunk([5, 17, 42], 0, first)])
+    assert calls == [], "a prefill pass attends through paged_attention"
+    runner.forward([SequenceChunk([7], 3, first), SequenceChunk([9, 4], 0, second)])
+    assert calls == [], "so does a pass that mixes decode rows and a prompt"
+    runner.forward([SequenceChunk([8], 4, first), SequenceChunk([3], 2, second)])
+    assert len(calls) == loaded.num_layers, "a decode-only pass: one call per layer"
