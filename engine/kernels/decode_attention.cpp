@@ -3,11 +3,12 @@
 // Each row (a sequence's new token) has `q_heads` query heads; query head h reads KV head
 // h / (q_heads / kv_heads) (grouped-query attention). Its context is `lengths[r]` tokens whose
 // keys and values live at `context_slots[r, :]` of one layer of the cache
-// (`[slots, kv_heads, head_dim]`): they are read in place, never gathered into a copy. Scores,
-// softmax and the weighted sum of values are computed in fp32 (bf16 inputs are widened
-// exactly); the output is rounded once to the query's dtype. Rows x heads are spread over
-// torch's threads. head_dim must be a multiple of 16 (checked; the Python side only calls it
-// then).
+// (`[slots, kv_heads, head_dim]`): they are read in place, never gathered into a copy, and once
+// for all the query heads that share them. Scores, softmax and the weighted sum of values are
+// computed in fp32 (bf16 inputs are widened exactly; e^x by a vectorized polynomial within ~2
+// ulp of expf); the output is rounded once to the query's dtype. Rows x key heads are spread
+// over torch's threads. head_dim must be a multiple of 16 (checked; the Python side only calls
+// it then).
 //
 // `decode_attention_qkv` is a decode-only layer's whole attention in one call: the rotary
 // embedding of the new query and key heads, the new KV written into the cache, then the
@@ -25,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -49,36 +51,131 @@ PDSERVE_AVX512 inline void store16(c10::BFloat16* p, __m512 v) {
 
 constexpr int64_t kMaxChunks = 16;  // head_dim up to 256
 
+// e^x of each lane, for x <= 0 (scores minus their maximum): x = n ln2 + r, e^x = 2^n e^r with
+// e^r from its degree-7 Taylor-like polynomial (Cephes' expf coefficients, within ~2 ulp of
+// expf). Lanes below -87 give e^-87 (~1.6e-38), negligible beside the maximum's 1.
+PDSERVE_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - n ln2, with ln2 split in two so n * ln2_high is exact.
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Each lane rounded to the nearest bf16 (ties to even) and widened back: what a probability
+// becomes when it meets bf16 values. Inputs are finite.
+PDSERVE_AVX512 inline __m512 round_to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(0xFFFF0000)));
+}
+
+// softmax numerators e^(score - max) of one query head's `length` scores, in place; returns
+// their sum. bf16: the stored numerators are rounded to bf16 (as torch's CPU flash attention,
+// probabilities meet values in the values' dtype); the sum is of the unrounded ones.
 template <typename T>
-PDSERVE_AVX512 void attend_one(const T* q, const T* keys, const T* values, const int64_t* slots,
-                               int64_t length, int64_t slot_stride, int64_t num_chunks,
-                               float scale, std::vector<float>& scores, T* out) {
-  __m512 query[kMaxChunks];
-  for (int64_t c = 0; c < num_chunks; ++c) query[c] = load16(q + 16 * c);
-  float max_score = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < length; ++t) {
-    const T* key = keys + slots[t] * slot_stride;
-    __m512 acc = _mm512_mul_ps(query[0], load16(key));
-    for (int64_t c = 1; c < num_chunks; ++c) acc = _mm512_fmadd_ps(query[c], load16(key + 16 * c), acc);
-    const float score = _mm512_reduce_add_ps(acc) * scale;
-    scores[t] = score;
-    max_score = std::max(max_score, score);
+PDSERVE_AVX512 float exponentiate(float* scores, int64_t length, float max_score) {
+  const __m512 max_lanes = _mm512_set1_ps(max_score);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < length; t += 16) {
+    const __mmask16 live = length - t >= 16 ? 0xFFFF : (__mmask16)((1u << (length - t)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores + t), max_lanes));
+    sum = _mm512_mask_add_ps(sum, live, sum, e);
+    _mm512_mask_storeu_ps(scores + t, live, std::is_same<T, float>::value ? e : round_to_bf16(e));
   }
-  float total = 0.0f;
+  return _mm512_reduce_add_ps(sum);
+}
+
+// How many tokens ahead the loops over a context ask for the next key or value: the slots are
+// scattered over the cache (a block of 16 tokens at a time), so the hardware prefetcher cannot
+// guess them.
+constexpr int64_t kPrefetchDistance = 8;
+
+template <typename T>
+inline void prefetch_head(const T* head, int64_t bytes) {  // every cache line of [head, +bytes)
+  const char* line = reinterpret_cast<const char*>(head);
+  for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(line + offset, _MM_HINT_T0);
+}
+
+// Per-thread scratch of `attend_heads`: the query heads, their accumulators and scores.
+// (query and acc hold 16 floats per chunk of each head, read and written as vectors.)
+struct HeadScratch {
+  std::vector<float> query, acc, scores, max_score, inverse_total;
+  HeadScratch(int64_t heads, int64_t num_chunks, int64_t max_context)
+      : query(heads * num_chunks * 16), acc(heads * num_chunks * 16),
+        scores(heads * max_context), max_score(heads), inverse_total(heads) {}
+};
+
+// One row's query heads of `kv_count` consecutive key/value heads (`group` query heads each,
+// consecutive too) over its context: each token's keys and values are read once, for every
+// query head that uses them, and a token's heads are read together (one stretch of its slot).
+template <typename T>
+PDSERVE_AVX512 void attend_heads(const T* queries, int64_t kv_count, int64_t group,
+                                 const T* keys, const T* values, const int64_t* slots,
+                                 int64_t length, int64_t slot_stride, int64_t num_chunks,
+                                 float scale, HeadScratch& scratch, T* out) {
+  const int64_t heads = kv_count * group, head_dim = num_chunks * 16;
+  float* query = scratch.query.data();
+  float* acc = scratch.acc.data();
+  float* scores = scratch.scores.data();
+  float* max_score = scratch.max_score.data();
+  for (int64_t i = 0; i < heads * num_chunks; ++i)
+    _mm512_storeu_ps(query + 16 * i, load16(queries + 16 * i));
+  for (int64_t h = 0; h < heads; ++h) max_score[h] = -std::numeric_limits<float>::infinity();
+  const int64_t stretch_bytes = kv_count * head_dim * static_cast<int64_t>(sizeof(T));
   for (int64_t t = 0; t < length; ++t) {
-    scores[t] = std::exp(scores[t] - max_score);
-    total += scores[t];
+    if (t + kPrefetchDistance < length)
+      prefetch_head(keys + slots[t + kPrefetchDistance] * slot_stride, stretch_bytes);
+    for (int64_t kv = 0; kv < kv_count; ++kv) {
+      const T* key = keys + slots[t] * slot_stride + kv * head_dim;
+      __m512 chunk[kMaxChunks];
+      for (int64_t c = 0; c < num_chunks; ++c) chunk[c] = load16(key + 16 * c);
+      for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
+        const float* q = query + h * head_dim;
+        __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(q), chunk[0]);
+        for (int64_t c = 1; c < num_chunks; ++c)
+          dot = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), chunk[c], dot);
+        const float score = _mm512_reduce_add_ps(dot) * scale;
+        scores[h * length + t] = score;
+        max_score[h] = std::max(max_score[h], score);
+      }
+    }
   }
-  __m512 acc[kMaxChunks];
-  for (int64_t c = 0; c < num_chunks; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t h = 0; h < heads; ++h)
+    scratch.inverse_total[h] = 1.0f / exponentiate<T>(scores + h * length, length, max_score[h]);
+  std::fill(acc, acc + heads * head_dim, 0.0f);
   for (int64_t t = 0; t < length; ++t) {
-    const T* value = values + slots[t] * slot_stride;
-    // As torch's CPU flash attention: probabilities meet values in the values' dtype.
-    const __m512 weight = _mm512_set1_ps(static_cast<float>(static_cast<T>(scores[t])));
-    for (int64_t c = 0; c < num_chunks; ++c) acc[c] = _mm512_fmadd_ps(weight, load16(value + 16 * c), acc[c]);
+    if (t + kPrefetchDistance < length)
+      prefetch_head(values + slots[t + kPrefetchDistance] * slot_stride, stretch_bytes);
+    for (int64_t kv = 0; kv < kv_count; ++kv) {
+      const T* value = values + slots[t] * slot_stride + kv * head_dim;
+      __m512 chunk[kMaxChunks];
+      for (int64_t c = 0; c < num_chunks; ++c) chunk[c] = load16(value + 16 * c);
+      for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
+        const __m512 weight = _mm512_set1_ps(scores[h * length + t]);
+        float* a = acc + h * head_dim;
+        for (int64_t c = 0; c < num_chunks; ++c)
+          _mm512_storeu_ps(a + 16 * c,
+                           _mm512_fmadd_ps(weight, chunk[c], _mm512_loadu_ps(a + 16 * c)));
+      }
+    }
   }
-  const __m512 inverse = _mm512_set1_ps(1.0f / total);
-  for (int64_t c = 0; c < num_chunks; ++c) store16(out + 16 * c, _mm512_mul_ps(acc[c], inverse));
+  for (int64_t h = 0; h < heads; ++h) {
+    const __m512 inverse = _mm512_set1_ps(scratch.inverse_total[h]);
+    for (int64_t c = 0; c < num_chunks; ++c)
+      store16(out + h * head_dim + 16 * c,
+              _mm512_mul_ps(_mm512_loadu_ps(acc + h * head_dim + 16 * c), inverse));
+  }
 }
 
 // Where one pass's rows read their queries and contexts, and where their outputs go.
@@ -94,20 +191,27 @@ struct DecodeRowsView {
   T* out;                 // [rows, q_heads, head_dim], contiguous
 };
 
+// Every row's query heads over its context. One task per row when there are rows enough to
+// keep the threads busy (each token's slot then read in one stretch), else one per (row,
+// key/value head).
 template <typename T>
 void attend_rows(const DecodeRowsView<T>& view, double scale) {
-  const int64_t q_heads = view.q_heads, head_dim = view.head_dim;
-  const int64_t group = q_heads / view.kv_heads, slot_stride = view.kv_heads * head_dim;
-  at::parallel_for(0, view.rows * q_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(static_cast<size_t>(view.max_context));
+  const int64_t q_heads = view.q_heads, head_dim = view.head_dim, kv_heads = view.kv_heads;
+  const int64_t group = q_heads / kv_heads, slot_stride = kv_heads * head_dim;
+  const int64_t kv_per_task = view.rows >= 2 * at::get_num_threads() ? kv_heads : 1;
+  const int64_t tasks_per_row = kv_heads / kv_per_task;
+  at::parallel_for(0, view.rows * tasks_per_row, 1, [&](int64_t begin, int64_t end) {
+    HeadScratch scratch(kv_per_task * group, head_dim / 16, view.max_context);
     for (int64_t index = begin; index < end; ++index) {
-      const int64_t row = index / q_heads, head = index % q_heads;
-      const int64_t kv_offset = (head / group) * head_dim;
-      attend_one<T>(view.queries + row * view.query_stride + head * head_dim,
-                    view.keys + kv_offset, view.values + kv_offset,
-                    view.context_slots + row * view.max_context, view.lengths[row], slot_stride,
-                    head_dim / 16, static_cast<float>(scale), scores,
-                    view.out + index * head_dim);
+      const int64_t row = index / tasks_per_row;
+      const int64_t first_kv = (index % tasks_per_row) * kv_per_task;
+      const int64_t first_head = first_kv * group;
+      attend_heads<T>(view.queries + row * view.query_stride + first_head * head_dim,
+                      kv_per_task, group, view.keys + first_kv * head_dim,
+                      view.values + first_kv * head_dim,
+                      view.context_slots + row * view.max_context, view.lengths[row],
+                      slot_stride, head_dim / 16, static_cast<float>(scale), scratch,
+                      view.out + (row * q_heads + first_head) * head_dim);
     }
   });
 }

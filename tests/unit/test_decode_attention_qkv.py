@@ -166,3 +166,20 @@ def test_the_lean_forward_takes_it_for_decode_only_passes(
     assert calls == [], "so does a pass that mixes decode rows and a prompt"
     runner.forward([SequenceChunk([8], 4, first), SequenceChunk([3], 2, second)])
     assert len(calls) == loaded.num_layers, "a decode-only pass: one call per layer"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_split_into_tasks_does_not_change_a_bit(module, dtype: torch.dtype) -> None:
+    """With many threads each (row, key head) is a task; with few each row is one (its heads
+    read together): the same sums in the same order either way."""
+    _, keys, values, _, context, lengths, _, _ = _case(dtype, 9, 3, 64)
+    query = torch.randn(len(lengths), 9, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # 4 rows >= 2 x 1 thread: one task per row
+        per_row = module.decode_attention(query, keys, values, context, lengths, 0.125)
+        torch.set_num_threads(4)  # 4 rows < 2 x 4 threads: one task per (row, key head)
+        per_head = module.decode_attention(query, keys, values, context, lengths, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(per_row, per_head)
