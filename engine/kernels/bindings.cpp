@@ -1,19 +1,31 @@
 // The Python module of pdserve's native decode kernels (built by engine/kernels/native.py).
+//
+// Every kernel releases the GIL while it runs, as torch's own operators do: a replica's event
+// loop (token delivery, Ray's streaming, KV hand-offs) runs Python beside a step, instead of
+// waiting for a kernel to end and then taking the GIL from the step's next Python line (each
+// such switch cost a batch-1 step several milliseconds in a running decode replica).
 #include "kernels.h"
+
+namespace {
+using ReleaseGil = pybind11::call_guard<pybind11::gil_scoped_release>;
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_width", &pdserve::panel_width, "output channels per packed weight panel");
-  m.def("panel_linear_f32", &pdserve::panel_linear_f32, "y = x @ w.T, fp32, w packed in panels");
-  m.def("panel_linear_bf16", &pdserve::panel_linear_bf16, "y = x @ w.T, bf16, w packed in panels");
-  m.def("panel_linear_int8", &pdserve::panel_linear_int8,
+  m.def("panel_linear_f32", &pdserve::panel_linear_f32, ReleaseGil(),
+        "y = x @ w.T, fp32, w packed in panels");
+  m.def("panel_linear_bf16", &pdserve::panel_linear_bf16, ReleaseGil(),
+        "y = x @ w.T, bf16, w packed in panels");
+  m.def("panel_linear_int8", &pdserve::panel_linear_int8, ReleaseGil(),
         "y = x @ (w * scale).T, int8 w packed in panels, fp32 or bf16 x");
-  m.def("decode_attention", &pdserve::decode_attention,
+  m.def("decode_attention", &pdserve::decode_attention, ReleaseGil(),
         "one-token attention of each row over its context in the paged KV cache");
-  m.def("decode_attention_qkv", &pdserve::decode_attention_qkv,
+  m.def("decode_attention_qkv", &pdserve::decode_attention_qkv, ReleaseGil(),
         "rotary, KV write and one-token attention of a decode-only pass, from the fused q/k/v");
-  m.def("rms_norm", &pdserve::rms_norm, "LlamaRMSNorm of each row");
-  m.def("add_rms_norm_", &pdserve::add_rms_norm_, "residual += addend (in place), then RMSNorm");
-  m.def("rotary_", &pdserve::rotary_, "rotary embedding of each head, in place");
-  m.def("silu_mul", &pdserve::silu_mul, "SiLU(gate) * up");
+  m.def("rms_norm", &pdserve::rms_norm, ReleaseGil(), "LlamaRMSNorm of each row");
+  m.def("add_rms_norm_", &pdserve::add_rms_norm_, ReleaseGil(),
+        "residual += addend (in place), then RMSNorm");
+  m.def("rotary_", &pdserve::rotary_, ReleaseGil(), "rotary embedding of each head, in place");
+  m.def("silu_mul", &pdserve::silu_mul, ReleaseGil(), "SiLU(gate) * up");
   m.def("supported_features", &pdserve::supported_features, "AVX-512 features this CPU has");
 }
