@@ -137,6 +137,21 @@ def paged_attention(
     return out.unsqueeze(0), None
 
 
+def native_decode_rows(
+    meta: AttentionMetadata, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rows' context slots `[rows, max_context]` and lengths when the pass is decode-only
+    and its cache suits the native decode kernels (activations' `dtype`, head size a multiple
+    of 16) and nobody waits on each layer's KV; else None."""
+    decode = meta.decode
+    if decode is None or decode.rows is not None or meta.prefills:
+        return None
+    spec = meta.kv_cache.spec
+    if spec.dtype != dtype or spec.head_dim % 16 or meta.on_layer_written is not None:
+        return None
+    return decode.context_slots.view(decode.num_rows, decode.max_context), decode.lengths
+
+
 def decode_only_attention(
     meta: AttentionMetadata,
     layer: int,
@@ -149,23 +164,18 @@ def decode_only_attention(
     """A decode-only pass's attention of one layer from the new tokens' query, key and value
     heads `new_heads` (`[rows, heads * dim]` each, not rotated yet; column slices of the fused
     q/k/v product): rotary embedding (query and key in place), KV write and attention in one
-    native call; returns `[rows, q_heads * dim]`, or None (nothing done) when the pass has
-    prefill rows, no native kernel serves it or the cache's dtype or head size does not suit
-    it."""
-    decode = meta.decode
-    if kernel is None or decode is None or decode.rows is not None or meta.prefills:
+    native call; returns `[rows, q_heads * dim]`, or None (nothing done) where
+    `native_decode_rows` says no or no kernel is given."""
+    query, key, value = new_heads
+    rows = native_decode_rows(meta, query.dtype) if kernel is not None else None
+    if kernel is None or rows is None:
         return None
     keys, values = meta.kv_cache.layer(layer)
-    query, key, value = new_heads
-    if query.dtype != keys.dtype or keys.shape[-1] % 16:
-        return None
-    out = kernel(
-        query, key, value, cos, sin, keys, values, meta.slot_mapping,
-        decode.context_slots.view(decode.num_rows, decode.max_context), decode.lengths, scaling,
+    context_slots, lengths = rows
+    return kernel(
+        query, key, value, cos, sin, keys, values, meta.slot_mapping, context_slots, lengths,
+        scaling,
     )
-    if meta.on_layer_written is not None:
-        meta.on_layer_written(layer)
-    return out
 
 
 def _decode_attention(

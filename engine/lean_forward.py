@@ -34,8 +34,10 @@ from engine.attention import (
     AttentionMetadata,
     DecodeQKVKernel,
     decode_only_attention,
+    native_decode_rows,
     paged_attention,
 )
+from engine.decode_stack import build_decode_stack
 from engine.kernels.linear import FusedNativeLinear, NativeLinear
 from engine.layer_ops import LayerOps, NativeLayerOps, Norm, TorchLayerOps
 
@@ -91,10 +93,14 @@ class LeanForward:
         self._rotary = decoder.rotary_emb
         self._norm = _norm_of(decoder.norm)
         self._ops: LayerOps = NativeLayerOps(native) if native is not None else TorchLayerOps()
+        self._native = native
         self._decode_qkv: DecodeQKVKernel | None = (
             native.decode_attention_qkv if native is not None else None
         )
         self._layers = [_layer_of(layer) for layer in decoder.layers]
+        # The native DecodeStack, built at the first decode-only pass (after the loader moved
+        # the weights into their arena); False = the layers do not suit it.
+        self._stack: Any = None
 
     def __call__(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: AttentionMetadata
@@ -103,6 +109,12 @@ class LeanForward:
         cos, sin = self._rotary(hidden, position_ids=position_ids)  # [1, N, head_dim]
         cos, sin = cos[0].contiguous(), sin[0].contiguous()
         hidden = hidden[0].contiguous()  # the residual stream, updated in place
+        stack = self._decode_stack(meta, hidden.dtype)
+        if stack is not None:
+            context_slots, lengths = stack[1]
+            return stack[0].forward(  # type: ignore[no-any-return]
+                hidden, cos, sin, meta.kv_cache.tensor, meta.slot_mapping, context_slots, lengths
+            )
         ops = self._ops
         normed = ops.norm(hidden, self._layers[0].input_norm)
         for index, layer in enumerate(self._layers):
@@ -114,6 +126,23 @@ class LeanForward:
             next_norm = self._norm if is_last else self._layers[index + 1].input_norm
             normed = ops.add_norm(hidden, mlp, next_norm)
         return normed
+
+    def _decode_stack(
+        self, meta: AttentionMetadata, dtype: torch.dtype
+    ) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]] | None:
+        """The native stack and the rows' contexts when this pass runs through it (a
+        decode-only pass on the native kernels), else None."""
+        if self._native is None or self._stack is False:
+            return None
+        rows = native_decode_rows(meta, dtype)
+        if rows is None:
+            return None
+        if self._stack is None:
+            self._stack = build_decode_stack(self._native, self._layers, self._norm) or False
+            if self._stack is False:
+                logger.warning("some layer's products are not native: no native decode stack")
+                return None
+        return self._stack, rows
 
     def _attend(
         self,

@@ -6,6 +6,8 @@
 // such switch cost a batch-1 step several milliseconds in a running decode replica).
 #include "kernels.h"
 
+#include <pybind11/stl.h>
+
 namespace {
 using ReleaseGil = pybind11::call_guard<pybind11::gil_scoped_release>;
 }  // namespace
@@ -27,5 +29,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "residual += addend (in place), then RMSNorm");
   m.def("rotary_", &pdserve::rotary_, ReleaseGil(), "rotary embedding of each head, in place");
   m.def("silu_mul", &pdserve::silu_mul, ReleaseGil(), "SiLU(gate) * up");
+  pybind11::class_<pdserve::DecodeStack>(m, "DecodeStack")
+      .def(pybind11::init<>())
+      .def("add_layer", &pdserve::DecodeStack::add_layer, "one decoder layer's weights, in order")
+      .def("set_final_norm", &pdserve::DecodeStack::set_final_norm, "the model's last RMSNorm")
+      .def_property_readonly("num_layers", &pdserve::DecodeStack::num_layers)
+      .def("forward", &pdserve::DecodeStack::forward, ReleaseGil(),
+           "a decode-only pass through every layer; returns the final normed hidden states");
   m.def("supported_features", &pdserve::supported_features, "AVX-512 features this CPU has");
 }

@@ -3,6 +3,8 @@
 
 #include <torch/extension.h>
 
+#include <map>
+#include <memory>
 #include <string>
 
 namespace pdserve {
@@ -48,6 +50,32 @@ at::Tensor silu_mul(const at::Tensor& gate_up, int64_t width, int64_t up_offset)
 void rotate_heads(float* row, int64_t heads, int64_t head_dim, const float* cos, const float* sin);
 void rotate_heads(c10::BFloat16* row, int64_t heads, int64_t head_dim, const c10::BFloat16* cos,
                   const c10::BFloat16* sin);
+
+// Every decoder layer of a decode-only pass in one call (decode_stack.cpp), on the kernels
+// above: built once per model from each layer's weights, then `forward` per step. add_layer's
+// tensors: qkv, o_proj, gate_up, down (packed panels; `<name>_scales` for int8, `<name>_bias`
+// where the model has one), input_norm, post_norm (and q_norm, k_norm for Qwen3); sizes:
+// <name>_columns, q_at, k_at, v_at, q_width, kv_width, up_offset, mlp_width, head_dim; reals:
+// input_eps, post_eps, q_eps and k_eps (with q/k norms), scaling. forward: hidden [rows, hidden] (the
+// residual stream, updated in place), cos/sin [rows, head_dim], the whole KV cache
+// [2, layers, slots, kv_heads, head_dim], the new tokens' slots, the rows' context slots and
+// lengths; returns the final RMSNorm of the last hidden states.
+class DecodeStack {
+ public:
+  DecodeStack();
+  void add_layer(const std::map<std::string, at::Tensor>& tensors,
+                 const std::map<std::string, int64_t>& sizes,
+                 const std::map<std::string, double>& reals);
+  void set_final_norm(const at::Tensor& weight, double eps);
+  int64_t num_layers() const;
+  at::Tensor forward(at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
+                     const at::Tensor& kv_cache, const at::Tensor& slot_mapping,
+                     const at::Tensor& context_slots, const at::Tensor& lengths) const;
+
+ private:
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+};
 
 // The AVX-512 features this CPU has, comma-separated: "avx512", "avx512bf16".
 std::string supported_features();

@@ -1,6 +1,7 @@
 """Builds, loads and describes pdserve's C++ kernels (`panel_gemm.cpp`: matrix
 products; `decode_attention.cpp`: attention over the paged cache; `layer_ops.cpp`: norms,
-rotary embedding, SiLU; `bindings.cpp`).
+rotary embedding, SiLU; `decode_stack.cpp`: a decode-only pass through every layer in one call;
+`bindings.cpp`).
 
 The source is compiled with `torch.utils.cpp_extension` on first use into
 `~/.cache/pdserve/kernels/<torch version>-<source digest>` (`PDSERVE_KERNEL_CACHE` overrides
@@ -35,7 +36,8 @@ logger = logging.getLogger(__name__)
 SOURCES = tuple(
     Path(__file__).with_name(name)
     for name in (
-        "bindings.cpp", "panel_gemm.cpp", "decode_attention.cpp", "layer_ops.cpp", "kernels.h"
+        "bindings.cpp", "panel_gemm.cpp", "decode_attention.cpp", "layer_ops.cpp",
+        "decode_stack.cpp", "kernels.h",
     )
 )
 # What each dtype's kernel needs of the CPU (names as `supported_features` reports them).

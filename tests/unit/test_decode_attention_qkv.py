@@ -1,9 +1,10 @@
 """The fused decode-only attention (`decode_attention_qkv`: rotary, KV write and attention of
 one layer in one native call) against the three calls it replaces (`rotary_` on the query and
 key heads, the cache write, `decode_attention`): bit for bit, in fp32 and bf16, for the fused
-product's padded columns; bad slots and lengths refused before anything is written; the lean
-forward takes it for decode-only passes and only for those (the golden tests in
-test_model_runner.py run through it)."""
+product's padded columns; bad slots and lengths refused before anything is written. The native
+decode stack (every layer of a decode-only pass in one call) equals the op-by-op path bit for
+bit, and only decode-only passes take either (the golden tests in test_model_runner.py run
+through the stack)."""
 
 from __future__ import annotations
 
@@ -138,34 +139,59 @@ def test_bad_slots_and_lengths_are_refused_before_anything_is_written(module) ->
     assert torch.equal(qkv, before_qkv) and torch.equal(keys, before_keys)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
-def test_the_lean_forward_takes_it_for_decode_only_passes(
-    module, tmp_path: Path, model_type: str
-) -> None:
-    loaded = load_model(
-        ModelConfig(source=str(build_tiny_model_dir(tmp_path, model_type)), kernels="native")
-    )
-    assert loaded.lean is not None
-    calls: list[int] = []
-    fused = loaded.lean._decode_qkv
+class _Counted:
+    """Delegates to `inner`, counting calls."""
 
-    def counted(*args: object) -> torch.Tensor:
-        calls.append(1)
-        return fused(*args)  # type: ignore[misc]
+    def __init__(self, inner: object) -> None:
+        self.inner, self.calls = inner, 0
 
-    loaded.lean._decode_qkv = counted
+    def __call__(self, *args: object) -> object:
+        self.calls += 1
+        return self.inner(*args)  # type: ignore[operator]
+
+
+def _run_three_passes(loaded) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A prefill pass, a pass mixing a decode row and a prompt, and a decode-only pass; their
+    logits and the cache after them."""
     spec = KVCacheSpec(
         num_layers=loaded.num_layers, num_kv_heads=loaded.num_kv_heads,
         head_dim=loaded.head_dim, dtype=loaded.dtype, block_size=4, num_blocks=16,
     )
     runner, blocks = ModelRunner(loaded, PagedKVCache(spec)), BlockManager(16, 4)
     first, second = blocks.allocate("a", 8), blocks.allocate("b", 8)
-    runner.forward([SequenceChunk([5, 17, 42], 0, first)])
-    assert calls == [], "a prefill pass attends through paged_attention"
-    runner.forward([SequenceChunk([7], 3, first), SequenceChunk([9, 4], 0, second)])
-    assert calls == [], "so does a pass that mixes decode rows and a prompt"
-    runner.forward([SequenceChunk([8], 4, first), SequenceChunk([3], 2, second)])
-    assert len(calls) == loaded.num_layers, "a decode-only pass: one call per layer"
+    logits = [
+        runner.forward([SequenceChunk([5, 17, 42], 0, first)]),
+        runner.forward([SequenceChunk([7], 3, first), SequenceChunk([9, 4], 0, second)]),
+        runner.forward([SequenceChunk([8], 4, first), SequenceChunk([3], 2, second)]),
+    ]
+    return logits, runner.kv_cache.tensor.clone()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_decode_only_passes_run_through_the_native_stack_bit_for_bit(
+    module, tmp_path: Path, model_type: str, dtype: str
+) -> None:
+    """Prefill and mixed passes go op by op; a decode-only pass through the native stack (one
+    call for every layer), and the stack's logits and KV equal the op-by-op path's (where each
+    layer's attention is one `decode_attention_qkv` call) bit for bit."""
+    config = ModelConfig(
+        source=str(build_tiny_model_dir(tmp_path, model_type)), kernels="native", dtype=dtype
+    )
+    by_stack, by_layer = load_model(config), load_model(config)
+    assert by_stack.lean is not None and by_layer.lean is not None
+    by_layer.lean._stack = False  # the op-by-op path only
+    layer_calls = _Counted(by_layer.lean._decode_qkv)
+    by_layer.lean._decode_qkv = layer_calls
+
+    stack_logits, stack_cache = _run_three_passes(by_stack)
+    assert by_stack.lean._stack not in (None, False), "the decode-only pass built the stack"
+    layer_logits, layer_cache = _run_three_passes(by_layer)
+
+    assert layer_calls.calls == by_layer.num_layers, "only the decode-only pass, once a layer"
+    for got, want in zip(stack_logits, layer_logits):
+        assert torch.equal(got, want)
+    assert torch.equal(stack_cache, layer_cache)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
