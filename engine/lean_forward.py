@@ -13,8 +13,12 @@ MLP, on 2-D `[tokens, columns]` tensors.
 With the native kernels (`engine.kernels`), q/k/v are one product and gate/up another
 (`FusedNativeLinear`: the weights streamed in one pass), and the elementwise operations are one
 native call each (`NativeLayerOps`); the MLP's residual add is fused into the next layer's
-RMSNorm. Without them, the same structure runs on torch's operations (`TorchLayerOps`) and the
-projections the loader installed.
+RMSNorm. A decode-only pass (every row one new token, nobody waiting on each layer's KV) goes
+through every layer in one native call (`engine.decode_stack`: the same kernels in the same
+order, bit for bit); where the stack does not apply, each decode-only layer's attention is still
+one call (rotary, KV write and attention: `decode_only_attention`). Without the native kernels,
+the same structure runs on torch's operations (`TorchLayerOps`) and the projections the loader
+installed.
 
 `lean_forward_for` says whether a model's modules have the expected shape (the loader admits
 only the architectures above); where not, the runner keeps transformers' forward and logs it.
