@@ -1,5 +1,6 @@
-"""Weight formats side by side: decode speed and precision of fp32, bf16 and weight-only int8
-(`model.quantization: int8`, with fp32 or bf16 activations) on one model, one run.
+"""Weight formats side by side: decode speed and precision of fp32, bf16, weight-only int8
+(`model.quantization: int8`) and int8 x int8 (`w8a8`), each quantized format with fp32 or bf16
+activations, on one model, one run.
 
     python -m benchmarks.engine_formats [--model embedded:smollm2-135m-instruct] [--threads N]
         [--streams 32] [--new-tokens 32] [--repeats 3] [--out bench-results/engine_formats.json]
@@ -44,6 +45,8 @@ FORMATS = {
     "bf16": ("bfloat16", "none"),
     "int8 (fp32 activations)": ("float32", "int8"),
     "int8 (bf16 activations)": ("bfloat16", "int8"),
+    "w8a8 (fp32 activations)": ("float32", "w8a8"),
+    "w8a8 (bf16 activations)": ("bfloat16", "w8a8"),
 }
 
 

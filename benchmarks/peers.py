@@ -52,8 +52,10 @@ from benchmarks.peers_servers import (
 
 # pdserve: its default disaggregated config; pdserve-colocated: one replica with every thread.
 SERVERS = ("pdserve", "pdserve-colocated", "llama.cpp", "transformers")
-# int8: pdserve `model.quantization: int8` (bf16 activations) vs llama.cpp Q8_0.
-DTYPES = ("float32", "bfloat16", "int8")
+# int8: pdserve `model.quantization: int8` (weight-only, bf16 activations) vs llama.cpp Q8_0;
+# w8a8: pdserve `model.quantization: w8a8` (int8 activations too, as Q8_0's) vs Q8_0.
+QUANTIZED = ("int8", "w8a8")
+DTYPES = ("float32", "bfloat16", *QUANTIZED)
 BIN = Path(sys.executable).parent
 
 
@@ -304,9 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["versions"] = server_versions(peers.llama)
     for server in args.servers:
         for dtype in args.dtypes:
-            if server == "transformers" and dtype == "int8":
+            if server == "transformers" and dtype in QUANTIZED:
                 results.setdefault("skipped", []).append(
-                    "transformers int8: transformers serve has no int8 weight format here"
+                    f"transformers {dtype}: transformers serve has no int8 weight format here"
                 )
                 continue
             peers.run_server(server, dtype)

@@ -30,7 +30,9 @@ DEFAULT_VERSION = "0.3.36"
 SDIST_SEARCH = (Path("/tmp/llsrc"),)
 # pdserve precision -> the converter's outtype (int8: llama.cpp's Q8_0, 8-bit weights in
 # blocks of 32 with one scale each).
-GGUF_OUTTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int8": "q8_0"}
+GGUF_OUTTYPES = {
+    "float32": "f32", "bfloat16": "bf16", "float16": "f16", "int8": "q8_0", "w8a8": "q8_0",
+}
 CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DGGML_NATIVE=ON",

@@ -139,12 +139,13 @@ PDSERVE_NOTES = "threads = prefill torch_threads + decode torch_threads (1 + 1 f
 def pdserve_config(
     base: Path, dtype: str, threads: int, http_port: int, colocated: bool = False
 ) -> dict[str, Any]:
-    """configs/local.yaml with `model.dtype` (int8: bf16 activations on int8 weights), the
+    """configs/local.yaml with `model.dtype` (int8, w8a8: that quantization, bf16 activations), the
     thread split (disaggregated: prefill + decode replicas; colocated: one replica with every
     thread) and free ports set; every other engine setting stays at that file's values."""
     config = yaml.safe_load(base.read_text())
-    config["model"]["dtype"] = "bfloat16" if dtype == "int8" else dtype
-    config["model"]["quantization"] = "int8" if dtype == "int8" else "none"
+    quantized = dtype in ("int8", "w8a8")
+    config["model"]["dtype"] = "bfloat16" if quantized else dtype
+    config["model"]["quantization"] = dtype if quantized else "none"
     if colocated:
         config["mode"] = "colocated"
         config["colocated"]["replicas"] = 1

@@ -131,6 +131,11 @@ def _install_kernels(model: torch.nn.Module, config: ModelConfig) -> KernelStatu
         if config.dtype == "bfloat16":
             _pack_linear_weights(model)
     else:
+        if config.quantization == "w8a8" and "avx512vnni" not in status.features.split(","):
+            raise ConfigError(
+                "model.quantization w8a8 needs AVX512-VNNI, which this CPU lacks "
+                f"(has: {status.features}); int8 (weight-only) runs without it"
+            )
         use_native_linears(model, status.module, config.quantization)
     return status
 
@@ -152,6 +157,8 @@ def _arrange_weights(model: torch.nn.Module, lean: LeanForward | None) -> None:
 
 def _weights(config: ModelConfig) -> str:
     """The linear layers' weight format, for `kernels`."""
+    if config.quantization == "w8a8":
+        return "w8a8 (int8 weights and per-token int8 activations)"
     return "int8 weights" if config.quantization == "int8" else f"{config.dtype} weights"
 
 

@@ -36,9 +36,10 @@ class ModelConfig(ConfigSection):
     # torch's own kernels only.
     kernels: Literal["auto", "native", "torch"] = "auto"
     # Weight format of the linear layers: none = the model dtype; int8 = weight-only int8 with
-    # one scale per output channel (activations, KV and the embedding stay in `dtype`); needs
-    # the native kernels.
-    quantization: Literal["none", "int8"] = "none"
+    # one scale per output channel (activations, KV and the embedding stay in `dtype`); w8a8 =
+    # the same int8 weights multiplied by activations quantized to int8 per token at run time
+    # (AVX512-VNNI). Both need the native kernels.
+    quantization: Literal["none", "int8", "w8a8"] = "none"
     # lean: pdserve's own forward pass for the Llama family (same operations, without
     # transformers' per-layer plumbing; token-identical); transformers: the model's forward.
     forward: Literal["lean", "transformers"] = "lean"

@@ -20,6 +20,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y = x @ w.T, bf16, w packed in panels");
   m.def("panel_linear_int8", &pdserve::panel_linear_int8, ReleaseGil(),
         "y = x @ (w * scale).T, int8 w packed in panels, fp32 or bf16 x");
+  m.def("panel_linear_w8a8", &pdserve::panel_linear_w8a8, ReleaseGil(),
+        "y = x @ (w * scale).T with w and each row of x in int8 (VNNI), fp32 or bf16 x");
   m.def("decode_attention", &pdserve::decode_attention, ReleaseGil(),
         "one-token attention of each row over its context in the paged KV cache");
   m.def("decode_attention_qkv", &pdserve::decode_attention_qkv, ReleaseGil(),

@@ -16,7 +16,8 @@
 
 namespace {
 
-// One matrix product: panels (+ per-channel int8 scales) and an optional bias.
+// One matrix product: panels (+ per-channel scales: int8 panels weight-only, uint8 panels
+// w8a8) and an optional bias.
 struct Projection {
   at::Tensor panels;
   std::optional<at::Tensor> scales, bias;
@@ -24,7 +25,9 @@ struct Projection {
 
   at::Tensor operator()(const at::Tensor& x) const {
     at::Tensor y;
-    if (scales.has_value()) {
+    if (scales.has_value() && panels.scalar_type() == at::kByte) {
+      y = pdserve::panel_linear_w8a8(x, panels, *scales, columns);
+    } else if (scales.has_value()) {
       y = pdserve::panel_linear_int8(x, panels, *scales, columns);
     } else if (x.scalar_type() == at::kFloat) {
       y = pdserve::panel_linear_f32(x, panels, columns);

@@ -17,6 +17,11 @@ at::Tensor panel_linear_bf16(const at::Tensor& x, const at::Tensor& panels, int6
 // int8 panels with one fp32 scale per output channel; x and y fp32 or bf16.
 at::Tensor panel_linear_int8(const at::Tensor& x, const at::Tensor& panels,
                              const at::Tensor& scales, int64_t N);
+// int8 x int8 (vnni_gemm.cpp, `model.quantization: w8a8`): panels of w + 128 as
+// [panels, ceil(K / 4), width, 4] bytes, one fp32 scale per output channel; each row of x
+// (fp32 or bf16) quantized to int8 with its own scale inside the call; y in x's dtype.
+at::Tensor panel_linear_w8a8(const at::Tensor& x, const at::Tensor& panels,
+                             const at::Tensor& scales, int64_t N);
 
 // One-token attention of each row over its context in the paged cache (decode_attention.cpp).
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys,
@@ -77,7 +82,7 @@ class DecodeStack {
   std::shared_ptr<Impl> impl_;
 };
 
-// The AVX-512 features this CPU has, comma-separated: "avx512", "avx512bf16".
+// The AVX-512 features this CPU has, comma-separated: "avx512", "avx512bf16", "avx512vnni".
 std::string supported_features();
 
 }  // namespace pdserve

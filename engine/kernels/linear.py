@@ -1,8 +1,9 @@
-"""`nn.Linear` for serving on the native panel kernels (`panel_gemm.cpp`).
+"""`nn.Linear` for serving on the native panel kernels (`panel_gemm.cpp`, `vnni_gemm.cpp`).
 
 `pack_weight` lays a `[N, K]` weight out once, at load, as the kernel reads it: panels of
 `panel_width` output channels with k outermost (fp32 and int8 `[panels, K, width]`, bf16
-`[panels, ceil(K / 2), width, 2]`, zero-padded), so that every product streams each panel
+`[panels, ceil(K / 2), width, 2]`, zero-padded; `pack_weight_vnni`: w8a8's int8 as
+`[panels, ceil(K / 4), width, 4]` bytes of w + 128), so that every product streams each panel
 from start to end. `NativeLinear` holds only the packed weight (the row-major one is freed,
 except where the input embedding shares it) and serves every input, a decode step's few rows
 and a prefill's thousands alike, on the same kernel: one summation order, whatever the batch.
@@ -33,6 +34,18 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantized, scales
 
 
+def pack_weight_vnni(quantized: torch.Tensor, width: int) -> torch.Tensor:
+    """int8 `quantized` `[N, K]` as the w8a8 kernel reads it: uint8 `[panels, ceil(K / 4),
+    width, 4]` holding `q + 128` (the VNNI instruction multiplies unsigned by signed bytes);
+    padding holds 128 (a zero weight)."""
+    num_outputs, num_inputs = quantized.shape
+    num_panels, num_quads = -(-num_outputs // width), -(-num_inputs // 4)
+    padded = torch.zeros(num_panels * width, num_quads * 4, dtype=torch.int16)
+    padded[:num_outputs, :num_inputs] = quantized
+    biased = (padded + 128).to(torch.uint8)
+    return biased.view(num_panels, width, num_quads, 4).transpose(1, 2).contiguous()
+
+
 def pack_weight(weight: torch.Tensor, width: int) -> torch.Tensor:
     """`weight` `[N, K]` in the panel layout of its dtype (see the module docstring)."""
     num_outputs, num_inputs = weight.shape
@@ -47,13 +60,14 @@ def pack_weight(weight: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class NativeLinear(torch.nn.Module):
-    """An `nn.Linear` on the native kernel: its weight packed in panels (int8 with per-channel
-    scales when `quantize`), inputs and outputs in the weight's original dtype."""
+    """An `nn.Linear` on the native kernel: its weight packed in panels (`quantization`: int8
+    with per-channel scales for `int8` and `w8a8`), inputs and outputs in the weight's original
+    dtype."""
 
     packed: torch.Tensor
 
     def __init__(
-        self, linear: torch.nn.Linear, kernel: Kernel, width: int, quantize: bool = False
+        self, linear: torch.nn.Linear, kernel: Kernel, width: int, quantization: str = "none"
     ) -> None:
         super().__init__()
         self.in_features = linear.in_features
@@ -61,11 +75,14 @@ class NativeLinear(torch.nn.Module):
         self.dtype = linear.weight.dtype
         weight = linear.weight.detach()
         self.scales: torch.Tensor | None = None
-        if quantize:
+        if quantization in ("int8", "w8a8"):
             weight, scales = quantize_int8(weight)
             self.scales = scales.new_ones(-(-self.out_features // width) * width)
             self.scales[: self.out_features] = scales
-        self.register_buffer("packed", pack_weight(weight, width))
+        packed = pack_weight_vnni(weight, width) if quantization == "w8a8" else pack_weight(
+            weight, width
+        )
+        self.register_buffer("packed", packed)
         self.bias = None if linear.bias is None else linear.bias.detach()
         self._kernel: Kernel = kernel
 
@@ -101,6 +118,7 @@ class FusedNativeLinear:
         first = linears[0]
         if any(
             linear.in_features != first.in_features or linear.dtype != first.dtype
+            or linear.packed.dtype != first.packed.dtype
             or (linear.scales is None) != (first.scales is None)
             for linear in linears
         ):
@@ -145,6 +163,8 @@ def kernel_for(module: ModuleType, dtype: torch.dtype, quantization: str = "none
     """The native module's kernel for activations of `dtype` and weights of `quantization`."""
     if quantization == "int8":
         return module.panel_linear_int8  # type: ignore[no-any-return]
+    if quantization == "w8a8":
+        return module.panel_linear_w8a8  # type: ignore[no-any-return]
     if quantization != "none":
         raise ValueError(f"no native kernel for {quantization} weights")
     if dtype == torch.float32:
@@ -160,15 +180,14 @@ def use_native_linears(
     model: torch.nn.Module, module: ModuleType, quantization: str = "none"
 ) -> int:
     """Swaps every `nn.Linear` of `model` for a `NativeLinear` on `module`'s kernel of its
-    dtype (int8 weights when `quantization` is `int8`). A tied output embedding gets a packed
-    copy; the input embedding keeps the row-major weight. Returns how many."""
+    dtype (int8 weights when `quantization` is `int8` or `w8a8`). A tied output embedding gets
+    a packed copy; the input embedding keeps the row-major weight. Returns how many."""
     width = int(module.panel_width())
-    quantize = quantization == "int8"
     num_swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear):
                 kernel = kernel_for(module, child.weight.dtype, quantization)
-                setattr(parent, name, NativeLinear(child, kernel, width, quantize))
+                setattr(parent, name, NativeLinear(child, kernel, width, quantization))
                 num_swapped += 1
     return num_swapped

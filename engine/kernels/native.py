@@ -1,13 +1,13 @@
 """Builds, loads and describes pdserve's C++ kernels (`panel_gemm.cpp`: matrix
-products; `decode_attention.cpp`: attention over the paged cache; `layer_ops.cpp`: norms,
-rotary embedding, SiLU; `decode_stack.cpp`: a decode-only pass through every layer in one call;
-`bindings.cpp`).
+products; `vnni_gemm.cpp`: int8 x int8 products; `decode_attention.cpp`: attention over the
+paged cache; `layer_ops.cpp`: norms, rotary embedding, SiLU; `decode_stack.cpp`: a decode-only
+pass through every layer in one call; `bindings.cpp`).
 
 The source is compiled with `torch.utils.cpp_extension` on first use into
 `~/.cache/pdserve/kernels/<torch version>-<source digest>` (`PDSERVE_KERNEL_CACHE` overrides
 the root), once per machine: later replicas load the built module (the build directory's lock
 serializes concurrent first builds). The kernels need AVX-512 (fp32) and AVX512-BF16 (bf16),
-checked at run time on the CPU the replica runs on.
+and `model.quantization: w8a8` AVX512-VNNI, checked at run time on the CPU the replica runs on.
 
 `model.kernels` chooses: `auto` uses them where they build and the CPU has the features, else
 torch's own kernels with a WARNING that says why; `native` refuses to start without them;
@@ -36,8 +36,8 @@ logger = logging.getLogger(__name__)
 SOURCES = tuple(
     Path(__file__).with_name(name)
     for name in (
-        "bindings.cpp", "panel_gemm.cpp", "decode_attention.cpp", "layer_ops.cpp",
-        "decode_stack.cpp", "kernels.h",
+        "bindings.cpp", "panel_gemm.cpp", "vnni_gemm.cpp", "decode_attention.cpp",
+        "layer_ops.cpp", "decode_stack.cpp", "kernels.h", "panel_common.h",
     )
 )
 # What each dtype's kernel needs of the CPU (names as `supported_features` reports them).

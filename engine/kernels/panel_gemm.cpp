@@ -22,8 +22,10 @@
 // outputs are rounded once, to nearest even, as torch's conversion does.
 //
 // Built for AVX-512 (fp32: AVX512F; bf16: AVX512-BF16's dot-product instruction). The Python
-// side checks the CPU features before calling (`supported_features`).
+// side checks the CPU features before calling (`supported_features`). The panel vocabulary
+// (width, masks, stores, tiles, threads) is panel_common.h's, shared with vnni_gemm.cpp.
 #include "kernels.h"
+#include "panel_common.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -37,51 +39,7 @@
 
 namespace {
 
-// Output channels per panel: six 16-lane vectors. Measured at batch 1 on AMD EPYC (Zen 4):
-// 96-wide panels stream the weights 15-35% faster than 48-wide ones (more cache lines in
-// flight per k), 128-wide no faster.
-constexpr int64_t kPanelWidth = 96;
-constexpr int kVectors = 6;
-constexpr int kTileRows = 4;  // rows of x per register tile: 4 x 6 accumulators
-
-#define PDSERVE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-#define PDSERVE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
-// Lanes of each of the six vectors that hold real outputs (the last panel may be partial).
-struct PanelMasks {
-  __mmask16 lanes[kVectors];
-};
-
-inline PanelMasks masks_for(int64_t columns) {
-  PanelMasks masks{};
-  for (int v = 0; v < kVectors; ++v) {
-    const int64_t live = std::clamp<int64_t>(columns - 16 * v, 0, 16);
-    masks.lanes[v] = static_cast<__mmask16>(live == 16 ? 0xFFFFu : ((1u << live) - 1u));
-  }
-  return masks;
-}
-
-PDSERVE_AVX512 inline void store_row(float* y, const __m512 (&acc)[kVectors],
-                                     const PanelMasks& masks) {
-  for (int v = 0; v < kVectors; ++v) _mm512_mask_storeu_ps(y + 16 * v, masks.lanes[v], acc[v]);
-}
-
-// fp32 -> bf16, round to nearest even (c10::BFloat16's rule; NaN stays NaN).
-PDSERVE_AVX512 inline __m256i round_to_bf16(__m512 values) {
-  const __m512i bits = _mm512_castps_si512(values);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded =
-      _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
-  const __m512i quiet_nan = _mm512_set1_epi32(0x7FC0);
-  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet_nan));
-}
-
-PDSERVE_AVX512 inline void store_row(c10::BFloat16* y, const __m512 (&acc)[kVectors],
-                                     const PanelMasks& masks) {
-  for (int v = 0; v < kVectors; ++v)
-    _mm256_mask_storeu_epi16(y + 16 * v, masks.lanes[v], round_to_bf16(acc[v]));
-}
+using namespace pdserve::panels;  // NOLINT: the shared panel vocabulary
 
 // ---- one register tile: ROWS rows of x against one panel -------------------------------------
 
@@ -168,46 +126,6 @@ PDSERVE_AVX512_BF16 inline void tile_bf16(const c10::BFloat16* x, int64_t ldx,
   for (int r = 0; r < ROWS; ++r) store_row(y + r * ldy, acc[r], masks);
 }
 
-// ---- driving the tiles -------------------------------------------------------------------------
-
-// Calls tile(std::integral_constant<int, ROWS>, first_row) over rows [0, M) in tiles of at most
-// kTileRows rows.
-template <typename Tile>
-void for_each_tile(int64_t M, Tile tile) {
-  int64_t m = 0;
-  for (; m + kTileRows <= M; m += kTileRows) tile(std::integral_constant<int, kTileRows>{}, m);
-  static_assert(kTileRows == 4, "the remainder cases below cover 1-3 rows");
-  switch (M - m) {
-    case 3: tile(std::integral_constant<int, 3>{}, m); break;
-    case 2: tile(std::integral_constant<int, 2>{}, m); break;
-    case 1: tile(std::integral_constant<int, 1>{}, m); break;
-    default: break;
-  }
-}
-
-// Calls panel_fn(panel index) for every panel, contiguous ranges of panels per thread.
-template <typename PanelFn>
-void for_each_panel(int64_t num_panels, PanelFn panel_fn) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t grain = std::max<int64_t>(1, (num_panels + threads - 1) / threads);
-  at::parallel_for(0, num_panels, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) panel_fn(p);
-  });
-}
-
-int64_t num_panels_for(int64_t N) { return (N + kPanelWidth - 1) / kPanelWidth; }
-
-void check_x(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "panel_linear: x must be a contiguous 2-D tensor");
-}
-
-void check_panels(const at::Tensor& panels, at::ScalarType dtype, int64_t N, int64_t panel_size) {
-  TORCH_CHECK(panels.is_contiguous() && panels.scalar_type() == dtype,
-              "panel_linear: panels must be contiguous ", dtype);
-  TORCH_CHECK(N > 0 && panels.numel() == num_panels_for(N) * panel_size,
-              "panel_linear: panels do not hold ", N, " outputs");
-}
-
 // Weights of the activations' own dtype.
 template <typename Elem>
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t N,
@@ -243,9 +161,7 @@ at::Tensor panel_linear_int8_as(const at::Tensor& x, const at::Tensor& panels,
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t panel_size = K * kPanelWidth;
   check_panels(panels, at::kChar, N, panel_size);
-  TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == at::kFloat &&
-                  scales.numel() == num_panels_for(N) * kPanelWidth,
-              "panel_linear_int8: one fp32 scale per (padded) output channel");
+  check_scales(scales, N, "panel_linear_int8");
   at::Tensor y = at::empty({M, N}, x.options());
   const auto* xp = reinterpret_cast<const Elem*>(x.data_ptr());
   const auto* wp = panels.data_ptr<int8_t>();
@@ -266,7 +182,7 @@ at::Tensor panel_linear_int8_as(const at::Tensor& x, const at::Tensor& panels,
 
 namespace pdserve {
 
-int64_t panel_width() { return kPanelWidth; }
+int64_t panel_width() { return panels::kPanelWidth; }
 
 at::Tensor panel_linear_f32(const at::Tensor& x, const at::Tensor& panels, int64_t N) {
   return panel_linear<float>(x, panels, N, at::kFloat);
@@ -291,6 +207,7 @@ std::string supported_features() {
       __builtin_cpu_supports("avx512vl")) {
     features += "avx512";
     if (__builtin_cpu_supports("avx512bf16")) features += ",avx512bf16";
+    if (__builtin_cpu_supports("avx512vnni")) features += ",avx512vnni";
   }
   return features;
 }

@@ -140,7 +140,7 @@ def test_int8_weights_multiply_as_their_dequantized_values(
     assert float(error) <= float(scales.max()) / 2 + 1e-6
     module = status_bf16.module
     width = module.panel_width()
-    got = NativeLinear(linear, kernel_for(module, dtype, "int8"), width, quantize=True)(x)
+    got = NativeLinear(linear, kernel_for(module, dtype, "int8"), width, "int8")(x)
     expected = x.double() @ dequantized.T
     assert got.dtype == dtype and got.shape == (rows, n)
     tolerance = 1e-5 if dtype == torch.float32 else 2**-8
