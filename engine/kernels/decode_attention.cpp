@@ -107,6 +107,12 @@ inline void prefetch_head(const T* head, int64_t bytes) {  // every cache line o
   for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(line + offset, _MM_HINT_T0);
 }
 
+// One head's `num_chunks` x 16 values from p, as fp32.
+template <typename T>
+PDSERVE_AVX512 inline void load_head(const T* p, int64_t num_chunks, __m512 (&chunk)[kMaxChunks]) {
+  for (int64_t c = 0; c < num_chunks; ++c) chunk[c] = load16(p + 16 * c);
+}
+
 // Per-thread scratch of `attend_heads`: the query heads, their accumulators and scores.
 // (query and acc hold 16 floats per chunk of each head, read and written as vectors.)
 struct HeadScratch {
@@ -137,9 +143,8 @@ PDSERVE_AVX512 void attend_heads(const T* queries, int64_t kv_count, int64_t gro
     if (t + kPrefetchDistance < length)
       prefetch_head(keys + slots[t + kPrefetchDistance] * slot_stride, stretch_bytes);
     for (int64_t kv = 0; kv < kv_count; ++kv) {
-      const T* key = keys + slots[t] * slot_stride + kv * head_dim;
       __m512 chunk[kMaxChunks];
-      for (int64_t c = 0; c < num_chunks; ++c) chunk[c] = load16(key + 16 * c);
+      load_head(keys + slots[t] * slot_stride + kv * head_dim, num_chunks, chunk);
       for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
         const float* q = query + h * head_dim;
         __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(q), chunk[0]);
@@ -158,9 +163,8 @@ PDSERVE_AVX512 void attend_heads(const T* queries, int64_t kv_count, int64_t gro
     if (t + kPrefetchDistance < length)
       prefetch_head(values + slots[t + kPrefetchDistance] * slot_stride, stretch_bytes);
     for (int64_t kv = 0; kv < kv_count; ++kv) {
-      const T* value = values + slots[t] * slot_stride + kv * head_dim;
       __m512 chunk[kMaxChunks];
-      for (int64_t c = 0; c < num_chunks; ++c) chunk[c] = load16(value + 16 * c);
+      load_head(values + slots[t] * slot_stride + kv * head_dim, num_chunks, chunk);
       for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
         const __m512 weight = _mm512_set1_ps(scores[h * length + t]);
         float* a = acc + h * head_dim;

@@ -32,8 +32,12 @@ def tiny_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 
 def reference(path: Path, prompt: list[int], dtype: torch.dtype = torch.float32) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    out = model.generate(
+    return greedy_generate(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), prompt)
+
+
+def greedy_generate(model: torch.nn.Module, prompt: list[int]) -> list[int]:
+    """transformers' greedy `generate()` of NUM_NEW_TOKENS after `prompt`, EOS ignored."""
+    out = model.generate(  # type: ignore[operator]
         torch.tensor([prompt]), max_new_tokens=NUM_NEW_TOKENS, do_sample=False,
         eos_token_id=None, pad_token_id=0,
     )
@@ -114,11 +118,7 @@ def test_int8_weights_match_generate_on_the_dequantized_weights(tiny_model: Path
     runner, blocks = make_runner(loaded)
     outputs = generate_batched(runner, blocks, PROMPTS)
     for prompt, output in zip(PROMPTS, outputs):
-        expected = dequantized.generate(
-            torch.tensor([prompt]), max_new_tokens=NUM_NEW_TOKENS, do_sample=False,
-            eos_token_id=None, pad_token_id=0,
-        )[0, len(prompt):].tolist()
-        assert output == expected, f"prompt {prompt}"
+        assert output == greedy_generate(dequantized, prompt), f"prompt {prompt}"
 
 
 def test_int8_without_the_native_kernels_is_refused(tiny_model: Path) -> None:

@@ -19,7 +19,7 @@ from engine.model_loader import load_model
 from pdserve.config import ModelConfig
 from pdserve.errors import ConfigError
 from tests.factories.model import build_tiny_model_dir
-from tests.unit.test_model_runner import NUM_NEW_TOKENS, PROMPTS, generate_batched, make_runner
+from tests.unit.test_model_runner import PROMPTS, generate_batched, greedy_generate, make_runner
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +109,7 @@ def test_greedy_output_equals_generate_on_the_reference(
     runner, blocks = make_runner(loaded)
     outputs = generate_batched(runner, blocks, PROMPTS)
     for prompt, output in zip(PROMPTS, outputs):
-        expected = oracle.generate(
-            torch.tensor([prompt]), max_new_tokens=NUM_NEW_TOKENS, do_sample=False,
-            eos_token_id=None, pad_token_id=0,
-        )[0, len(prompt):].tolist()
-        assert output == expected, f"prompt {prompt}"
+        assert output == greedy_generate(oracle, prompt), f"prompt {prompt}"
 
 
 def test_w8a8_without_the_native_kernels_is_refused(tmp_path: Path) -> None:
