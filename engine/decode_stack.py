@@ -88,6 +88,8 @@ def _projections(
             tensors[f"{name}_scales"] = product.scales
         if product.bias is not None:
             tensors[f"{name}_bias"] = product.bias
-        columns = product.num_columns if isinstance(product, FusedNativeLinear) else None
-        sizes[f"{name}_columns"] = columns or int(product.out_features)  # type: ignore[union-attr]
+        if isinstance(product, FusedNativeLinear):
+            sizes[f"{name}_columns"] = product.num_columns
+        else:
+            sizes[f"{name}_columns"] = int(product.out_features)
     return tensors, sizes
